@@ -1,0 +1,1 @@
+"""Shipped datasets (JSON lines); regenerate with scripts/make_data.py."""

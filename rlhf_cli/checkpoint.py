@@ -1,0 +1,185 @@
+"""A checkpoint is the whole training state: trainable weights (a PEFT adapter, or the full
+model, in safetensors), optimizer, scheduler, RNG states, data position, step, counters and the
+resolved config. It is written to a temporary directory and renamed into place, so a directory
+named `step-N` is always complete; loading uses safetensors and torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_cli.errors import CheckpointError
+
+STATE_FILE = "trainer_state.pt"
+FULL_WEIGHTS = "model.safetensors"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    # weights_only unpickling may hand tuples back as lists.
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_weights(model, out: Path) -> None:
+    if is_peft(model):
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(out / FULL_WEIGHTS))
+
+
+def load_weights(model, ckpt: Path) -> None:
+    from safetensors.torch import load_file, load_model
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        files = list(ckpt.glob("adapter_model.safetensors")) + list(
+            ckpt.glob("*/adapter_model.safetensors")
+        )
+        if not files:
+            raise CheckpointError(f"{ckpt}: no adapter_model.safetensors (a full-model run?)")
+        result = set_peft_model_state_dict(model, load_file(str(files[0])))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointError(
+                f"{ckpt}: adapter does not match this model ({len(unexpected)} unexpected keys, "
+                f"e.g. {unexpected[0]}): were peft.r or target_modules changed?"
+            )
+        return
+    path = ckpt / FULL_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no {FULL_WEIGHTS} (a LoRA run? set peft=lora)")
+    load_model(model, str(path))
+
+
+def weights_finite(model) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    state: dict[str, Any],
+    config_yaml: str,
+    keep_last: int,
+    tokenizer=None,
+    name: str | None = None,
+) -> Path:
+    """Write checkpoints/step-N (or `name` under run_dir) atomically; prune to keep_last."""
+    if not weights_finite(model):
+        raise CheckpointError(
+            "refusing to save non-finite weights (NaN/inf in a trained parameter)"
+        )
+    parent = run_dir if name else run_dir / "checkpoints"
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / (name or f"step-{step:06d}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=parent))
+    try:
+        save_weights(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / "config.yaml").write_text(config_yaml)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        if target.exists():  # e.g. final/ of a resumed run: swap it out, then drop the old one
+            old = parent / f".old-{target.name}-{os.getpid()}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not name:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints, oldest first (temporary directories are never listed)."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for d in ckpt_dir.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: not a checkpoint (no {STATE_FILE})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign file
+        raise CheckpointError(
+            f"{path}: cannot be read ({type(err).__name__}); delete that checkpoint to resume "
+            "from the previous one"
+        ) from err
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path, stage: str) -> Path | None:
+    """The checkpoint `resume` points at: auto, a run directory or a checkpoint directory."""
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        if found:
+            return found[-1]
+        # A fresh default run_dir (runs/<stage>/<time>): continue the newest run of the stage.
+        siblings = (
+            [
+                d
+                for d in run_dir.parent.glob("*")
+                if d.is_dir() and d != run_dir and list_checkpoints(d)
+            ]
+            if run_dir.parent.name == stage
+            else []
+        )
+        if not siblings:
+            return None
+        newest = max(siblings, key=lambda d: list_checkpoints(d)[-1].stat().st_mtime)
+        return list_checkpoints(newest)[-1]
+    path = Path(resume)
+    if (path / STATE_FILE).is_file():
+        return path
+    if path.is_dir() and list_checkpoints(path):
+        return list_checkpoints(path)[-1]
+    raise CheckpointError(
+        f"resume={resume}: no complete checkpoint there (expected a run directory with "
+        f"checkpoints/step-N/{STATE_FILE}, or such a step directory)"
+    )

@@ -1,0 +1,253 @@
+"""`rlhf <command> ...`: a thin dispatcher in front of Hydra.
+
+Hydra parses `key=value` overrides but knows no subcommand word, and stops reading overrides
+after a flag; so the dispatcher takes the subcommand, moves Hydra's flags in front, checks the
+composed config (every job of a sweep) before anything loads, and prints user mistakes as one
+line with a non-zero exit instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: rlhf <command> [options] [key=value ...]
+
+commands:
+  train     train a stage: rlhf train stage=sft model=tiny optim.lr=2e-4
+            sweep:         rlhf train -m optim.lr=1e-4,3e-4
+
+rlhf train --help      lists every config group, option and key
+rlhf --version         prints the version
+"""
+
+# Hydra flags passed through (with the number of values each takes).
+HYDRA_FLAGS = {
+    "-m": 0,
+    "--multirun": 0,
+    "--cfg": 1,
+    "-c": 1,
+    "--resolve": 0,
+    "-p": 1,
+    "--package": 1,
+    "--info": 0,
+}
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR):
+    from rlhf_cli.progress import console
+
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf composition error as one line: what failed and why."""
+    import re
+
+    from hydra.errors import MissingConfigException
+
+    chain: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    missing = next((c for c in chain if isinstance(c, MissingConfigException)), None)
+    if missing is not None:
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", str(missing))
+        if m:
+            group, name = m.groups()
+            return (
+                f"{group}={name}: no such option; choose one of: {', '.join(group_options(group))}"
+            )
+    parts = []
+    for c in chain[:2]:
+        lines = [ln.strip() for ln in str(c).splitlines() if ln.strip()]
+        lines = [
+            ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "To append"))
+        ]
+        text = re.sub(r"\s*(reference_type|object_type)=\S+", "", " ".join(lines)).rstrip(".")
+        if text and "$VALUE" not in text:
+            parts.append(text)
+    return ": ".join(parts) or type(err).__name__
+
+
+def group_options(group: str) -> list[str]:
+    from rlhf_cli.config import config_dir
+
+    return sorted(f.stem for f in (config_dir() / group).glob("*.yaml"))
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    flags, overrides = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            if name not in HYDRA_FLAGS:
+                fail(f"unknown option {arg!r}; options: {', '.join(HYDRA_FLAGS)}, --help")
+            flags.append(arg)
+            if HYDRA_FLAGS[name] and not eq:
+                if i + 1 >= len(args):
+                    fail(f"option {arg} needs a value")
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def compose_checked(overrides: list[str]):
+    """Compose and validate the config for one set of overrides; exit with one line if bad."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from rlhf_cli.config import config_dir, register_configs
+    from rlhf_cli.errors import UserError
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = compose("config", overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except UserError as err:
+        fail(f"config: {err}")
+    except Exception as err:  # Hydra/OmegaConf composition errors
+        fail(f"config: {one_line(err)} (`rlhf train --help` lists the keys)")
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Every job of a multirun, as override lists (Hydra's own sweep expansion)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:
+        fail(f"config: {one_line(err)}")
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [job for batch in batches for job in batch]
+
+
+def train_help() -> None:
+    from rlhf_cli.config import GROUP_SCHEMAS, STAGE_SCHEMAS, config_dir, describe
+
+    out = ["usage: rlhf train [-m] [group=option ...] [key=value ...]", "", "config groups:"]
+    root = config_dir()
+    for group in sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")
+    ):
+        out.append(f"  {group:<7} {', '.join(group_options(group))}")
+    out += ["", "keys (key = default: description):"]
+    rows = []
+    for name, cls in STAGE_SCHEMAS.items():
+        rows += [
+            (k.replace("stage.", f"stage.({name}) ", 1), d, doc)
+            for k, d, doc in describe(cls, "stage")
+            if k != "stage.name"
+        ]
+    for group, cls in GROUP_SCHEMAS.items():
+        rows += describe(cls, group)
+    rows += [
+        ("device", "auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"),
+        ("run_dir", "runs/<stage>/<time>", "Where the run writes its files."),
+        ("resume", None, "null, auto, or a run/checkpoint directory."),
+    ]
+    for key, default, doc in rows:
+        out.append(f"  {key} = {default}: {doc}")
+    out += [
+        "",
+        "flags: -m/--multirun (sweep comma-separated values), --cfg job (print the config),",
+        "       --resolve, -p/--package <key>, --info",
+        "examples:",
+        "  rlhf train stage=sft model=tiny train.max_steps=20",
+        "  rlhf train stage=sft model=llama2-7b data.path=my.jsonl optim.lr=1e-4",
+        "  rlhf train -m optim.lr=1e-4,3e-4 train.max_steps=20",
+        "  rlhf train run_dir=runs/sft/mine resume=auto",
+    ]
+    print("\n".join(out))
+
+
+def train_command(args: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in args):
+        train_help()
+        return
+    flags, overrides = split_args(args)
+    multirun = any(f in ("-m", "--multirun") for f in flags)
+    jobs = sweep_jobs(overrides) if multirun else [overrides]
+    if not any(f in ("--cfg", "-c", "--info") for f in flags):
+        for job in jobs:
+            compose_checked(job)
+    _run_hydra(flags, overrides)
+
+
+def _run_hydra(flags: list[str], overrides: list[str]) -> None:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from rlhf_cli.config import config_dir, register_configs
+
+    register_configs()
+    if not OmegaConf.has_resolver("now"):
+        from datetime import datetime
+
+        OmegaConf.register_new_resolver("now", lambda pattern: datetime.now().strftime(pattern))
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base=None)
+    def task(cfg) -> None:
+        _train_job(cfg)
+
+    prog = sys.argv[0]
+    sys.argv = [prog, *flags, *overrides]
+    task()
+
+
+def _train_job(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from rlhf_cli.errors import Interrupted, UserError
+    from rlhf_cli.train import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    cfg.run_dir = str(run_dir)
+    try:
+        config = OmegaConf.to_object(cfg)
+        run(config, OmegaConf.to_yaml(cfg, resolve=True), run_dir)  # type: ignore[arg-type]
+    except UserError as err:
+        fail(str(err))
+    except Interrupted as stop:
+        from rlhf_cli.progress import console
+
+        console.print(f"[yellow]{stop}[/]")
+        sys.exit(stop.code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if argv[0] == "--version":
+        from rlhf_cli import __version__
+
+        print(f"rlhf-cli {__version__}")
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        train_command(rest)
+        return
+    fail(f"unknown command {command!r}; commands: train (see rlhf --help)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Typed config schemas, registered in Hydra's ConfigStore and validated before any model loads.
+
+Every field has one docstring (shown by `rlhf train --help`). The YAML groups in `conf/` name
+these schemas in their defaults lists, so a typo'd key or a wrong type fails at composition,
+and `__post_init__` rejects impossible values with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from rlhf_cli.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the key and how to fix it."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{key}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _positive(key: str, value: float) -> None:
+    _check(value > 0, f"{key} must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    _check(value >= 0, f"{key} must be >= 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# stage
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    """Which stage runs: sft, rm, dpo, ppo, grpo, rloo (pick with `stage=<name>`)."""
+
+
+@dataclass
+class SftConfig(StageConfig):
+    name: str = "sft"
+    """Supervised fine-tuning: next-token loss on the responses."""
+    completion_only: bool = True
+    """Train on response tokens only (prompt and user turns masked); false trains on all tokens."""
+    train_on_turns: str = "all"
+    """For multi-turn chats: train every assistant turn (`all`) or only the `last`."""
+
+    def __post_init__(self) -> None:
+        _choice("stage.train_on_turns", self.train_on_turns, ("all", "last"))
+
+
+# ---------------------------------------------------------------------------------------------
+# model, peft, quant
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"
+    """Hub id (e.g. meta-llama/Llama-2-7b-hf), a local model directory, or `tiny` (built locally)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off unless you trust its author."""
+    dtype: str = "auto"
+    """Dtype of the non-quantized weights: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16,
+    float16."""
+    adapter: str | None = None
+    """A LoRA adapter directory (e.g. runs/sft/<time>/final) to start from instead of a fresh one."""
+    chat_template: str | None = None
+    """Jinja chat template (or a path to a .jinja file) to use instead of the tokenizer's."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (sdpa, eager, flash_attention_2); null = default."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path), "model.name_or_path is empty: name a hub id or a path")
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class PeftConfig:
+    method: str = "lora"
+    """`lora` (adapters on a frozen base) or `full` (train every weight; needs quant=none)."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, e.g. [q_proj,v_proj]; [all-linear] adapts every linear layer."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Extra modules trained in full and saved with the adapter (e.g. [lm_head])."""
+
+    def __post_init__(self) -> None:
+        _choice("peft.method", self.method, ("lora", "full"))
+        _check(self.r >= 1, f"peft.r must be >= 1, got {self.r}")
+        _positive("peft.alpha", self.alpha)
+        _check(0 <= self.dropout < 1, f"peft.dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "peft.target_modules is empty: use [all-linear]")
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "nf4"
+    """Base-weight quantization (bitsandbytes): nf4 or fp4 (4-bit), int8, or none."""
+    double_quant: bool = True
+    """4-bit: also quantize the quantization constants (saves ~0.4 bit per weight)."""
+    compute_dtype: str = "bfloat16"
+    """4-bit: dtype the dequantized weights are multiplied in."""
+
+    def __post_init__(self) -> None:
+        _choice("quant.mode", self.mode, ("nf4", "fp4", "int8", "none"))
+        _choice("quant.compute_dtype", self.compute_dtype, ("bfloat16", "float16", "float32"))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class ColumnsConfig:
+    """Where each field lives in the dataset (e.g. `data.columns.prompt=question`)."""
+
+    prompt: str = "prompt"
+    """Prompt column (string, or list of messages)."""
+    completion: str = "completion"
+    """Response column for SFT (string, or list of messages)."""
+    chosen: str = "chosen"
+    """Preferred response (string, list of messages, or an Anthropic-HH style transcript)."""
+    rejected: str = "rejected"
+    """Dispreferred response (same forms as chosen)."""
+    messages: str = "messages"
+    """Conversation column: a list of {role, content} messages."""
+    text: str = "text"
+    """Plain text column (language modelling on the whole text)."""
+    margin: str = "margin"
+    """Optional per-pair margin for the reward model."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:sft"
+    """A local .jsonl/.json/.csv/.parquet file, a hub dataset name, or builtin:<name> (shipped)."""
+    name: str | None = None
+    """Hub dataset configuration name (the second argument of datasets.load_dataset)."""
+    split: str = "train"
+    """Split to train on (hub datasets; for local files `train` is the whole file)."""
+    eval_path: str | None = None
+    """Separate evaluation data (same forms as path); null = hold out eval_size of path."""
+    eval_split: str | None = None
+    """Split of eval_path (or of path) to evaluate on."""
+    eval_size: float = 0.0
+    """Held out for evaluation when no eval data is named: a fraction (<1) or a row count (>=1)."""
+    format: str = "auto"
+    """auto, prompt_completion, messages, preference, hh or text; auto detects from columns."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """Column mapping."""
+    max_length: int = 512
+    """Longest prompt+response in tokens; longer responses are truncated on the right."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens; longer prompts are truncated on the left (their end is kept)."""
+    max_samples: int | None = None
+    """Use only the first N rows (after loading, before shuffling)."""
+    on_bad_row: str = "drop"
+    """What to do with an empty or malformed row: drop (and count it) or error."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.path is empty: name a file, a hub dataset or builtin:sft")
+        _choice(
+            "data.format",
+            self.format,
+            ("auto", "prompt_completion", "messages", "preference", "hh", "text"),
+        )
+        _check(self.max_length >= 2, f"data.max_length must be >= 2, got {self.max_length}")
+        _check(
+            self.max_prompt_length >= 1,
+            f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}",
+        )
+        _check(
+            self.max_length > self.max_prompt_length,
+            f"data.max_length={self.max_length} must be greater than "
+            f"data.max_prompt_length={self.max_prompt_length}: raise data.max_length "
+            "or lower data.max_prompt_length",
+        )
+        _non_negative("data.eval_size", self.eval_size)
+        _check(
+            self.eval_size < 1 or float(self.eval_size).is_integer(),
+            f"data.eval_size={self.eval_size}: use a fraction below 1 or a whole row count",
+        )
+        _check(
+            self.max_samples is None or self.max_samples >= 1,
+            f"data.max_samples must be >= 1 or null, got {self.max_samples}",
+        )
+        _choice("data.on_bad_row", self.on_bad_row, ("drop", "error"))
+
+
+# ---------------------------------------------------------------------------------------------
+# optimisation and the loop
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """adamw (torch, fused/foreach where available), adamw8bit or paged_adamw8bit (bitsandbytes)."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas [beta1, beta2]."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps (takes precedence over warmup_ratio when > 0)."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of lr (cosine and linear)."""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("adamw", "adamw8bit", "paged_adamw8bit"))
+        _positive("optim.lr", self.lr)
+        _non_negative("optim.weight_decay", self.weight_decay)
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}",
+        )
+        _positive("optim.eps", self.eps)
+        _non_negative("optim.max_grad_norm", self.max_grad_norm)
+        _choice("optim.scheduler", self.scheduler, ("cosine", "linear", "constant"))
+        _non_negative("optim.warmup_steps", self.warmup_steps)
+        _check(
+            0 <= self.warmup_ratio < 1,
+            f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
+        )
+        _check(
+            0 <= self.min_lr_ratio <= 1,
+            f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    """Optimizer steps to run (each = micro_batch_size x grad_accum examples)."""
+    epochs: float | None = None
+    """If set, run this many passes over the data instead of max_steps."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is the exact big-batch loss."""
+    eval_every: int = 0
+    """Evaluate every N steps (and at the end); 0 = only at the end, if there is eval data."""
+    eval_batches: int | None = None
+    """Cap on eval micro-batches per evaluation; null = the whole eval set."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    save_every: int = 50
+    """Write a checkpoint every N steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """How many step checkpoints to keep (older ones are deleted)."""
+    seed: int = 42
+    """Seed for initialisation, data order and dropout."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 (autocast on any device) or fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower."""
+    max_nonfinite: int = 5
+    """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
+    shuffle: bool = True
+    """Shuffle the training data every epoch (deterministically from seed)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(
+            self.epochs is None or self.epochs > 0,
+            f"train.epochs must be > 0 or null, got {self.epochs}",
+        )
+        _check(
+            self.micro_batch_size >= 1,
+            f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}",
+        )
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _non_negative("train.eval_every", self.eval_every)
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _non_negative("train.save_every", self.save_every)
+        _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _check(
+            self.max_nonfinite >= 1, f"train.max_nonfinite must be >= 1, got {self.max_nonfinite}"
+        )
+
+
+@dataclass
+class Config:
+    stage: StageConfig = MISSING
+    """The training stage (a config group: stage=sft)."""
+    model: ModelConfig = MISSING
+    """The model to train (a config group: model=tiny, model=llama2-7b, ...)."""
+    data: DataConfig = MISSING
+    """The data (a config group; override fields like data.path=my.jsonl)."""
+    peft: PeftConfig = MISSING
+    """Adapters (a config group: peft=lora or peft=full)."""
+    quant: QuantConfig = MISSING
+    """Base quantization (a config group: quant=nf4, quant=int8, quant=none)."""
+    optim: OptimConfig = MISSING
+    """Optimizer and schedule (a config group: optim=adamw, optim=adamw8bit)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    run_dir: str = MISSING
+    """Where the run writes config.yaml, metrics.jsonl, checkpoints/ and final/."""
+    resume: str | None = None
+    """null (start fresh), auto (newest complete checkpoint of this or the latest run of this
+    stage), or a checkpoint / run directory."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"device={self.device!r} is not one of: auto, cpu, cuda, cuda:N",
+        )
+        _check(
+            not (self.peft.method == "full" and self.quant.mode != "none"),
+            f"peft=full cannot train a quantized base (quant.mode={self.quant.mode}): "
+            "add quant=none",
+        )
+        _check(
+            not (self.peft.method == "full" and self.model.adapter),
+            "model.adapter is a LoRA adapter but peft=full: use peft=lora or drop model.adapter",
+        )
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; the YAML groups extend them by name."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="stage", name="sft_schema", node=SftConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="peft", name="peft_schema", node=PeftConfig)
+    cs.store(group="quant", name="quant_schema", node=QuantConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+
+
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SftConfig}
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "peft": PeftConfig,
+    "quant": QuantConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (and its bases), for --help."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str) -> list[tuple[str, Any, str]]:
+    """(key, default, doc) rows for every field of a schema, nested dataclasses flattened."""
+    rows = []
+    docs = field_docs(cls)
+    for f in fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if is_dataclass(f.type if isinstance(f.type, type) else None):
+            rows += describe(f.type, key)
+            continue
+        default = f.default
+        if f.default_factory is not field().default_factory:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        if is_dataclass(default):
+            rows += describe(type(default), key)
+            continue
+        rows.append((key, "???" if default is MISSING else default, docs.get(f.name, "")))
+    return rows
+
+
+def config_dir() -> Path:
+    """conf/ next to the package in a source checkout, rlhf_cli/conf inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no conf/config.yaml next to {here}: is the install complete?")

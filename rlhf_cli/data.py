@@ -1,0 +1,617 @@
+"""Data: load rows -> normalise the format -> render (chat template or raw) -> tokenize, mask,
+truncate -> collate.
+
+Row formats (after the column mapping in `data.columns`):
+- `prompt` + `completion` (or `prompt` + `chosen` for SFT on preferred answers), strings or
+  message lists;
+- `messages`: a conversation, every assistant turn trained (or only the last);
+- `prompt` + `chosen` + `rejected`: a preference pair (strings or message lists; a list that
+  repeats the prompt is split at its last assistant turn);
+- `chosen` + `rejected` transcripts in Anthropic-HH style, split at the last assistant turn;
+- `text`: plain language modelling on the whole text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+
+from rlhf_cli.config import DataConfig
+from rlhf_cli.errors import DataError
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def builtin_names() -> list[str]:
+    assets = resources.files("rlhf_cli") / "assets"
+    return sorted(p.name[: -len(".jsonl")] for p in assets.iterdir() if p.name.endswith(".jsonl"))
+
+
+def builtin_path(name: str) -> Path:
+    if name not in builtin_names():
+        raise DataError(
+            f"data.path=builtin:{name}: no such shipped dataset; choose one of "
+            + ", ".join(f"builtin:{n}" for n in builtin_names())
+        )
+    return Path(str(resources.files("rlhf_cli") / "assets" / f"{name}.jsonl"))
+
+
+def read_jsonl(path: Path, stats: Counter, on_bad_row: str) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if on_bad_row == "error":
+                    raise DataError(
+                        f"{path}: line {lineno} is not valid JSON ({err.msg} at column "
+                        f"{err.colno}); fix it or set data.on_bad_row=drop"
+                    ) from err
+                stats["dropped: malformed JSON"] += 1
+                stats.setdefault("_bad_lines", []).append(lineno)  # type: ignore[arg-type]
+                continue
+            if not isinstance(row, dict):
+                if on_bad_row == "error":
+                    raise DataError(f"{path}: line {lineno} is not a JSON object")
+                stats["dropped: not an object"] += 1
+                continue
+            rows.append(row)
+    return rows
+
+
+def load_rows(path: str, *, name: str | None, split: str, on_bad_row: str, stats: Counter):
+    """All rows of a local file, a shipped dataset or a hub dataset, as a list of dicts."""
+    if path.startswith("builtin:"):
+        return read_jsonl(builtin_path(path[len("builtin:") :]), stats, on_bad_row)
+    local = Path(path).expanduser()
+    suffix = local.suffix.lower()
+    if local.is_file():
+        if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(local)):
+            return read_jsonl(local, stats, on_bad_row)
+        if suffix == ".json":
+            try:
+                data = json.loads(local.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{local}: not valid JSON ({err.msg}, line {err.lineno})") from err
+            if (
+                isinstance(data, dict)
+                and len(data) == 1
+                and isinstance(next(iter(data.values())), list)
+            ):
+                data = next(iter(data.values()))
+            if not isinstance(data, list):
+                raise DataError(f"{local}: expected a JSON list of rows (or JSON lines)")
+            return [r for r in data if isinstance(r, dict)]
+        if suffix in LOCAL_SUFFIXES:
+            return _load_with_datasets(LOCAL_SUFFIXES[suffix], data_files=str(local))
+        raise DataError(
+            f"data.path={path}: unsupported file type {suffix or '(none)'}; use "
+            + ", ".join(LOCAL_SUFFIXES)
+        )
+    if local.is_dir():
+        return _load_with_datasets(str(local), split=split, name=name)
+    if suffix in LOCAL_SUFFIXES or path.startswith((".", "/", "~")):
+        raise DataError(f"data.path={path}: no such file")
+    return _load_with_datasets(path, split=split, name=name)
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    with path.open(encoding="utf-8") as fh:
+        first = fh.readline().strip()
+    return first.startswith("{") and first.endswith("}")
+
+
+def _load_with_datasets(source: str, split: str = "train", name: str | None = None, **kw):
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(source, name, split=split, **kw)
+    except Exception as err:  # datasets raises many types; all mean "cannot load this"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load dataset {source!r} (split {split!r}): {first}") from err
+    return ds.to_list()
+
+
+# ---------------------------------------------------------------------------------------------
+# normalising formats
+
+
+Message = dict[str, str]
+
+
+@dataclass
+class Conversation:
+    """One training text: a prompt (messages or a string) and what follows it."""
+
+    prompt: list[Message] | str
+    responses: dict[str, Message | str] = field(default_factory=dict)  # completion/chosen/...
+    turns: list[Message] | None = None  # a whole multi-turn chat (SFT on messages)
+    margin: float | None = None
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _nonempty(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if _is_messages(value):
+        return all(isinstance(m["content"], str) for m in value)
+    return False
+
+
+def split_hh(transcript: str) -> tuple[str, str]:
+    """'\\n\\nHuman: q\\n\\nAssistant: a' -> ('\\n\\nHuman: q\\n\\nAssistant:', ' a')."""
+    cut = transcript.rfind("\n\nAssistant:")
+    if cut < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn")
+    cut += len("\n\nAssistant:")
+    return transcript[:cut], transcript[cut:]
+
+
+def hh_to_messages(transcript: str) -> list[Message]:
+    parts = HH_TURN.split(transcript)
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append(
+            {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+        )
+    return messages
+
+
+def detect_format(columns: set[str], cfg: DataConfig, stage: str) -> str:
+    c = cfg.columns
+    if cfg.format != "auto":
+        return cfg.format
+    if c.messages in columns:
+        return "messages"
+    if {c.prompt, c.chosen, c.rejected} <= columns:
+        return "preference"
+    if {c.chosen, c.rejected} <= columns:
+        return "hh"
+    if c.prompt in columns and (c.completion in columns or c.chosen in columns):
+        return "prompt_completion"
+    if c.text in columns:
+        return "text"
+    raise DataError(
+        "could not tell the data format from its columns "
+        f"({', '.join(sorted(columns)) or 'none'}): expected prompt+completion, messages, "
+        "prompt+chosen+rejected, chosen+rejected (HH) or text; map yours with "
+        "data.columns.prompt=<column> etc."
+    )
+
+
+REQUIRED = {
+    "prompt_completion": ("prompt", "completion|chosen"),
+    "messages": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "hh": ("chosen", "rejected"),
+    "text": ("text",),
+}
+
+
+def check_columns(columns: set[str], fmt: str, cfg: DataConfig, source: str) -> None:
+    for need in REQUIRED[fmt]:
+        names = [getattr(cfg.columns, n) for n in need.split("|")]
+        if not any(n in columns for n in names):
+            raise DataError(
+                f"{source}: column {' or '.join(repr(n) for n in names)} not found "
+                f"(format {fmt}); the columns are: {', '.join(sorted(columns)) or 'none'}. "
+                f"Map one with data.columns.{need.split('|')[0]}=<column>"
+            )
+
+
+def normalise(row: dict, fmt: str, cfg: DataConfig) -> Conversation:
+    """Row -> Conversation; raises ValueError for an empty or malformed row."""
+    c = cfg.columns
+    get = row.get
+    margin = get(c.margin)
+    margin = float(margin) if isinstance(margin, int | float) else None
+    if fmt == "text":
+        text = get(c.text)
+        if not _nonempty(text):
+            raise ValueError("empty text")
+        return Conversation(prompt="", responses={"completion": text})
+    if fmt == "messages":
+        turns = get(c.messages)
+        if not _nonempty(turns):
+            raise ValueError("messages is not a non-empty list of {role, content}")
+        if not any(m["role"] == "assistant" for m in turns):
+            raise ValueError("no assistant turn")
+        return Conversation(prompt=[], turns=list(turns))
+    if fmt == "hh":
+        chosen, rejected = get(c.chosen), get(c.rejected)
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            raise ValueError("HH chosen/rejected must be transcripts (strings)")
+        prompt, chosen_resp = split_hh(chosen)
+        prompt_r, rejected_resp = split_hh(rejected)
+        if prompt_r != prompt:
+            raise ValueError("chosen and rejected transcripts differ before the last answer")
+        if not (chosen_resp.strip() and rejected_resp.strip()):
+            raise ValueError("empty answer")
+        return Conversation(
+            prompt=prompt, responses={"chosen": chosen_resp, "rejected": rejected_resp}
+        )
+
+    prompt = get(c.prompt)
+    names = ["chosen", "rejected"] if fmt == "preference" else ["completion"]
+    responses: dict[str, Any] = {}
+    for name in names:
+        col = getattr(c, name)
+        if fmt == "prompt_completion" and col not in row:
+            col = c.chosen  # SFT on the preferred answers of a preference set
+        responses[name] = get(col)
+    if not all(_nonempty(r) for r in responses.values()):
+        raise ValueError("empty or malformed response")
+    if prompt is None or (not _nonempty(prompt) and prompt != ""):
+        # A message-list response that carries its own prompt (e.g. UltraFeedback's chosen).
+        if not all(_is_messages(r) for r in responses.values()):
+            raise ValueError("empty or malformed prompt")
+        prompt = None
+    for name, resp in list(responses.items()):
+        if _is_messages(resp):
+            if resp[-1]["role"] != "assistant":
+                raise ValueError(f"{name} does not end with an assistant turn")
+            if len(resp) > 1:  # the prompt repeated in front of the answer
+                if prompt is None:
+                    prompt = list(resp[:-1])
+                resp = resp[-1]
+            responses[name] = resp[0] if isinstance(resp, list) else resp
+    if prompt is None:
+        raise ValueError("no prompt")
+    if isinstance(prompt, list) != isinstance(next(iter(responses.values())), dict):
+        # Mixed forms: turn the strings into messages.
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        responses = {
+            k: v if isinstance(v, dict) else {"role": "assistant", "content": v}
+            for k, v in responses.items()
+        }
+    return Conversation(prompt=prompt, responses=responses, margin=margin)
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering and tokenizing
+
+
+class Renderer:
+    """Turns conversations into (text, trainable) segments, then token ids.
+
+    Chat rows use the tokenizer's chat template (or model.chat_template, or a ChatML fallback
+    for base models). Plain string rows go through the same template when the tokenizer has
+    one of its own, and are concatenated raw otherwise (a base model on pre-formatted text).
+    """
+
+    def __init__(self, tokenizer, template: str | None = None):
+        from rlhf_cli.models import FALLBACK_CHAT_TEMPLATE
+
+        self.tokenizer = tokenizer
+        self.has_own_template = bool(getattr(tokenizer, "chat_template", None))
+        self.template = template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+
+    def chat(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def conversation_segments(
+        self, turns: list[Message], only_last: bool
+    ) -> list[tuple[str, bool]]:
+        """Split a rendered chat into (text, is_trained) pieces at assistant turns."""
+        last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
+        segments, done = [], ""
+        for i, message in enumerate(turns[: last + 1]):
+            if message["role"] == "assistant" and (i == last or not only_last):
+                head = self.chat(turns[:i], add_generation_prompt=True)
+                full = self.chat(turns[: i + 1])
+                if not (head.startswith(done) and full.startswith(head)):
+                    raise ValueError("the chat template does not render prefixes consistently")
+                segments += [(head[len(done) :], False), (full[len(head) :], True)]
+                done = full
+        return [(text, trained) for text, trained in segments if text]
+
+    def prompt_and_responses(self, conv: Conversation) -> tuple[str, dict[str, str], bool]:
+        """(prompt text, {name: response text}, whether the text came from a chat template)."""
+        if isinstance(conv.prompt, list):
+            head = self.chat(conv.prompt, add_generation_prompt=True)
+            out = {}
+            for name, resp in conv.responses.items():
+                full = self.chat([*conv.prompt, resp])  # type: ignore[list-item]
+                if not full.startswith(head):
+                    raise ValueError("the chat template does not render prefixes consistently")
+                out[name] = full[len(head) :]
+            return head, out, True
+        if self.has_own_template and conv.prompt:
+            as_chat = Conversation(
+                prompt=[{"role": "user", "content": conv.prompt}],
+                responses={
+                    k: {"role": "assistant", "content": v} for k, v in conv.responses.items()
+                },
+            )
+            return self.prompt_and_responses(as_chat)
+        return conv.prompt, dict(conv.responses), False  # type: ignore[arg-type]
+
+    def encode(self, text: str, first: bool) -> list[int]:
+        # Raw text gets the tokenizer's BOS at its start; chat templates write their own.
+        return self.tokenizer(text, add_special_tokens=first)["input_ids"] if text else []
+
+    def encode_response(self, text: str) -> list[int]:
+        ids = self.encode(text, first=False)
+        eos = self.tokenizer.eos_token_id
+        # A chat template may end the turn with EOS plus a newline: keep what it writes, but make
+        # sure the model sees EOS somewhere at the end of its answer.
+        if eos not in ids[-2:]:
+            ids.append(eos)
+        return ids
+
+
+class SFTExample(TypedDict):
+    input_ids: list[int]
+    labels: list[int]
+
+
+class PreferenceExample(TypedDict):
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float | None
+
+
+def _truncate(prompt: list[int], response: list[int], cfg: DataConfig) -> tuple[list, list, bool]:
+    """Prompt truncated from the left to max_prompt_length, then the response from the right."""
+    truncated = False
+    if len(prompt) > cfg.max_prompt_length:
+        prompt, truncated = prompt[-cfg.max_prompt_length :], True
+    room = cfg.max_length - len(prompt)
+    if len(response) > room:
+        response, truncated = response[:room], True
+    return prompt, response, truncated
+
+
+def tokenize_sft(
+    conv: Conversation,
+    renderer: Renderer,
+    cfg: DataConfig,
+    *,
+    completion_only: bool,
+    only_last_turn: bool,
+) -> tuple[SFTExample, bool]:
+    if conv.turns is not None:
+        segments = renderer.conversation_segments(conv.turns, only_last_turn)
+        chat = True
+    else:
+        prompt, responses, chat = renderer.prompt_and_responses(conv)
+        segments = [(prompt, False), (responses["completion"], True)]
+    ids: list[list[int]] = []
+    first = not chat
+    for i, (text, trained) in enumerate(segments):
+        is_last_trained = trained and not any(t for _, t in segments[i + 1 :])
+        piece = renderer.encode_response(text) if is_last_trained else renderer.encode(text, first)
+        first = False
+        ids.append(piece)
+    # The prompt is everything before the first trained segment.
+    n_prompt = next(i for i, (_, trained) in enumerate(segments) if trained)
+    prompt_ids = [t for piece in ids[:n_prompt] for t in piece]
+    rest_ids, rest_labels = [], []
+    for (_, trained), piece in zip(segments[n_prompt:], ids[n_prompt:]):
+        rest_ids += piece
+        rest_labels += piece if (trained or not completion_only) else [IGNORE_INDEX] * len(piece)
+    prompt_ids, rest_ids, truncated = _truncate(prompt_ids, rest_ids, cfg)
+    rest_labels = rest_labels[: len(rest_ids)]
+    prompt_labels = prompt_ids if not completion_only else [IGNORE_INDEX] * len(prompt_ids)
+    labels = prompt_labels + rest_labels
+    if sum(label != IGNORE_INDEX for label in labels) < 1:
+        raise ValueError("no trainable token left")
+    return SFTExample(input_ids=prompt_ids + rest_ids, labels=labels), truncated
+
+
+def tokenize_preference(
+    conv: Conversation, renderer: Renderer, cfg: DataConfig
+) -> tuple[PreferenceExample, bool]:
+    prompt, responses, chat = renderer.prompt_and_responses(conv)
+    prompt_ids = renderer.encode(prompt, first=not chat)
+    out, any_truncated = {}, False
+    for name in ("chosen", "rejected"):
+        p, r, truncated = _truncate(prompt_ids, renderer.encode_response(responses[name]), cfg)
+        out[name], any_truncated = r, any_truncated or truncated
+    p = prompt_ids[-cfg.max_prompt_length :]
+    return (
+        PreferenceExample(
+            prompt_ids=p, chosen_ids=out["chosen"], rejected_ids=out["rejected"], margin=conv.margin
+        ),
+        any_truncated,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# building a dataset
+
+
+@dataclass
+class DataReport:
+    source: str
+    fmt: str
+    rows: int
+    kept: int
+    truncated: int
+    dropped: dict[str, int]
+    bad_lines: list[int]
+
+    def line(self) -> str:
+        dropped = sum(self.dropped.values())
+        text = (
+            f"{self.source}: {self.rows} rows ({self.fmt}), {self.kept} kept, "
+            f"{self.truncated} truncated, {dropped} dropped"
+        )
+        if dropped:
+            text += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) + ")"
+        if self.bad_lines:
+            shown = ", ".join(map(str, self.bad_lines[:5])) + (
+                ", ..." if len(self.bad_lines) > 5 else ""
+            )
+            text += f"; malformed JSON on line(s) {shown}"
+        return text
+
+
+def build_examples(
+    rows: list[dict],
+    source: str,
+    cfg: DataConfig,
+    renderer: Renderer,
+    kind: str,
+    stats: Counter,
+    *,
+    completion_only: bool = True,
+    only_last_turn: bool = False,
+):
+    """Tokenized examples for `kind` ('sft' or 'preference') and a report of what happened."""
+    columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    if not rows:
+        raise DataError(f"{source}: no rows to train on")
+    fmt = detect_format(columns, cfg, kind)
+    if kind == "preference" and fmt not in ("preference", "hh"):
+        raise DataError(
+            f"{source}: this stage needs preference pairs (prompt/chosen/rejected or HH "
+            f"chosen/rejected) but the data is {fmt}; columns: {', '.join(sorted(columns))}"
+        )
+    check_columns(columns, fmt, cfg, source)
+    examples, truncated = [], 0
+    for index, row in enumerate(rows):
+        try:
+            conv = normalise(row, fmt, cfg)
+            if kind == "preference":
+                ex, cut = tokenize_preference(conv, renderer, cfg)
+            else:
+                ex, cut = tokenize_sft(
+                    conv,
+                    renderer,
+                    cfg,
+                    completion_only=completion_only,
+                    only_last_turn=only_last_turn,
+                )
+        except (ValueError, TypeError, KeyError) as err:
+            if cfg.on_bad_row == "error":
+                raise DataError(
+                    f"{source}: row {index + 1} is unusable ({err}); fix it or set "
+                    "data.on_bad_row=drop"
+                ) from err
+            stats[f"dropped: {err}"] += 1
+            continue
+        truncated += cut
+        examples.append(ex)
+    report = DataReport(
+        source=source,
+        fmt=fmt,
+        rows=len(rows) + sum(v for k, v in stats.items() if k.startswith("dropped: malformed")),
+        kept=len(examples),
+        truncated=truncated,
+        dropped={k[len("dropped: ") :]: v for k, v in stats.items() if k.startswith("dropped: ")},
+        bad_lines=list(stats.get("_bad_lines", [])),  # type: ignore[arg-type]
+    )
+    if not examples:
+        raise DataError(f"{report.line()}: nothing left to train on")
+    return examples, report
+
+
+def load_datasets(
+    cfg: DataConfig,
+    tokenizer,
+    kind: str,
+    seed: int,
+    *,
+    completion_only: bool = True,
+    only_last_turn: bool = False,
+):
+    """(train examples, eval examples, reports) for a stage."""
+    renderer = Renderer(tokenizer)
+    kw = dict(completion_only=completion_only, only_last_turn=only_last_turn)
+    stats: Counter = Counter()
+    rows = load_rows(
+        cfg.path, name=cfg.name, split=cfg.split, on_bad_row=cfg.on_bad_row, stats=stats
+    )
+    if cfg.max_samples:
+        rows = rows[: cfg.max_samples]
+    train, report = build_examples(rows, cfg.path, cfg, renderer, kind, stats, **kw)
+    reports = [report]
+    evals: list = []
+    if cfg.eval_path or cfg.eval_split:
+        eval_stats: Counter = Counter()
+        source = cfg.eval_path or cfg.path
+        eval_rows = load_rows(
+            source,
+            name=cfg.name,
+            split=cfg.eval_split or "train",
+            on_bad_row=cfg.on_bad_row,
+            stats=eval_stats,
+        )
+        evals, eval_report = build_examples(
+            eval_rows, source, cfg, renderer, kind, eval_stats, **kw
+        )
+        reports.append(eval_report)
+    elif cfg.eval_size > 0:
+        n_eval = (
+            int(cfg.eval_size) if cfg.eval_size >= 1 else max(1, round(cfg.eval_size * len(train)))
+        )
+        if n_eval >= len(train):
+            raise DataError(
+                f"data.eval_size={cfg.eval_size} leaves no training rows out of {len(train)}"
+            )
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:n_eval])
+        evals = [ex for i, ex in enumerate(train) if i in held]
+        train = [ex for i, ex in enumerate(train) if i not in held]
+    return train, evals, reports
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+class SFTBatch(TypedDict):
+    input_ids: torch.Tensor  # (B, T) long, right-padded to the longest row of the batch
+    attention_mask: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T) long, IGNORE_INDEX on prompt and padding
+
+
+def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:
+    ids = [ex["input_ids"] for ex in examples]
+    return SFTBatch(
+        input_ids=pad(ids, pad_id),
+        attention_mask=pad([[1] * len(s) for s in ids], 0),
+        labels=pad([ex["labels"] for ex in examples], IGNORE_INDEX),
+    )

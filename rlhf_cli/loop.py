@@ -1,0 +1,341 @@
+"""The training loop every offline stage shares, written by hand.
+
+One optimizer step takes `micro_batch_size x grad_accum` examples in a fixed order (a seeded
+permutation per epoch), so the data position is just (epoch, offset) and a resumed run sees the
+same batches. Each micro-batch loss is divided by the weight (tokens, pairs) of the WHOLE step
+before backward: the accumulated gradient is exactly the gradient of the big-batch mean, and
+1 x 8 accumulation equals 8 x 1.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_cli import checkpoint as ckpt_lib
+from rlhf_cli.config import Config, OptimConfig
+from rlhf_cli.errors import Interrupted, TrainingError, UserError
+from rlhf_cli.models import autocast
+from rlhf_cli.progress import Reporter
+
+
+class Stage:
+    """A training stage: collates examples and computes a summed loss for one micro-batch.
+
+    `loss` returns (loss_sum, metric_sums): both are sums over the micro-batch in the unit that
+    `weight` counts (tokens for SFT, pairs for DPO/RM), so the loop can divide by the weight of
+    the whole optimizer step.
+    """
+
+    name = "base"
+    data_kind = "sft"  # which examples the stage trains on: "sft" or "preference"
+
+    def __init__(self, cfg: Config, model, tokenizer, device: torch.device, amp_dtype):
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        self.device, self.amp_dtype = device, amp_dtype
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class Position:
+    """Where the loop stands: optimizer steps done, and the next example of the epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient, in total
+    streak: int = 0  # ... in a row
+    tokens: int = 0
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def next_examples(examples: list, pos: Position, size: int, seed: int, shuffle: bool) -> list:
+    """The next `size` examples; an epoch's incomplete tail is skipped so every step is full."""
+    if pos.offset + size > len(examples):
+        pos.epoch, pos.offset = pos.epoch + 1, 0
+    order = epoch_order(len(examples), pos.epoch, seed, shuffle)
+    picked = [examples[i] for i in order[pos.offset : pos.offset + size]]
+    pos.offset += size
+    return picked
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, foreach=True, **kw)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.AdamW8bit if cfg.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, **kw)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int):
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.scheduler == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return factor
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to save and stop at the end of the current step; a second
+    SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+@torch.no_grad()
+def evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | None) -> dict:
+    stage.model.eval()
+    total_loss, total_weight, sums = 0.0, 0, {}
+    for i in range(0, len(examples), batch_size):
+        if max_batches is not None and i // batch_size >= max_batches:
+            break
+        batch = stage.collate(examples[i : i + batch_size])
+        weight = stage.weight(batch)
+        with autocast(stage.amp_dtype, stage.device):
+            loss_sum, metrics = stage.loss(move(batch, stage.device))
+        total_loss += float(loss_sum)
+        total_weight += weight
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    stage.model.train()
+    out = {"loss": total_loss / max(total_weight, 1)}
+    out.update({k: v / max(total_weight, 1) for k, v in sums.items()})
+    return out
+
+
+def train(
+    stage: Stage,
+    train_examples: list,
+    eval_examples: list,
+    *,
+    run_dir: Path,
+    config_yaml: str,
+    resume_from: Path | None,
+) -> dict[str, Any]:
+    """Run the loop to the end (or to a signal); returns the summary rows."""
+    cfg = stage.cfg
+    t = cfg.train
+    model = stage.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the model has no trainable parameters (check peft settings)")
+    step_size = t.micro_batch_size * t.grad_accum
+    if len(train_examples) < step_size:
+        raise UserError(
+            f"the training data has {len(train_examples)} examples but one step needs "
+            f"train.micro_batch_size x train.grad_accum = {step_size}: lower them or add data"
+        )
+    steps_per_epoch = len(train_examples) // step_size
+    total = math.ceil(t.epochs * steps_per_epoch) if t.epochs else t.max_steps
+
+    optimizer = make_optimizer(params, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total))
+    pos = Position()
+    if resume_from is not None:
+        state = ckpt_lib.load_state(resume_from)
+        ckpt_lib.load_weights(model, resume_from)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError) as err:
+            raise UserError(
+                f"{resume_from}: optimizer state does not fit this run ({err}); was optim.name "
+                "or the set of trained parameters changed?"
+            ) from err
+        stage.load_state_dict(state.get("stage", {}))
+        pos = Position(**state["position"])
+        ckpt_lib.set_rng_state(state["rng"])
+
+    def state_now() -> dict[str, Any]:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "stage": stage.state_dict(),
+            "position": asdict(pos),
+            "rng": ckpt_lib.rng_state(),
+            "step": pos.step,
+        }
+
+    def save(name: str | None = None) -> Path:
+        return ckpt_lib.save_checkpoint(
+            run_dir,
+            pos.step,
+            model,
+            state_now(),
+            config_yaml,
+            t.keep_last,
+            stage.tokenizer if name else None,
+            name,
+        )
+
+    model.train()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    last: dict[str, Any] = {}
+    evals: dict[str, Any] = {}
+    start_step, t0 = pos.step, time.perf_counter()
+    with Reporter(run_dir, total, pos.step, resume_from is not None) as report, StopFlag() as stop:
+        while pos.step < total:
+            step_t0 = time.perf_counter()
+            examples = next_examples(train_examples, pos, step_size, t.seed, t.shuffle)
+            micro = [
+                stage.collate(examples[i : i + t.micro_batch_size])
+                for i in range(0, step_size, t.micro_batch_size)
+            ]
+            weight = sum(stage.weight(b) for b in micro)
+            tokens = sum(stage.tokens(b) for b in micro)
+            loss_total = torch.zeros((), device=stage.device)
+            metric_totals: dict[str, torch.Tensor] = {}
+            for batch in micro:
+                with autocast(stage.amp_dtype, stage.device):
+                    loss_sum, metrics = stage.loss(move(batch, stage.device))
+                (loss_sum / weight).backward()
+                loss_total += loss_sum.detach().float()
+                for k, v in metrics.items():
+                    metric_totals[k] = metric_totals.get(k, 0) + v.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, t_max if (t_max := cfg.optim.max_grad_norm) > 0 else float("inf")
+            )
+            # The one host sync of the step: both numbers decide whether to apply it.
+            loss_value, norm_value = torch.stack([loss_total / weight, grad_norm.float()]).tolist()
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+            if finite:
+                optimizer.step()
+                pos.streak = 0
+            else:
+                pos.skipped += 1
+                pos.streak += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            pos.step += 1
+            pos.tokens += tokens
+            if pos.streak >= t.max_nonfinite:
+                raise TrainingError(
+                    f"the loss or gradient was non-finite for {pos.streak} steps in a row "
+                    f"(step {pos.step}); lower optim.lr, use train.precision=fp32, or check the "
+                    "data; the last good checkpoint is kept"
+                )
+            elapsed = time.perf_counter() - step_t0
+            last = {
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": norm_value,
+                "tokens_per_s": tokens / max(elapsed, 1e-9),
+                "epoch": pos.epoch + pos.offset / max(1, len(train_examples)),
+                "skipped": pos.skipped,
+            }
+            last.update({k: float(v) / weight for k, v in metric_totals.items()})
+            if not finite:
+                report.note(f"step {pos.step}: non-finite loss/gradient, step skipped")
+            report.step(pos.step, last, log=pos.step % t.log_every == 0 or pos.step == total)
+            if eval_examples and t.eval_every and pos.step % t.eval_every == 0 and pos.step < total:
+                evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+                report.eval(pos.step, evals)
+            if t.save_every and pos.step % t.save_every == 0 and pos.step < total:
+                save()
+            if stop.signum is not None:
+                path = save()
+                name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+                raise Interrupted(
+                    f"{name}: stopped at step {pos.step}/{total}; checkpoint {path}. "
+                    f"Continue with: rlhf train ... run_dir={run_dir} resume=auto",
+                    128 + stop.signum,
+                )
+        if eval_examples and start_step < total:
+            evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+            report.eval(pos.step, evals)
+        save()
+        final = save("final")
+
+    elapsed = time.perf_counter() - t0
+    trained_steps = pos.step - start_step
+    rows = {
+        "stage": stage.name,
+        "steps": f"{pos.step} ({trained_steps} this run)",
+        "final loss": last.get("loss", float("nan")),
+        **({"eval loss": evals["loss"]} if evals else {}),
+        "skipped steps": pos.skipped,
+        "time": f"{elapsed:.1f}s",
+        "tokens/s": (pos.tokens / elapsed) if trained_steps else 0.0,
+        "peak memory": peak_memory(stage.device),
+        "run dir": str(run_dir),
+        "adapter" if ckpt_lib.is_peft(model) else "model": str(final),
+    }
+    return rows
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA allocated)"
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
+    return f"{rss_bytes / 2**30:.2f} GiB (peak RSS)"

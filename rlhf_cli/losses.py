@@ -1,0 +1,367 @@
+"""Every loss and estimator the stages use, as pure functions on tensors.
+
+Nothing here knows about models, trainers or configs: each function takes tensors and
+returns tensors (per example where that makes sense, so the caller chooses the
+reduction and the metrics). Equations follow ``ALGORITHMS.md``; notation: ``h`` is the
+DPO log-ratio margin, ``beta`` the KL strength, ``A`` an advantage, ``R`` a return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# Tokens per logsumexp chunk: bounds the float32 temporaries to CHUNK_TOKENS x vocab.
+CHUNK_TOKENS = 256
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def _chunk_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(label) = logit[label] - logsumexp(logits), in float32 for one chunk."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probabilities of the label tokens.
+
+    ``logits`` (B, T, V) and ``labels`` (B, T) are aligned with ``input_ids``; position
+    t predicts token t+1, so ``logits[:, :-1]`` is scored against ``labels[:, 1:]``.
+    ``log p(y_t) = z[y_t] - logsumexp(z)``, computed chunk by chunk (upcast to float32
+    per chunk) so no full log-softmax copy of the logits is ever made. For low-precision
+    logits that need a gradient, each chunk is recomputed in backward instead of keeping
+    its float32 copy alive.
+
+    Returns ``(logps, mask)``, both (B, T-1): float32 log-probs with 0 where the label
+    is ``ignore_index``, and the boolean mask of scored positions.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ")
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != ignore_index
+    safe_labels = labels.masked_fill(~mask, 0)  # ignore_index would break gather
+    recompute = logits.requires_grad and logits.dtype != torch.float32
+    rows = []
+    for b in range(logits.shape[0]):
+        pieces = [logits.new_zeros(0, dtype=torch.float32)]
+        for start in range(0, logits.shape[1], CHUNK_TOKENS):
+            x = logits[b, start : start + CHUNK_TOKENS]
+            y = safe_labels[b, start : start + CHUNK_TOKENS]
+            if recompute:
+                pieces.append(checkpoint(_chunk_logps, x, y, use_reentrant=False))
+            else:
+                pieces.append(_chunk_logps(x, y))
+        rows.append(torch.cat(pieces))
+    logps = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
+    return torch.where(mask, logps, 0.0), mask
+
+
+def sequence_logps(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, average: bool = False
+) -> Tensor:
+    """``logp(y|x) = sum_t log p(y_t | x, y_<t)`` over the label tokens, shape (B,).
+
+    With ``average=True`` the sum is divided by the number of label tokens (the
+    length-normalised log-prob used by IPO and the RPO NLL term).
+    """
+    logps, mask = token_logps(logits, labels, ignore_index)
+    total = logps.sum(-1)
+    if average:
+        total = total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def nll_sum(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
+    """SFT: ``(-sum_t log p(y_t), n_tokens)`` over every label token of the batch.
+
+    Returning the sum and the count (int64) separately lets the training loop divide
+    by the token count of the whole accumulated (or data-parallel) batch, which gives
+    exactly the big-batch mean; a mean of per-micro-batch means would not.
+    """
+    logps, mask = token_logps(logits, labels, ignore_index)
+    return -logps.sum(), mask.sum()
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def _dpo_sigmoid(h: Tensor, beta: float, eps: float) -> Tensor:
+    """DPO / cDPO: ``-(1-eps) log sigma(beta*h) - eps log sigma(-beta*h)``."""
+    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+def _dpo_ipo(h: Tensor, beta: float, eps: float) -> Tensor:
+    """IPO: ``(h - 1/(2*beta))^2``; meant for length-normalised log-probs."""
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def _dpo_hinge(h: Tensor, beta: float, eps: float) -> Tensor:
+    """Hinge (RSO / SLiC): ``max(0, 1 - beta*h)``."""
+    return torch.relu(1 - beta * h)
+
+
+DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "sigmoid": _dpo_sigmoid,
+    "ipo": _dpo_ipo,
+    "hinge": _dpo_hinge,
+}
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair preference loss on ``h = (pi_w - ref_w) - (pi_l - ref_l)`` (all (B,)).
+
+    ``loss_type`` picks the variant from ``DPO_LOSSES`` (sigmoid, ipo, hinge); the
+    sigmoid loss with ``label_smoothing = eps > 0`` is cDPO. With pi == pi_ref the
+    sigmoid loss is log 2. Returns ``(losses, chosen_rewards, rejected_rewards)``, the
+    rewards being the detached implicit rewards ``r_hat = beta * (logp_pi - logp_ref)``.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(DPO_LOSSES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing only applies to loss_type 'sigmoid', not {loss_type!r}")
+    chosen_logratio = policy_chosen_logps - ref_chosen_logps
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps
+    losses = DPO_LOSSES[loss_type](chosen_logratio - rejected_logratio, beta, label_smoothing)
+    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+def reward_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    *,
+    margin: Tensor | None = None,
+    center_coef: float = 0.0,
+) -> Tensor:
+    """Bradley-Terry loss per pair: ``-log sigma(r_w - r_l - m) + c * (r_w + r_l)^2``.
+
+    ``margin`` (B,) is the optional per-pair margin ``m`` (Llama 2); ``center_coef`` is
+    ``c``, the centering term that keeps rewards near zero. Returns (B,).
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if center_coef:
+        losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    return losses
+
+
+def plackett_luce_loss(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Plackett-Luce ranking loss ``-sum_{k=1..K-1} [s_k - logsumexp(s_k, ..., s_K)]``.
+
+    ``scores`` (B, K) are ordered best first; K = 2 is Bradley-Terry. For rankings of
+    different lengths pass ``mask`` (B, K), True on valid entries, valid entries first.
+    The k = K term is always 0, so summing it too changes nothing. Returns (B,).
+    """
+    scores = scores.float()
+    if mask is not None:
+        # A very negative (finite, so gradients stay finite) score drops out of logsumexp.
+        scores = scores.masked_fill(~mask.bool(), torch.finfo(scores.dtype).min)
+    suffix_lse = torch.logcumsumexp(scores.flip(-1), dim=-1).flip(-1)
+    terms = scores - suffix_lse
+    if mask is not None:
+        terms = torch.where(mask.bool(), terms, 0.0)
+    return -terms.sum(-1)
+
+
+# --------------------------------------------------------------------------- online RL
+
+
+def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return logp - ref_logp
+
+
+def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - 1 - log_ratio
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "k1": _kl_k1,
+    "k2": _kl_k2,
+    "k3": _kl_k3,
+}
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3).
+
+    k1 = ``logp - ref_logp`` (unbiased, can be negative); k2 = ``0.5 (logp - ref_logp)^2``
+    (biased, >= 0); k3 = ``exp(r) - 1 - r`` with ``r = ref_logp - logp`` (unbiased, >= 0,
+    the GRPO loss term). All are 0 where the two log-probs agree.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logp, ref_logp)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where the 0/1 ``mask`` is set (0 if none are).
+
+    Masked entries are excluded with ``where``, so NaN/inf there cannot leak in.
+    """
+    keep = mask.bool()
+    total = torch.where(keep, x, 0.0)
+    count = keep.sum() if dim is None else keep.sum(dim)
+    total = total.sum() if dim is None else total.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with mean and (biased) variance over the mask.
+
+    ``shift_mean=False`` adds the mean back (scale only), as PPO does for rewards.
+    Positions outside the mask are set to 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0.0)
+
+
+@torch.no_grad()
+def gae_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the valid tokens of (B, T) tensors.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``; ``A_t = delta_t + gamma lam A_{t+1}``;
+    ``returns = A + V``. ``V_{t+1}`` and ``A_{t+1}`` are those of the next *valid*
+    token, both 0 after the last one; masked positions are skipped (advantage 0).
+    Computed without gradient: these are targets.
+    """
+    keep = mask.bool()
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        next_value = torch.where(keep[:, t], values[:, t], next_value)
+        next_adv = torch.where(keep[:, t], adv, next_adv)
+        advantages[:, t] = torch.where(keep[:, t], adv, 0.0)
+    return advantages, advantages + values
+
+
+def _grpo_advantages(r: Tensor, eps: float) -> Tensor:
+    # torch.std is the unbiased (n - 1) estimator, as in the GRPO reference code.
+    return (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)
+
+
+def _rloo_advantages(r: Tensor, eps: float) -> Tensor:
+    k = r.shape[-1]
+    leave_one_out_mean = (r.sum(-1, keepdim=True) - r) / (k - 1)
+    return r - leave_one_out_mean
+
+
+GROUP_ADVANTAGES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "grpo": _grpo_advantages,
+    "rloo": _rloo_advantages,
+}
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, kind: str = "grpo", eps: float = 1e-4
+) -> Tensor:
+    """Group-baseline advantages for (N*K,) rewards laid out group by group.
+
+    GRPO: ``A_i = (R_i - mean(R)) / (std(R) + eps)`` with the unbiased (n - 1) std of
+    the group (``torch.std`` default). RLOO: ``A_i = R_i - mean_{j != i} R_j``.
+    Returns (N*K,).
+    """
+    if kind not in GROUP_ADVANTAGES:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {sorted(GROUP_ADVANTAGES)}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(
+            f"group_size must be >= 2 and divide the {rewards.numel()} rewards, got {group_size}"
+        )
+    grouped = rewards.reshape(-1, group_size)
+    return GROUP_ADVANTAGES[kind](grouped, eps).reshape(rewards.shape)
+
+
+def clipped_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate ``mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)))``.
+
+    ``ratio = exp(logp - old_logp)``; the mean runs over every masked-in token of the
+    batch. ``advantages`` is per token (B, T) or per sequence (B,), broadcast over T.
+    Returns ``(loss, stats)``; stats holds detached ``clipfrac`` (share of tokens where
+    the clipped term is active, i.e. gets no gradient) and ``approx_kl``
+    (``0.5 (logp - old_logp)^2``).
+    """
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    log_ratio = logp - old_logp.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+        }
+    return loss, stats
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor]:
+    """``0.5 mean(max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2))`` over the mask.
+
+    Returns ``(loss, clipfrac)``, clipfrac being the detached share of tokens where the
+    clipped error is the larger one.
+    """
+    old_values = old_values.detach()
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    err = (values - returns) ** 2
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    clipfrac = masked_mean((err_clipped > err).float(), mask).detach()
+    return loss, clipfrac
+
+
+def adaptive_kl_coef(
+    coef: float, current_kl: float, target: float, horizon: float, n_steps: int
+) -> float:
+    """Ziegler et al. adaptive KL controller, one update after ``n_steps`` samples.
+
+    ``error = clip(KL / target - 1, -0.2, 0.2)``; ``coef *= 1 + error * n_steps / horizon``.
+    """
+    error = min(max(float(current_kl) / target - 1, -0.2), 0.2)
+    return coef * (1 + error * n_steps / horizon)

@@ -1,0 +1,215 @@
+"""Tokenizer and model loading: a causal LM, optionally quantized (bitsandbytes NF4/FP4/int8),
+with LoRA adapters (peft) or trained in full. The same code runs on CUDA and on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from rlhf_cli.config import Config, ModelConfig
+from rlhf_cli.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Used for conversations when the tokenizer has no template of its own (a base model):
+# ChatML written as plain text, so no new embeddings are needed.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' progress bars and known-harmless warnings out of the run's output."""
+    # bitsandbytes looks for an optional hub-hosted CPU kernel and warns when it is absent; its
+    # own CPU kernels are used instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is visible: use device=auto or cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype for torch.autocast, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 where the GPU supports it; fp32 on CPU, where only some chips have bf16 units.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def model_path(model_cfg: ModelConfig) -> str:
+    """The hub id or directory to load; `tiny` is built locally on first use."""
+    if model_cfg.name_or_path == "tiny":
+        from rlhf_cli.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    return model_cfg.name_or_path
+
+
+def _hub_error(what: str, name: str, err: Exception) -> UserError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = "check the name, or download it first (HF_HUB_OFFLINE=1 is set?)"
+    if Path(name).exists():
+        hint = "the directory exists but does not hold a complete model"
+    return UserError(f"could not load {what} {name!r}: {reason} ({hint})")
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = model_path(model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise _hub_error("the tokenizer of", path, err) from err
+    if model_cfg.chat_template:
+        template = model_cfg.chat_template
+        if template.endswith(".jinja") and Path(template).is_file():
+            template = Path(template).read_text()
+        tokenizer.chat_template = template
+    if tokenizer.pad_token is None:
+        # Padding is always masked out, so reusing EOS (or UNK) changes no loss.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of {path!r} has no EOS token: set one in its config")
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype != "auto":
+        return DTYPES[cfg.model.dtype]
+    # A frozen base can sit in bf16 on a GPU; weights that train (full) keep fp32 masters.
+    if device.type == "cuda" and cfg.peft.method == "lora":
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(cfg: Config):
+    from transformers import BitsAndBytesConfig
+
+    mode = cfg.quant.mode
+    if mode == "none":
+        return None
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=mode,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[cfg.quant.compute_dtype],
+    )
+
+
+def load_base_model(cfg: Config, device: torch.device):
+    """The causal LM, quantized as configured, on `device`, without adapters."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_path(cfg.model)
+    kwargs = dict(
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        dtype=base_dtype(cfg, device),
+        quantization_config=quantization_config(cfg),
+        device_map={"": str(device)},
+    )
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error("the model", path, err) from err
+    return model
+
+
+def load_model(cfg: Config, device: torch.device, tokenizer):
+    """Base (quantized or not) + LoRA adapters (fresh, or model.adapter), ready to train."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(cfg, device)
+    model.config.use_cache = False  # the KV cache only helps generation
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gc_kwargs = {"use_reentrant": False}
+    if cfg.quant.mode != "none":
+        # Casts norms/embeddings to fp32 and freezes the base: the QLoRA recipe.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+
+    if cfg.peft.method == "full":
+        model.requires_grad_(True)
+        return model
+    if cfg.model.adapter:
+        adapter = Path(cfg.model.adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(
+                f"model.adapter={cfg.model.adapter}: no adapter_config.json there "
+                "(point it at a run's final/ or checkpoints/step-N directory)"
+            )
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    targets = list(cfg.peft.target_modules)
+    lora = LoraConfig(
+        r=cfg.peft.r,
+        lora_alpha=cfg.peft.alpha,
+        lora_dropout=cfg.peft.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        modules_to_save=list(cfg.peft.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"peft.target_modules={targets}: {err}") from err
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as stored elements x 2."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

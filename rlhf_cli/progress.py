@@ -1,0 +1,124 @@
+"""What a run shows and records: a rich progress bar (or plain lines when not on a terminal),
+metrics as JSON lines in the run directory, and a summary table at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+class MetricsFile:
+    """metrics.jsonl: one object per logged step/eval. On resume, lines after the checkpoint's
+    step are dropped, so the file reads as if the run had never stopped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.fh = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
+        self.fh.write(json.dumps(clean) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class Reporter:
+    """Progress display + metrics file for one run."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, resumed: bool):
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl", start_step if resumed else None)
+        self.total = total_steps
+        self.start_step = start_step
+        self.interactive = console.is_terminal
+        self.progress: Progress | None = None
+        self.t0 = time.perf_counter()
+        self.last_print = 0.0
+
+    def __enter__(self) -> Reporter:
+        if self.interactive:
+            self.progress = Progress(
+                TextColumn("[bold]step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(
+                "train", total=self.total, completed=self.start_step, info=""
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics.close()
+
+    def step(self, step: int, record: dict[str, Any], log: bool) -> None:
+        if log:
+            self.metrics.write({"step": step, "split": "train", **record})
+        info = (
+            f"loss {fmt(record.get('loss', float('nan')))}  lr {record.get('lr', 0):.2e}  "
+            f"{record.get('tokens_per_s', 0):,.0f} tok/s"
+        )
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+            return
+        now = time.perf_counter()
+        if log and (now - self.last_print > 5 or step in (self.start_step + 1, self.total)):
+            self.last_print = now
+            done = step - self.start_step
+            eta = (now - self.t0) / max(done, 1) * (self.total - step)
+            console.print(f"step {step}/{self.total}  {info}  ETA {eta:,.0f}s")
+
+    def eval(self, step: int, record: dict[str, Any]) -> None:
+        self.metrics.write({"step": step, "split": "eval", **record})
+        text = "  ".join(f"{k} {fmt(v)}" for k, v in record.items())
+        if self.progress is not None:
+            self.progress.console.print(f"eval @ step {step}: {text}")
+        else:
+            console.print(f"eval @ step {step}: {text}")
+
+    def note(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else console).print(text)
+
+
+def summary_table(title: str, rows: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(key, fmt(value))
+    console.print(table)

@@ -1,0 +1,12 @@
+"""One module per stage; each defines a `Stage` subclass. `STAGES` maps stage.name to it."""
+
+from __future__ import annotations
+
+import importlib
+
+STAGES = {"sft": "rlhf_cli.stages.sft:SFTStage"}
+
+
+def stage_class(name: str):
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,32 @@
+"""Stage sft: next-token negative log-likelihood on the response tokens.
+
+The loss is the mean over every response token of the optimizer step (not a mean of
+per-example means), so accumulation and data parallelism give the big-batch loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_cli.data import IGNORE_INDEX, SFTBatch, collate_sft
+from rlhf_cli.loop import Stage
+from rlhf_cli.losses import nll_sum
+
+
+class SFTStage(Stage):
+    name = "sft"
+    data_kind = "sft"
+
+    def collate(self, examples) -> SFTBatch:
+        return collate_sft(examples, self.tokenizer.pad_token_id)
+
+    def weight(self, batch: SFTBatch) -> int:
+        # Position 0 is never predicted (nothing precedes it).
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss(self, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        loss_sum, _ = nll_sum(logits, batch["labels"])
+        return loss_sum, {}

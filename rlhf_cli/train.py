@@ -1,0 +1,140 @@
+"""`rlhf train`: setup -> data -> model -> loop -> save, for whichever stage the config names."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf_cli import checkpoint as ckpt_lib
+from rlhf_cli.config import Config
+from rlhf_cli.data import load_datasets
+from rlhf_cli.errors import CheckpointError
+from rlhf_cli.loop import train
+from rlhf_cli.models import (
+    autocast_dtype,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    quiet_libraries,
+    resolve_device,
+)
+from rlhf_cli.progress import console, summary_table
+from rlhf_cli.stages import stage_class
+
+# Keys that may change between a run and its resumption without a warning.
+RESUME_FREE_KEYS = {
+    "run_dir",
+    "resume",
+    "train.max_steps",
+    "train.epochs",
+    "train.save_every",
+    "train.keep_last",
+    "train.eval_every",
+    "train.log_every",
+    "train.eval_batches",
+    "device",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
+    old = _flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))  # type: ignore[arg-type]
+    new = _flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))  # type: ignore[arg-type]
+    keys = sorted((set(old) | set(new)) - RESUME_FREE_KEYS)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path, Path | None]:
+    """(the run directory to write, the checkpoint to resume from or None). Never lets a fresh
+    run write over a run that has checkpoints."""
+    if cfg.resume is None:
+        if ckpt_lib.list_checkpoints(run_dir) or (run_dir / "final").exists():
+            raise CheckpointError(
+                f"run_dir={run_dir} already holds a run: add resume=auto to continue it, or "
+                "choose another run_dir"
+            )
+        return run_dir, None
+    found = ckpt_lib.find_resume_checkpoint(cfg.resume, run_dir, cfg.stage.name)
+    if found is None:
+        console.print(f"resume={cfg.resume}: no checkpoint found, starting fresh in {run_dir}")
+        return run_dir, None
+    resumed_dir = found.parent.parent
+    if resumed_dir.resolve() != run_dir.resolve():
+        # Hydra made an empty directory for this invocation; continue in the old one instead.
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return resumed_dir, found
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
+    """Train one stage end to end; returns the summary rows."""
+    run_dir, resume_from = prepare_run_dir(cfg, run_dir)
+    if resume_from is not None:
+        saved = (
+            (resume_from / "config.yaml").read_text()
+            if (resume_from / "config.yaml").exists()
+            else ""
+        )
+        if saved:
+            for diff in config_differences(saved, config_yaml):
+                console.print(f"[yellow]warning:[/] resuming with a changed config: {diff}")
+        console.print(f"resuming from {resume_from}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        (run_dir / "config.yaml").write_text(config_yaml)
+
+    quiet_libraries()
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    tokenizer = load_tokenizer(cfg.model)
+    cls = stage_class(cfg.stage.name)
+    train_examples, eval_examples, reports = load_datasets(
+        cfg.data,
+        tokenizer,
+        cls.data_kind,
+        cfg.train.seed,
+        completion_only=getattr(cfg.stage, "completion_only", True),
+        only_last_turn=getattr(cfg.stage, "train_on_turns", "all") == "last",
+    )
+    for report in reports:
+        console.print("data: " + report.line())
+    if eval_examples:
+        console.print(f"data: {len(train_examples)} train / {len(eval_examples)} eval examples")
+
+    model = load_model(cfg, device, tokenizer)
+    trainable, total = count_parameters(model)
+    console.print(
+        f"model: {cfg.model.name_or_path} on {device} (quant={cfg.quant.mode}, peft={cfg.peft.method}, "
+        f"autocast={'bf16' if amp else 'off'}): {trainable:,} trainable of {total:,} parameters"
+    )
+    stage = cls(cfg, model, tokenizer, device, amp)
+    rows = train(
+        stage,
+        train_examples,
+        eval_examples,
+        run_dir=run_dir,
+        config_yaml=config_yaml,
+        resume_from=resume_from,
+    )
+    summary_table(f"rlhf train stage={cfg.stage.name}: done", rows)
+    return rows
