@@ -21,7 +21,7 @@ import torch
 from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli.config import Config, OptimConfig
 from rlhf_cli.errors import Interrupted, TrainingError, UserError
-from rlhf_cli.models import autocast
+from rlhf_cli.models import autocast, eval_mode
 from rlhf_cli.progress import Reporter
 
 
@@ -150,7 +150,11 @@ def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torc
 
 @torch.no_grad()
 def evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | None) -> dict:
-    stage.model.eval()
+    with eval_mode(stage.model):
+        return _evaluate(stage, examples, batch_size, max_batches)
+
+
+def _evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | None) -> dict:
     total_loss, total_weight, sums = 0.0, 0, {}
     for i in range(0, len(examples), batch_size):
         if max_batches is not None and i // batch_size >= max_batches:
@@ -163,7 +167,6 @@ def evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | N
         total_weight += weight
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    stage.model.train()
     out = {"loss": total_loss / max(total_weight, 1)}
     out.update({k: v / max(total_weight, 1) for k, v in sums.items()})
     return out

@@ -170,7 +170,11 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
             gradient_checkpointing_kwargs=gc_kwargs,
         )
     elif cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        # transformers 5 renamed it; the old name still works with a deprecation warning.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is None:
+            enable = model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs=gc_kwargs)
 
     if cfg.peft.method == "full":
         model.requires_grad_(True)
@@ -196,6 +200,29 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         return get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"peft.target_modules={targets}: {err}") from err
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() for evaluation or generation inside a training run, then back to train().
+
+    bitsandbytes' Linear4bit, called on a CPU with AVX512-BF16 in eval mode under no_grad,
+    repacks its weight for an inference kernel (rounding the scales to bf16) and keeps using
+    that kernel afterwards, in training too, where it has no backward: gradients would stop
+    flowing through the base layers. Linear4bit has no dropout, so it stays in train mode.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        Linear4bit = ()
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.train()
+    try:
+        yield model
+    finally:
+        model.train()
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

@@ -1,0 +1,301 @@
+"""The loop, checkpoints and SFT stage, on the tiny model: learning, invariants, resume."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, REPO, read_metrics, rlhf, train_in_process
+from safetensors.torch import load_file
+
+from rlhf_cli import checkpoint as ckpt_lib
+from rlhf_cli.errors import CheckpointError, TrainingError
+
+
+def adapter(run_dir: Path, sub: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / sub / "adapter_model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_sft_learns_and_lora_weights_move(tmp_path):
+    rows = train_in_process(
+        tmp_path / "run",
+        "train.max_steps=30",
+        "optim.lr=3e-3",
+        "data.eval_size=0.1",
+        "train.eval_every=10",
+        "train.save_every=0",
+    )
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    evals = [r["loss"] for r in read_metrics(tmp_path / "run", "eval")]
+    assert len(losses) == 30 and len(evals) == 3  # eval at 10, 20 and the end
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert evals[-1] < evals[0]
+    weights = adapter(tmp_path / "run")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero
+    assert rows["skipped steps"] == 0
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoints", "final"} <= files
+
+
+def test_default_loads_4bit_nf4_base_with_lora(tmp_path):
+    from conftest import compose
+
+    from rlhf_cli.config import Config
+    from rlhf_cli.models import load_model, load_tokenizer, resolve_device
+
+    cfg: Config = compose()
+    assert (cfg.quant.mode, cfg.peft.method) == ("nf4", "lora")
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg, resolve_device("cpu"), tok)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds  # bitsandbytes 4-bit layers carry the LoRA adapters
+    quant = next(m for m in model.modules() if type(m).__name__ == "Linear4bit")
+    assert quant.weight.quant_state.quant_type == "nf4"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("quant,tol", [("none", 1e-5), ("nf4", 2e-3)])
+def test_accumulation_1x8_equals_8x1(tmp_path, quant, tol):
+    common = (
+        "train.max_steps=3",
+        "data.max_samples=64",
+        "data.eval_size=0",
+        "peft.dropout=0",
+        f"quant={quant}",
+        "optim.lr=1e-3",
+        "train.save_every=0",
+    )
+    train_in_process(tmp_path / "big", *common, "train.micro_batch_size=8", "train.grad_accum=1")
+    train_in_process(tmp_path / "acc", *common, "train.micro_batch_size=1", "train.grad_accum=8")
+    big, acc = read_metrics(tmp_path / "big"), read_metrics(tmp_path / "acc")
+    for a, b in zip(big, acc):
+        assert a["loss"] == pytest.approx(b["loss"], abs=tol)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=10 * tol)
+    assert max_diff(adapter(tmp_path / "big"), adapter(tmp_path / "acc")) < tol
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    args = (
+        "train.max_steps=8",
+        "train.save_every=4",
+        "train.keep_last=5",
+        "optim.lr=2e-3",
+        "data.max_samples=96",
+        "data.eval_size=0",
+    )
+    train_in_process(tmp_path / "full", *args)
+    # The same run, stopped after its step-4 checkpoint: remove what came later.
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000008")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    train_in_process(tmp_path / "resumed", *args, "resume=auto")
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(1, 9))  # metrics past step 4 rewritten once
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "resumed")) < 1e-6
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
+    args = [
+        "train.max_steps=40",
+        "train.save_every=100",
+        "optim.lr=2e-3",
+        "data.eval_size=0",
+        "train.micro_batch_size=8",
+    ]
+    train_in_process(tmp_path / "full", *args)
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_cli", "train", f"run_dir={run_dir}", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)  # a few steps in
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and "resume=auto" in out
+    saved = ckpt_lib.list_checkpoints(run_dir)
+    assert len(saved) == 1 and not (run_dir / "final").exists()
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert 0 < stopped_at < 40, out
+    done = rlhf("train", f"run_dir={run_dir}", *args, "resume=auto")
+    assert done.returncode == 0, done.stderr
+    assert max_diff(adapter(tmp_path / "full"), adapter(run_dir)) < 1e-6
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    assert losses == pytest.approx([r["loss"] for r in read_metrics(tmp_path / "full")], abs=1e-6)
+
+
+def test_final_adapter_loads_in_plain_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.tiny import tiny_model_dir
+
+    train_in_process(tmp_path / "run", *FAST, "optim.lr=3e-3")
+    final = tmp_path / "run" / "final"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    model = PeftModel.from_pretrained(base, str(final))
+    tok = AutoTokenizer.from_pretrained(final)
+    state = model.state_dict()
+    saved = adapter(tmp_path / "run")
+    for key, value in saved.items():
+        loaded = next(v for k, v in state.items() if k.replace(".default", "") == key)
+        assert torch.equal(loaded, value)
+    ids = tok("Name three fruits.", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    from rlhf_cli.stages.sft import SFTStage
+
+    real_loss = SFTStage.loss
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        loss, metrics = real_loss(self, batch)
+        return (loss * float("nan"), metrics) if calls["n"] in (2, 3) else (loss, metrics)
+
+    monkeypatch.setattr(SFTStage, "loss", flaky)
+    rows = train_in_process(tmp_path / "a", *FAST, "optim.lr=1e-3")
+    assert rows["skipped steps"] == 2
+    assert all(torch.isfinite(v).all() for v in adapter(tmp_path / "a").values())
+
+    monkeypatch.setattr(
+        SFTStage, "loss", lambda self, b: (real_loss(self, b)[0] * float("nan"), {})
+    )
+    with pytest.raises(TrainingError, match="non-finite for 3 steps in a row"):
+        train_in_process(tmp_path / "b", *FAST, "train.max_nonfinite=3", "train.save_every=1")
+    # Skipped steps apply no update: what was saved is the finite initial adapter (B = 0).
+    for ckpt in ckpt_lib.list_checkpoints(tmp_path / "b"):
+        saved = adapter(tmp_path / "b", f"checkpoints/{ckpt.name}")
+        assert all(torch.isfinite(v).all() for v in saved.values())
+        assert all(v.abs().sum() == 0 for k, v in saved.items() if "lora_B" in k)
+
+
+def test_half_written_checkpoints_are_never_loaded(tmp_path):
+    run_dir = tmp_path / "run"
+    train_in_process(run_dir, *FAST, "train.save_every=2", "train.keep_last=3")
+    ckpts = run_dir / "checkpoints"
+    assert [p.name for p in ckpt_lib.list_checkpoints(run_dir)] == ["step-000002", "step-000004"]
+    (ckpts / ".tmp-step-000006-abc").mkdir()  # a save that died before its rename
+    (ckpts / "step-000008").mkdir()  # a directory without trainer state
+    assert ckpt_lib.list_checkpoints(run_dir)[-1].name == "step-000004"
+    (ckpts / "step-000004" / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        ckpt_lib.load_state(ckpts / "step-000004")
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    train_in_process(
+        tmp_path / "r",
+        "train.max_steps=6",
+        "train.micro_batch_size=4",
+        "data.max_samples=64",
+        "data.eval_size=0",
+        "train.save_every=1",
+        "train.keep_last=2",
+    )
+    assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "r")] == [
+        "step-000005",
+        "step-000006",
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("optim=adamw8bit",),
+        ("train.precision=bf16",),
+        ("train.gradient_checkpointing=true",),
+        ("quant=int8",),
+        ("quant=none", "peft=full"),
+        ("data=chat",),
+        ("train.grad_accum=2", "optim.scheduler=linear", "optim.warmup_steps=2"),
+    ],
+)
+def test_options_train(tmp_path, extra):
+    rows = train_in_process(tmp_path / "r", *FAST, "optim.lr=1e-3", *extra)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "r")]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert rows["skipped steps"] == 0
+    key = "model" if "peft=full" in extra else "adapter"
+    assert Path(rows[key]).is_dir()
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tmp_path):
+    common = (*FAST, "peft.dropout=0", "quant=none")
+    train_in_process(tmp_path / "a", *common)
+    train_in_process(tmp_path / "b", *common, "train.gradient_checkpointing=true")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+
+
+def test_resume_auto_without_run_dir_continues_latest_run(tmp_path):
+    args = (
+        "stage=sft",
+        "train.max_steps=4",
+        "train.micro_batch_size=4",
+        "data.max_samples=64",
+        "data.eval_size=0",
+        "train.save_every=2",
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_cli", "train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out
+    (run,) = list((tmp_path / "runs" / "sft").iterdir())
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    shutil.rmtree(run / "final")
+    time.sleep(1.1)  # a new timestamped run_dir
+    again = rlhf("train", *args, "resume=auto", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in (tmp_path / "runs" / "sft").iterdir()] == [run.name]
+    assert (run / "final").is_dir() and f"resuming from {run}" in again.stderr
+
+
+def test_multirun_sweep_writes_one_run_per_job(tmp_path):
+    res = rlhf("train", "-m", "optim.lr=1e-3,2e-3", *FAST, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    (sweep,) = list((tmp_path / "runs" / "sft").iterdir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = {(p / "config.yaml").read_text().split("lr: ")[1].split()[0] for p in jobs}
+    assert lrs == {"0.001", "0.002"}
+    assert all((p / "final" / "adapter_model.safetensors").is_file() for p in jobs)
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    """Eval under no_grad must leave later training steps exactly as without it (bitsandbytes'
+    CPU inference packing of 4-bit weights once cut the gradient through the base layers)."""
+    common = (*FAST, "train.max_steps=6", "data.eval_size=8", "optim.lr=2e-3", "peft.dropout=0")
+    train_in_process(tmp_path / "a", *common, "train.eval_every=2")
+    train_in_process(tmp_path / "b", *common, "train.eval_every=0")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-5)
