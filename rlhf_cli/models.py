@@ -171,10 +171,10 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         )
     elif cfg.train.gradient_checkpointing:
         # transformers 5 renamed it; the old name still works with a deprecation warning.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is None:
-            enable = model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
 
     if cfg.peft.method == "full":
         model.requires_grad_(True)
