@@ -183,7 +183,7 @@ def train_command(args: list[str]) -> None:
     flags, overrides = split_args(args)
     multirun = any(f in ("-m", "--multirun") for f in flags)
     jobs = sweep_jobs(overrides) if multirun else [overrides]
-    if not any(f in ("--cfg", "-c", "--info") for f in flags):
+    if "--info" not in flags:
         for job in jobs:
             compose_checked(job)
     _run_hydra(flags, overrides)

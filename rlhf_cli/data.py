@@ -65,12 +65,14 @@ def read_jsonl(path: Path, stats: Counter, on_bad_row: str) -> list[dict]:
                         f"{err.colno}); fix it or set data.on_bad_row=drop"
                     ) from err
                 stats["dropped: malformed JSON"] += 1
+                stats["_load_dropped"] += 1
                 stats.setdefault("_bad_lines", []).append(lineno)  # type: ignore[arg-type]
                 continue
             if not isinstance(row, dict):
                 if on_bad_row == "error":
                     raise DataError(f"{path}: line {lineno} is not a JSON object")
                 stats["dropped: not an object"] += 1
+                stats["_load_dropped"] += 1
                 continue
             rows.append(row)
     return rows
@@ -98,7 +100,16 @@ def load_rows(path: str, *, name: str | None, split: str, on_bad_row: str, stats
                 data = next(iter(data.values()))
             if not isinstance(data, list):
                 raise DataError(f"{local}: expected a JSON list of rows (or JSON lines)")
-            return [r for r in data if isinstance(r, dict)]
+            rows = []
+            for index, row in enumerate(data):
+                if isinstance(row, dict):
+                    rows.append(row)
+                elif on_bad_row == "error":
+                    raise DataError(f"{local}: element {index} of the list is not a JSON object")
+                else:
+                    stats["dropped: not an object"] += 1
+                    stats["_load_dropped"] += 1
+            return rows
         if suffix in LOCAL_SUFFIXES:
             return _load_with_datasets(LOCAL_SUFFIXES[suffix], data_files=str(local))
         raise DataError(
@@ -182,7 +193,7 @@ def hh_to_messages(transcript: str) -> list[Message]:
     return messages
 
 
-def detect_format(columns: set[str], cfg: DataConfig, stage: str) -> str:
+def detect_format(columns: set[str], cfg: DataConfig, sample: dict) -> str:
     c = cfg.columns
     if cfg.format != "auto":
         return cfg.format
@@ -191,23 +202,24 @@ def detect_format(columns: set[str], cfg: DataConfig, stage: str) -> str:
     if {c.prompt, c.chosen, c.rejected} <= columns:
         return "preference"
     if {c.chosen, c.rejected} <= columns:
-        return "hh"
+        # Message lists that carry their own prompt are preference pairs; strings are HH.
+        return "preference" if _is_messages(sample.get(c.chosen)) else "hh"
     if c.prompt in columns and (c.completion in columns or c.chosen in columns):
         return "prompt_completion"
     if c.text in columns:
         return "text"
     raise DataError(
         "could not tell the data format from its columns "
-        f"({', '.join(sorted(columns)) or 'none'}): expected prompt+completion, messages, "
-        "prompt+chosen+rejected, chosen+rejected (HH) or text; map yours with "
-        "data.columns.prompt=<column> etc."
+        f"({', '.join(sorted(columns)) or 'none'}): expected {c.prompt}+{c.completion}, "
+        f"{c.messages}, {c.prompt}+{c.chosen}+{c.rejected}, {c.chosen}+{c.rejected} (HH) or "
+        f"{c.text}; map yours with data.columns.prompt=<column> etc."
     )
 
 
 REQUIRED = {
     "prompt_completion": ("prompt", "completion|chosen"),
     "messages": ("messages",),
-    "preference": ("prompt", "chosen", "rejected"),
+    "preference": ("chosen", "rejected"),
     "hh": ("chosen", "rejected"),
     "text": ("text",),
 }
@@ -361,8 +373,8 @@ class Renderer:
         # Raw text gets the tokenizer's BOS at its start; chat templates write their own.
         return self.tokenizer(text, add_special_tokens=first)["input_ids"] if text else []
 
-    def encode_response(self, text: str) -> list[int]:
-        ids = self.encode(text, first=False)
+    def encode_response(self, text: str, first: bool = False) -> list[int]:
+        ids = self.encode(text, first)
         eos = self.tokenizer.eos_token_id
         # A chat template may end the turn with EOS plus a newline: keep what it writes, but make
         # sure the model sees EOS somewhere at the end of its answer.
@@ -407,13 +419,18 @@ def tokenize_sft(
         chat = True
     else:
         prompt, responses, chat = renderer.prompt_and_responses(conv)
-        segments = [(prompt, False), (responses["completion"], True)]
+        # SFT on a preference set (or HH transcripts) trains on the chosen answers.
+        response = responses["completion"] if "completion" in responses else responses["chosen"]
+        segments = [(prompt, False), (response, True)]
     ids: list[list[int]] = []
-    first = not chat
+    first = not chat  # raw text starts with the tokenizer's BOS; chat templates write their own
     for i, (text, trained) in enumerate(segments):
         is_last_trained = trained and not any(t for _, t in segments[i + 1 :])
-        piece = renderer.encode_response(text) if is_last_trained else renderer.encode(text, first)
-        first = False
+        if is_last_trained:
+            piece = renderer.encode_response(text, first)
+        else:
+            piece = renderer.encode(text, first)
+        first = first and not text
         ids.append(piece)
     # The prompt is everything before the first trained segment.
     n_prompt = next(i for i, (_, trained) in enumerate(segments) if trained)
@@ -494,7 +511,7 @@ def build_examples(
     columns = set().union(*(r.keys() for r in rows)) if rows else set()
     if not rows:
         raise DataError(f"{source}: no rows to train on")
-    fmt = detect_format(columns, cfg, kind)
+    fmt = detect_format(columns, cfg, rows[0])
     if kind == "preference" and fmt not in ("preference", "hh"):
         raise DataError(
             f"{source}: this stage needs preference pairs (prompt/chosen/rejected or HH "
@@ -528,7 +545,7 @@ def build_examples(
     report = DataReport(
         source=source,
         fmt=fmt,
-        rows=len(rows) + sum(v for k, v in stats.items() if k.startswith("dropped: malformed")),
+        rows=len(rows) + stats["_load_dropped"],
         kept=len(examples),
         truncated=truncated,
         dropped={k[len("dropped: ") :]: v for k, v in stats.items() if k.startswith("dropped: ")},
