@@ -46,18 +46,30 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_weights(model, out: Path) -> None:
+def save_weights(model, out: Path, extras: dict[str, torch.nn.Module] | None = None) -> None:
+    """The trainable weights: a PEFT adapter (or the full model), plus each extra module (a
+    reward or value head) as <name>.safetensors."""
+    from safetensors.torch import save_model
+
     if is_peft(model):
-        model.save_pretrained(out, safe_serialization=True)
+        # Only the adapter being trained: a frozen reference adapter is not training state.
+        model.save_pretrained(
+            out, safe_serialization=True, selected_adapters=[model.active_adapter]
+        )
     else:
-        from safetensors.torch import save_model
-
         save_model(model, str(out / FULL_WEIGHTS))
+    for name, module in (extras or {}).items():
+        save_model(module, str(out / f"{name}.safetensors"))
 
 
-def load_weights(model, ckpt: Path) -> None:
+def load_weights(model, ckpt: Path, extras: dict[str, torch.nn.Module] | None = None) -> None:
     from safetensors.torch import load_file, load_model
 
+    for name, module in (extras or {}).items():
+        path = ckpt / f"{name}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt}: no {path.name} (a checkpoint of another stage?)")
+        load_model(module, str(path))
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -80,8 +92,9 @@ def load_weights(model, ckpt: Path) -> None:
     load_model(model, str(path))
 
 
-def weights_finite(model) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+def weights_finite(model, extras: dict[str, torch.nn.Module] | None = None) -> bool:
+    modules = [model, *(extras or {}).values()]
+    return all(torch.isfinite(p).all() for m in modules for p in m.parameters() if p.requires_grad)
 
 
 def save_checkpoint(
@@ -93,9 +106,10 @@ def save_checkpoint(
     keep_last: int,
     tokenizer=None,
     name: str | None = None,
+    extras: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Write checkpoints/step-N (or `name` under run_dir) atomically; prune to keep_last."""
-    if not weights_finite(model):
+    if not weights_finite(model, extras):
         raise CheckpointError(
             "refusing to save non-finite weights (NaN/inf in a trained parameter)"
         )
@@ -104,7 +118,7 @@ def save_checkpoint(
     target = parent / (name or f"step-{step:06d}")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=parent))
     try:
-        save_weights(model, tmp)
+        save_weights(model, tmp, extras)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)

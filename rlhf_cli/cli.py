@@ -17,6 +17,8 @@ USAGE = """usage: rlhf <command> [options] [key=value ...]
 commands:
   train     train a stage: rlhf train stage=sft model=tiny optim.lr=2e-4
             sweep:         rlhf train -m optim.lr=1e-4,3e-4
+  score     score a data file with a reward model:
+            rlhf score runs/rm/<time> data.jsonl [out=scores.jsonl] [batch_size=8] [device=auto]
 
 rlhf train --help      lists every config group, option and key
 rlhf --version         prints the version
@@ -246,7 +248,43 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         train_command(rest)
         return
-    fail(f"unknown command {command!r}; commands: train (see rlhf --help)")
+    if command == "score":
+        score_command(rest)
+        return
+    fail(f"unknown command {command!r}; commands: train, score (see rlhf --help)")
+
+
+SCORE_USAGE = (
+    "usage: rlhf score REWARD_MODEL DATA [out=PATH] [batch_size=N] [device=auto] [force=true]"
+)
+
+
+def score_command(args: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in args):
+        print(SCORE_USAGE)
+        return
+    positional = [a for a in args if "=" not in a]
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = set(options) - {"out", "batch_size", "device", "force"}
+    if len(positional) != 2 or unknown:
+        fail(
+            f"{'unknown option ' + ', '.join(sorted(unknown)) + '; ' if unknown else ''}{SCORE_USAGE}"
+        )
+    out = options.get("out")
+    if out and Path(out).exists() and options.get("force", "false").lower() != "true":
+        fail(f"out={out} exists; choose another path or add force=true to overwrite it")
+    try:
+        batch_size = int(options.get("batch_size", 8))
+        assert batch_size >= 1
+    except (ValueError, AssertionError):
+        fail(f"batch_size={options['batch_size']!r} must be a whole number >= 1")
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.score import score_file
+
+    try:
+        score_file(positional[0], positional[1], out, batch_size, options.get("device", "auto"))
+    except UserError as err:
+        fail(str(err))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,60 @@ class SftConfig(StageConfig):
         _choice("stage.train_on_turns", self.train_on_turns, ("all", "last"))
 
 
+@dataclass
+class RmConfig(StageConfig):
+    name: str = "rm"
+    """Reward model: a scalar head on the LM, trained on preference pairs (Bradley-Terry)."""
+    center_coef: float = 0.0
+    """Weight of the centering term c * (r_chosen + r_rejected)^2 (about 0.01 keeps rewards near 0)."""
+    use_margin: bool = True
+    """Subtract the data's per-pair margin column (Llama 2) when it has one."""
+
+    def __post_init__(self) -> None:
+        _non_negative("stage.center_coef", self.center_coef)
+
+
+@dataclass
+class DpoConfig(StageConfig):
+    name: str = "dpo"
+    """Direct preference optimization against a frozen reference policy."""
+    beta: float = 0.1
+    """Strength of the KL constraint: smaller beta lets the policy move further from the reference."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO), ipo, or hinge (RSO). Ranked data (K > 2 responses) uses Plackett-Luce."""
+    label_smoothing: float = 0.0
+    """cDPO: the probability that a preference label is flipped (sigmoid only, < 0.5)."""
+    rpo_alpha: float = 0.0
+    """Weight of a length-normalised NLL term on the chosen response (RPO); 0 = off."""
+    length_normalize: bool = False
+    """Use per-token average log-probs instead of sums (IPO always does)."""
+
+    def __post_init__(self) -> None:
+        _positive("stage.beta", self.beta)
+        _choice("stage.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge"))
+        _check(
+            0 <= self.label_smoothing < 0.5,
+            f"stage.label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
+        )
+        _check(
+            self.label_smoothing == 0 or self.loss_type == "sigmoid",
+            f"stage.label_smoothing applies to loss_type=sigmoid only (got {self.loss_type})",
+        )
+        _non_negative("stage.rpo_alpha", self.rpo_alpha)
+
+
+@dataclass
+class RefConfig:
+    """The frozen reference policy of DPO (and of the online stages)."""
+
+    model: str | None = None
+    """A separate reference model (hub id or directory); null = the policy's own base, with the
+    adapter disabled, or the starting adapter (model.adapter) kept frozen."""
+    precompute: bool = False
+    """Compute reference log-probs once before training (cached in the run directory); each step
+    then runs the policy only."""
+
+
 # ---------------------------------------------------------------------------------------------
 # model, peft, quant
 
@@ -145,6 +199,8 @@ class ColumnsConfig:
     """Dispreferred response (same forms as chosen)."""
     messages: str = "messages"
     """Conversation column: a list of {role, content} messages."""
+    responses: str = "responses"
+    """Ranked responses, best first (K >= 2), for rm/dpo with Plackett-Luce."""
     text: str = "text"
     """Plain text column (language modelling on the whole text)."""
     margin: str = "margin"
@@ -166,7 +222,7 @@ class DataConfig:
     eval_size: float = 0.0
     """Held out for evaluation when no eval data is named: a fraction (<1) or a row count (>=1)."""
     format: str = "auto"
-    """auto, prompt_completion, messages, preference, hh or text; auto detects from columns."""
+    """auto, prompt_completion, messages, preference, ranked, hh or text; auto detects it."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Column mapping."""
     max_length: int = 512
@@ -183,7 +239,7 @@ class DataConfig:
         _choice(
             "data.format",
             self.format,
-            ("auto", "prompt_completion", "messages", "preference", "hh", "text"),
+            ("auto", "prompt_completion", "messages", "preference", "ranked", "hh", "text"),
         )
         _check(self.max_length >= 2, f"data.max_length must be >= 2, got {self.max_length}")
         _check(
@@ -325,6 +381,8 @@ class Config:
     """Optimizer and schedule (a config group: optim=adamw, optim=adamw8bit)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop."""
+    ref: RefConfig = field(default_factory=RefConfig)
+    """The frozen reference policy (dpo)."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     run_dir: str = MISSING
@@ -354,6 +412,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="stage", name="sft_schema", node=SftConfig)
+    cs.store(group="stage", name="rm_schema", node=RmConfig)
+    cs.store(group="stage", name="dpo_schema", node=DpoConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="peft", name="peft_schema", node=PeftConfig)
@@ -361,7 +421,7 @@ def register_configs() -> None:
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SftConfig}
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SftConfig, "rm": RmConfig, "dpo": DpoConfig}
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -369,7 +429,22 @@ GROUP_SCHEMAS: dict[str, type] = {
     "quant": QuantConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
+    "ref": RefConfig,
 }
+
+
+def load_saved_config(path) -> Config:
+    """The Config a run saved (its config.yaml), validated against today's schemas."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(path)
+    saved.pop("hydra", None)
+    name = saved.get("stage", {}).get("name")
+    if name not in STAGE_SCHEMAS:
+        raise ConfigError(f"{path}: stage.name={name!r} is not one of {', '.join(STAGE_SCHEMAS)}")
+    schema = OmegaConf.structured(Config)
+    schema.stage = OmegaConf.structured(STAGE_SCHEMAS[name])
+    return OmegaConf.to_object(OmegaConf.merge(schema, saved))  # type: ignore[return-value]
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -7,6 +7,7 @@ Row formats (after the column mapping in `data.columns`):
 - `messages`: a conversation, every assistant turn trained (or only the last);
 - `prompt` + `chosen` + `rejected`: a preference pair (strings or message lists; a list that
   repeats the prompt is split at its last assistant turn);
+- `prompt` + `responses`: K >= 2 ranked responses, best first (Plackett-Luce);
 - `chosen` + `rejected` transcripts in Anthropic-HH style, split at the last assistant turn;
 - `text`: plain language modelling on the whole text.
 """
@@ -199,6 +200,8 @@ def detect_format(columns: set[str], cfg: DataConfig, sample: dict) -> str:
         return cfg.format
     if c.messages in columns:
         return "messages"
+    if {c.prompt, c.responses} <= columns:
+        return "ranked"
     if {c.prompt, c.chosen, c.rejected} <= columns:
         return "preference"
     if {c.chosen, c.rejected} <= columns:
@@ -211,7 +214,8 @@ def detect_format(columns: set[str], cfg: DataConfig, sample: dict) -> str:
     raise DataError(
         "could not tell the data format from its columns "
         f"({', '.join(sorted(columns)) or 'none'}): expected {c.prompt}+{c.completion}, "
-        f"{c.messages}, {c.prompt}+{c.chosen}+{c.rejected}, {c.chosen}+{c.rejected} (HH) or "
+        f"{c.messages}, {c.prompt}+{c.chosen}+{c.rejected}, {c.prompt}+{c.responses}, "
+        f"{c.chosen}+{c.rejected} (HH) or "
         f"{c.text}; map yours with data.columns.prompt=<column> etc."
     )
 
@@ -220,6 +224,7 @@ REQUIRED = {
     "prompt_completion": ("prompt", "completion|chosen"),
     "messages": ("messages",),
     "preference": ("chosen", "rejected"),
+    "ranked": ("prompt", "responses"),
     "hh": ("chosen", "rejected"),
     "text": ("text",),
 }
@@ -269,9 +274,15 @@ def normalise(row: dict, fmt: str, cfg: DataConfig) -> Conversation:
         )
 
     prompt = get(c.prompt)
-    names = ["chosen", "rejected"] if fmt == "preference" else ["completion"]
     responses: dict[str, Any] = {}
-    for name in names:
+    if fmt == "ranked":
+        ranked = get(c.responses)
+        if not isinstance(ranked, list) or len(ranked) < 2:
+            raise ValueError("responses must be a list of at least 2 responses, best first")
+        responses = {f"rank{k}": r for k, r in enumerate(ranked)}
+    for name in (
+        ["chosen", "rejected"] if fmt == "preference" else ["completion"] * (fmt != "ranked")
+    ):
         col = getattr(c, name)
         if fmt == "prompt_completion" and col not in row:
             col = c.chosen  # SFT on the preferred answers of a preference set
@@ -390,8 +401,7 @@ class SFTExample(TypedDict):
 
 class PreferenceExample(TypedDict):
     prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
+    responses_ids: list[list[int]]  # K >= 2 responses, best first: [chosen, rejected] for pairs
     margin: float | None
 
 
@@ -453,17 +463,16 @@ def tokenize_preference(
 ) -> tuple[PreferenceExample, bool]:
     prompt, responses, chat = renderer.prompt_and_responses(conv)
     prompt_ids = renderer.encode(prompt, first=not chat)
-    out, any_truncated = {}, False
-    for name in ("chosen", "rejected"):
-        p, r, truncated = _truncate(prompt_ids, renderer.encode_response(responses[name]), cfg)
-        out[name], any_truncated = r, any_truncated or truncated
-    p = prompt_ids[-cfg.max_prompt_length :]
-    return (
-        PreferenceExample(
-            prompt_ids=p, chosen_ids=out["chosen"], rejected_ids=out["rejected"], margin=conv.margin
-        ),
-        any_truncated,
-    )
+    first = not chat and not prompt_ids  # no prompt: the response opens the raw text
+    out, any_truncated = [], False
+    for text in responses.values():  # in rank order: chosen, rejected (or rank0, rank1, ...)
+        _, ids, truncated = _truncate(prompt_ids, renderer.encode_response(text, first), cfg)
+        out.append(ids)
+        any_truncated = any_truncated or truncated
+    prompt_ids = prompt_ids[-cfg.max_prompt_length :]
+    return PreferenceExample(
+        prompt_ids=prompt_ids, responses_ids=out, margin=conv.margin
+    ), any_truncated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,10 +521,11 @@ def build_examples(
     if not rows:
         raise DataError(f"{source}: no rows to train on")
     fmt = detect_format(columns, cfg, rows[0])
-    if kind == "preference" and fmt not in ("preference", "hh"):
+    if kind == "preference" and fmt not in ("preference", "ranked", "hh"):
         raise DataError(
-            f"{source}: this stage needs preference pairs (prompt/chosen/rejected or HH "
-            f"chosen/rejected) but the data is {fmt}; columns: {', '.join(sorted(columns))}"
+            f"{source}: this stage needs preference pairs (prompt/chosen/rejected, ranked "
+            f"prompt/responses, or HH chosen/rejected) but the data is {fmt}; columns: "
+            f"{', '.join(sorted(columns))}"
         )
     check_columns(columns, fmt, cfg, source)
     examples, truncated = [], 0
@@ -631,4 +641,43 @@ def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:
         input_ids=pad(ids, pad_id),
         attention_mask=pad([[1] * len(s) for s in ids], 0),
         labels=pad([ex["labels"] for ex in examples], IGNORE_INDEX),
+    )
+
+
+class PreferenceBatch(TypedDict):
+    """B examples with up to K responses each, as N = sum(K_b) concatenated rows, so chosen and
+    rejected (and any further ranks) go through ONE forward."""
+
+    input_ids: torch.Tensor  # (N, T) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (N, T)
+    labels: torch.Tensor  # (N, T): response tokens; IGNORE_INDEX on prompt and padding
+    index: torch.Tensor  # (B, K) row of each (example, rank) in the N rows; -1 where absent
+    margin: torch.Tensor  # (B,) per-pair margin, NaN where the data has none
+
+
+def collate_preference(
+    examples: list[PreferenceExample], pad_id: int, eos_id: int | None = None
+) -> PreferenceBatch:
+    """Rows ordered rank-major (all rank-0 responses, then rank 1, ...). With `eos_id`, each
+    row ends with EOS even when truncation cut it off (reward models score that position)."""
+    k_max = max(len(ex["responses_ids"]) for ex in examples)
+    index = torch.full((len(examples), k_max), -1, dtype=torch.long)
+    ids, labels = [], []
+    for k in range(k_max):
+        for b, ex in enumerate(examples):
+            if k >= len(ex["responses_ids"]):
+                continue
+            response = list(ex["responses_ids"][k])
+            if eos_id is not None and response[-1] != eos_id:
+                response[-1] = eos_id
+            index[b, k] = len(ids)
+            ids.append(ex["prompt_ids"] + response)
+            labels.append([IGNORE_INDEX] * len(ex["prompt_ids"]) + response)
+    margins = [ex.get("margin") for ex in examples]
+    return PreferenceBatch(
+        input_ids=pad(ids, pad_id),
+        attention_mask=pad([[1] * len(s) for s in ids], 0),
+        labels=pad(labels, IGNORE_INDEX),
+        index=index,
+        margin=torch.tensor([float("nan") if m is None else m for m in margins]),
     )

@@ -52,6 +52,13 @@ class Stage:
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def prepare(self, train_examples: list, eval_examples: list, run_dir: Path) -> None:
+        """Work done once before the loop (e.g. precomputed reference log-probs)."""
+
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Trainable modules outside the (PEFT) model, e.g. a reward head; saved beside it."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -185,7 +192,8 @@ def train(
     cfg = stage.cfg
     t = cfg.train
     model = stage.model
-    params = [p for p in model.parameters() if p.requires_grad]
+    extras = stage.extra_modules()
+    params = [p for m in (model, *extras.values()) for p in m.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters (check peft settings)")
     step_size = t.micro_batch_size * t.grad_accum
@@ -202,7 +210,7 @@ def train(
     pos = Position()
     if resume_from is not None:
         state = ckpt_lib.load_state(resume_from)
-        ckpt_lib.load_weights(model, resume_from)
+        ckpt_lib.load_weights(model, resume_from, extras)
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -235,6 +243,7 @@ def train(
             t.keep_last,
             stage.tokenizer if name else None,
             name,
+            extras,
         )
 
     model.train()

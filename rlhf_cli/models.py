@@ -180,13 +180,13 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         model.requires_grad_(True)
         return model
     if cfg.model.adapter:
-        adapter = Path(cfg.model.adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(
-                f"model.adapter={cfg.model.adapter}: no adapter_config.json there "
-                "(point it at a run's final/ or checkpoints/step-N directory)"
-            )
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        from peft import PeftConfig
+
+        adapter = resolve_adapter(cfg.model.adapter)
+        # The adapter fixes r, alpha and the target modules; dropout is this run's choice.
+        saved = PeftConfig.from_pretrained(str(adapter))
+        saved.lora_dropout = cfg.peft.dropout
+        return PeftModel.from_pretrained(model, str(adapter), config=saved, is_trainable=True)
     targets = list(cfg.peft.target_modules)
     lora = LoraConfig(
         r=cfg.peft.r,
@@ -202,14 +202,13 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         raise UserError(f"peft.target_modules={targets}: {err}") from err
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """model.eval() for evaluation or generation inside a training run, then back to train().
+def set_eval(model):
+    """model.eval(), except bitsandbytes' Linear4bit layers, which have no dropout.
 
-    bitsandbytes' Linear4bit, called on a CPU with AVX512-BF16 in eval mode under no_grad,
-    repacks its weight for an inference kernel (rounding the scales to bf16) and keeps using
-    that kernel afterwards, in training too, where it has no backward: gradients would stop
-    flowing through the base layers. Linear4bit has no dropout, so it stays in train mode.
+    On a CPU with AVX512-BF16, a Linear4bit called in eval mode under no_grad repacks its weight
+    for an inference kernel (rounding the scales to bf16) and keeps using that kernel afterwards,
+    in training too, where it has no backward: gradients would stop flowing through the base
+    layers, and a reference model would no longer compute what the policy's base computes.
     """
     try:
         from bitsandbytes.nn import Linear4bit
@@ -219,10 +218,104 @@ def eval_mode(model):
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.train()
+    return model
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Evaluation or generation inside a training run (see set_eval), then back to train()."""
+    set_eval(model)
     try:
         yield model
     finally:
         model.train()
+
+
+def resolve_adapter(path: str) -> Path:
+    """An adapter directory: the path itself, or a run directory's final/."""
+    for candidate in (Path(path), Path(path) / "final"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise UserError(
+        f"model.adapter={path}: no adapter_config.json there (point it at a run directory, its "
+        "final/ or one of its checkpoints/step-N)"
+    )
+
+
+def load_reference_model(cfg: Config, device: torch.device):
+    """ref.model: a separate frozen policy, quantized like the base. A directory holding an
+    adapter is loaded on the base it names."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    path = Path(cfg.ref.model)  # type: ignore[arg-type]
+    adapter = next(
+        (p for p in (path, path / "final") if (p / "adapter_config.json").is_file()), None
+    )
+    if adapter is not None:
+        import json
+
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = load_base_model(replace(cfg, model=replace(cfg.model, name_or_path=base)), device)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    else:
+        ref_cfg = replace(cfg, model=replace(cfg.model, name_or_path=str(cfg.ref.model)))
+        model = load_base_model(ref_cfg, device)
+    model.requires_grad_(False)
+    return set_eval(model)
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def add_frozen_adapter(model, path: Path, name: str = REFERENCE_ADAPTER) -> str:
+    """Load a second, frozen copy of an adapter next to the trainable one (same base weights)."""
+    active = model.active_adapter
+    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    model.set_adapter(active)  # the trainable adapter stays active and trainable
+    return name
+
+
+@contextlib.contextmanager
+def adapter_switched(model, name: str | None):
+    """Run with adapter `name` active and frozen (name None: every adapter disabled)."""
+    if name is None:
+        with model.disable_adapter():
+            yield
+        return
+    active = model.active_adapter
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
+
+
+def decoder(model):
+    """The transformer under the LM head (adapters included): hidden states without logits."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, lm.base_model_prefix)
+
+
+class ScalarHead(torch.nn.Module):
+    """A linear map from the hidden state of each sequence's last real token to one number (a
+    reward or a value); kept in fp32 outside the adapter and saved beside it."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.linear.weight, std=hidden_size**-0.5)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (...): one score per position."""
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+    def last_token(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) right-padded -> (B,): the score at each row's last non-pad token."""
+        last = attention_mask.sum(dim=1) - 1
+        return self(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

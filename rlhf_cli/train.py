@@ -128,6 +128,7 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
         f"autocast={'bf16' if amp else 'off'}): {trainable:,} trainable of {total:,} parameters"
     )
     stage = cls(cfg, model, tokenizer, device, amp)
+    stage.prepare(train_examples, eval_examples, run_dir)
     rows = train(
         stage,
         train_examples,

@@ -196,7 +196,12 @@ PREF_STRINGS = [
 
 
 def _decoded(tok, ex) -> dict[str, str]:
-    return {k: tok.decode(ex[f"{k}_ids"]) for k in ("prompt", "chosen", "rejected")}
+    chosen, rejected = ex["responses_ids"]
+    return {
+        "prompt": tok.decode(ex["prompt_ids"]),
+        "chosen": tok.decode(chosen),
+        "rejected": tok.decode(rejected),
+    }
 
 
 @pytest.mark.parametrize("fmt", FILE_FORMATS)
@@ -208,9 +213,11 @@ def test_preference_strings(tmp_path, tok, fmt):
         d = _decoded(tok, ex)
         assert row["prompt"] in d["prompt"]
         assert row["chosen"] not in d["prompt"] and row["rejected"] not in d["prompt"]
-        assert d["chosen"].startswith(row["chosen"]) and ex["chosen_ids"][-1] == tok.eos_token_id
+        assert (
+            d["chosen"].startswith(row["chosen"]) and ex["responses_ids"][0][-1] == tok.eos_token_id
+        )
         assert d["rejected"].startswith(row["rejected"])
-        assert ex["rejected_ids"][-1] == tok.eos_token_id
+        assert ex["responses_ids"][1][-1] == tok.eos_token_id
         assert row["prompt"] not in d["chosen"]
 
 
@@ -399,8 +406,8 @@ def test_preference_truncation(tok):
     (ex,), report = build([row], tok, kind="preference", max_length=40, max_prompt_length=16)
     assert len(ex["prompt_ids"]) == 16
     assert tok.decode(ex["prompt_ids"]).rstrip().endswith("<|assistant|>")
-    assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == 40
-    assert ex["rejected_ids"][-1] == tok.eos_token_id
+    assert len(ex["prompt_ids"]) + len(ex["responses_ids"][0]) == 40
+    assert ex["responses_ids"][1][-1] == tok.eos_token_id
     assert report.truncated == 1
 
 
@@ -428,7 +435,7 @@ def test_column_mapping_for_preference_and_messages(tok):
     cols = ColumnsConfig(prompt="q", chosen="good", rejected="bad")
     (ex,), report = build(pref, tok, kind="preference", columns=cols)
     assert report.fmt == "preference"
-    assert tok.decode(ex["chosen_ids"]).startswith("Hello.")
+    assert tok.decode(ex["responses_ids"][0]).startswith("Hello.")
     (ex,), report = build([{"conv": CHAT}], tok, columns=ColumnsConfig(messages="conv"))
     assert report.fmt == "messages"
     assert "Blue is a color." in labelled(tok, ex)
@@ -698,8 +705,8 @@ def test_preference_message_lists_without_prompt_column(tok):
     (ex,), report = build(rows, tok, kind="preference")
     assert report.fmt == "preference"
     assert "Name a fruit." in tok.decode(ex["prompt_ids"])
-    assert tok.decode(ex["chosen_ids"], skip_special_tokens=True).strip() == "An apple."
-    assert tok.decode(ex["rejected_ids"], skip_special_tokens=True).strip() == "No."
+    assert tok.decode(ex["responses_ids"][0], skip_special_tokens=True).strip() == "An apple."
+    assert tok.decode(ex["responses_ids"][1], skip_special_tokens=True).strip() == "No."
 
 
 def test_sft_on_hh_transcripts_trains_on_chosen_answer(tok):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib
 
-STAGES = {"sft": "rlhf_cli.stages.sft:SFTStage"}
+STAGES = {
+    "sft": "rlhf_cli.stages.sft:SFTStage",
+    "rm": "rlhf_cli.stages.rm:RMStage",
+    "dpo": "rlhf_cli.stages.dpo:DPOStage",
+}
 
 
 def stage_class(name: str):

@@ -1,0 +1,237 @@
+"""The rm and dpo stages on the tiny model: step-0 identities, learning, reference handling,
+precomputed reference, resume, scoring."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import read_metrics, rlhf, train_in_process
+from test_training import adapter, max_diff
+
+from rlhf_cli.data import builtin_path
+from rlhf_cli.errors import DataError
+
+PAIRS = ("data.eval_size=0", "train.micro_batch_size=4", "data.max_samples=64")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def shipped_pairs(n: int) -> list[dict]:
+    lines = builtin_path("preference").read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+def test_dpo_step0_loss_is_log2_and_rewards_zero(tmp_path):
+    train_in_process(tmp_path / "r", "stage=dpo", *PAIRS, "train.max_steps=2")
+    first = read_metrics(tmp_path / "r")[0]
+    # policy == reference at step 0 (fresh LoRA: B = 0), so h = 0 and -log sigmoid(0) = log 2
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
+
+
+def test_dpo_learns_the_training_pairs(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", shipped_pairs(48))
+    train_in_process(
+        tmp_path / "r",
+        "stage=dpo",
+        f"data.path={data}",
+        f"data.eval_path={data}",
+        "data.eval_size=0",
+        "train.micro_batch_size=8",
+        "train.max_steps=100",
+        "optim.lr=2e-3",
+        "stage.beta=0.1",
+        "train.save_every=0",
+    )
+    first = read_metrics(tmp_path / "r")[0]
+    final = read_metrics(tmp_path / "r", "eval")[-1]
+    assert first["rewards/accuracies"] == 0  # policy == reference: no pair ranked right yet
+    assert final["rewards/accuracies"] > 0.9, final
+    assert final["rewards/margins"] > 0.5
+
+
+def test_rm_separates_a_toy_preference_set(tmp_path):
+    rng = random.Random(0)
+    prompts = [json.loads(x)["prompt"] for x in builtin_path("prompts").read_text().splitlines()]
+    good = [
+        "Sure, happy to help with that.",
+        "Of course! Here is a clear answer.",
+        "Great question, here is what I know.",
+    ]
+    bad = ["No. Figure it out yourself.", "Whatever, I do not care.", "Go away, not my problem."]
+    rows = [
+        {"prompt": p, "chosen": rng.choice(good), "rejected": rng.choice(bad)} for p in prompts[:64]
+    ]
+    rng.shuffle(rows)  # the order of chosen/rejected is in the columns, not in position
+    data = write_jsonl(tmp_path / "toy.jsonl", rows)
+    train_in_process(
+        tmp_path / "r",
+        "stage=rm",
+        f"data.path={data}",
+        f"data.eval_path={data}",
+        "data.eval_size=0",
+        "train.micro_batch_size=8",
+        "train.max_steps=60",
+        "optim.lr=2e-3",
+        "train.save_every=0",
+    )
+    last = read_metrics(tmp_path / "r", "eval")[-1]
+    assert last["accuracy"] > 0.9, last
+    assert last["rewards/chosen"] > last["rewards/rejected"]
+    assert (tmp_path / "r" / "final" / "reward_head.safetensors").is_file()
+
+    scored = rlhf("score", str(tmp_path / "r"), str(data), f"out={tmp_path / 's.jsonl'}")
+    assert scored.returncode == 0, scored.stderr
+    scores = [json.loads(x)["scores"] for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(scores) == 64 and sum(c > r for c, r in scores) / 64 > 0.9
+    again = rlhf("score", str(tmp_path / "r"), str(data), f"out={tmp_path / 's.jsonl'}")
+    assert again.returncode == 2 and "force=true" in again.stderr  # never overwrites silently
+
+
+def test_precomputed_reference_gives_the_same_losses(tmp_path):
+    common = ("stage=dpo", *PAIRS, "train.max_steps=4", "optim.lr=2e-3")
+    train_in_process(tmp_path / "live", *common)
+    train_in_process(tmp_path / "pre", *common, "ref.precompute=true")
+    assert (tmp_path / "pre" / "ref_logps.pt").is_file()
+    live, pre = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")
+    for a, b in zip(live, pre):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    assert max_diff(adapter(tmp_path / "live"), adapter(tmp_path / "pre")) < 1e-5
+
+
+def test_dpo_from_sft_adapter_uses_it_as_reference(tmp_path):
+    train_in_process(
+        tmp_path / "sft",
+        "stage=sft",
+        "data.eval_size=0",
+        "train.max_steps=20",
+        "optim.lr=3e-3",
+        "train.micro_batch_size=8",
+    )
+    common = ("stage=dpo", *PAIRS, "train.max_steps=2", "peft.dropout=0")
+    train_in_process(tmp_path / "dpo", *common, f"model.adapter={tmp_path / 'sft'}")
+    train_in_process(tmp_path / "fresh", *common)
+    from_sft, fresh = read_metrics(tmp_path / "dpo")[0], read_metrics(tmp_path / "fresh")[0]
+    # The policy starts as the SFT policy (its log-probs differ from the raw base's) and the
+    # loss is log 2: the reference is the SFT policy too, not the base.
+    assert from_sft["logps/chosen"] != pytest.approx(fresh["logps/chosen"], abs=1e-2)
+    assert from_sft["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert from_sft["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    final = tmp_path / "dpo" / "final"
+    assert not (final / "reference").exists()  # only the trained adapter is saved
+
+
+def test_separate_reference_model(tmp_path):
+    from rlhf_cli.tiny import tiny_model_dir
+
+    train_in_process(
+        tmp_path / "r", "stage=dpo", *PAIRS, "train.max_steps=2", f"ref.model={tiny_model_dir()}"
+    )
+    # The same weights as the policy's base (quantized the same way): h = 0 at step 0.
+    assert read_metrics(tmp_path / "r")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_resume_equals_uninterrupted(tmp_path, stage):
+    args = (
+        f"stage={stage}",
+        *PAIRS,
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.keep_last=3",
+        "optim.lr=2e-3",
+    )
+    train_in_process(tmp_path / "full", *args)
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000006")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    train_in_process(tmp_path / "resumed", *args, "resume=auto")
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "resumed")) < 1e-6
+    if stage == "rm":
+        from safetensors.torch import load_file
+
+        heads = [
+            load_file(str(d / "final" / "reward_head.safetensors"))
+            for d in (tmp_path / "full", tmp_path / "resumed")
+        ]
+        assert max_diff(*heads) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("stage.loss_type=ipo",),
+        ("stage.loss_type=hinge",),
+        ("stage.label_smoothing=0.1",),
+        ("stage.rpo_alpha=0.5",),
+        ("stage.length_normalize=true",),
+    ],
+)
+def test_dpo_variants_train(tmp_path, extra):
+    train_in_process(
+        tmp_path / "r", "stage=dpo", *PAIRS, "train.max_steps=3", "optim.lr=2e-3", *extra
+    )
+    losses = [r["loss"] for r in read_metrics(tmp_path / "r")]
+    assert all(math.isfinite(x) for x in losses)
+    if "stage.loss_type=ipo" in extra:  # (0 - 1/(2 beta))^2 at step 0 with beta = 0.1
+        assert losses[0] == pytest.approx(25.0, abs=1e-4)
+    if "stage.loss_type=hinge" in extra:  # max(0, 1 - 0) at step 0
+        assert losses[0] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_ranked_data_trains_with_plackett_luce(tmp_path, stage):
+    rows = []
+    for row in shipped_pairs(32):
+        rows.append(
+            {
+                "prompt": row["prompt"],
+                "responses": [row["chosen"], "I am not sure.", row["rejected"]],
+            }
+        )
+    data = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    train_in_process(
+        tmp_path / "r",
+        f"stage={stage}",
+        f"data.path={data}",
+        "data.eval_size=0",
+        "train.micro_batch_size=4",
+        "train.max_steps=3",
+        "optim.lr=2e-3",
+    )
+    first = read_metrics(tmp_path / "r")[0]
+    if stage == "dpo":  # Plackett-Luce over 3 equal rewards: log 3 + log 2
+        assert first["loss"] == pytest.approx(math.log(3) + math.log(2), abs=1e-5)
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "r"))
+
+
+def test_preference_stage_refuses_sft_data(tmp_path):
+    with pytest.raises(DataError, match="needs preference pairs"):
+        train_in_process(tmp_path / "r", "stage=dpo", "data=sft", "train.max_steps=1")
+
+
+def test_cli_runs_each_stage_on_defaults(tmp_path):
+    for stage in ("rm", "dpo"):
+        res = rlhf(
+            "train",
+            f"stage={stage}",
+            "train.max_steps=2",
+            "train.micro_batch_size=4",
+            f"run_dir={tmp_path / stage}",
+        )
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / stage / "final" / "adapter_model.safetensors").is_file()
