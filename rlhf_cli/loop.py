@@ -52,6 +52,40 @@ class Stage:
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def examples_per_step(self) -> int:
+        """Examples one step consumes (offline: micro_batch_size x grad_accum)."""
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates one step makes (offline: 1; PPO: epochs x minibatches)."""
+        return 1
+
+    def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
+        """One step on `examples`: (metrics, tokens processed). Offline stages accumulate
+        micro-batches into one update; online stages override this with rollout + updates."""
+        t = self.cfg.train
+        micro = [
+            self.collate(examples[i : i + t.micro_batch_size])
+            for i in range(0, len(examples), t.micro_batch_size)
+        ]
+        weight = sum(self.weight(b) for b in micro)
+        tokens = sum(self.tokens(b) for b in micro)
+        loss_total = torch.zeros((), device=self.device)
+        totals: dict[str, torch.Tensor] = {}
+        for batch in micro:
+            with autocast(self.amp_dtype, self.device):
+                loss_sum, metrics = self.loss(move(batch, self.device))
+            (loss_sum / weight).backward()
+            loss_total += loss_sum.detach().float()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0) + v.detach().float()
+        loss, grad_norm = updater.apply(loss_total / weight)
+        record = {"loss": loss, "grad_norm": grad_norm}
+        if totals:  # one host transfer for all metrics
+            values = (torch.stack(list(totals.values())) / weight).tolist()
+            record.update(zip(totals, values))
+        return record, tokens
+
     def prepare(self, train_examples: list, eval_examples: list, run_dir: Path) -> None:
         """Work done once before the loop (e.g. precomputed reference log-probs)."""
 
@@ -157,6 +191,8 @@ def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torc
 
 @torch.no_grad()
 def evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | None) -> dict:
+    if hasattr(stage, "evaluate"):
+        return stage.evaluate(examples)
     with eval_mode(stage.model):
         return _evaluate(stage, examples, batch_size, max_batches)
 
@@ -179,6 +215,44 @@ def _evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | 
     return out
 
 
+class Updater:
+    """One optimizer update from the accumulated gradients: clip, skip it if the loss or the
+    gradient is non-finite (counted in `pos`), step, schedule."""
+
+    def __init__(self, params, optimizer, scheduler, cfg: Config, pos: Position):
+        self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
+        self.max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        self.max_nonfinite = cfg.train.max_nonfinite
+        self.pos = pos
+        self.skipped_last = False
+
+    def apply(self, loss: torch.Tensor) -> tuple[float, float]:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        # The one host sync of an update: both numbers decide whether to apply it.
+        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        if finite:
+            self.optimizer.step()
+            self.pos.streak = 0
+        else:
+            self.pos.skipped += 1
+            self.pos.streak += 1
+        self.skipped_last = not finite
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.pos.streak >= self.max_nonfinite:
+            raise TrainingError(
+                f"the loss or gradient was non-finite for {self.pos.streak} steps in a row "
+                f"(step {self.pos.step + 1}); lower optim.lr, use train.precision=fp32, or check "
+                "the data; the last good checkpoint is kept"
+            )
+        return loss_value, norm_value
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
 def train(
     stage: Stage,
     train_examples: list,
@@ -196,17 +270,19 @@ def train(
     params = [p for m in (model, *extras.values()) for p in m.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters (check peft settings)")
-    step_size = t.micro_batch_size * t.grad_accum
+    step_size = stage.examples_per_step()
     if len(train_examples) < step_size:
         raise UserError(
             f"the training data has {len(train_examples)} examples but one step needs "
-            f"train.micro_batch_size x train.grad_accum = {step_size}: lower them or add data"
+            f"{step_size} (train.micro_batch_size x train.grad_accum, or the stage's rollout "
+            "batch): lower them or add data"
         )
     steps_per_epoch = len(train_examples) // step_size
     total = math.ceil(t.epochs * steps_per_epoch) if t.epochs else t.max_steps
 
     optimizer = make_optimizer(params, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total))
+    schedule = lr_lambda(cfg.optim, total * stage.updates_per_step())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     pos = Position()
     if resume_from is not None:
         state = ckpt_lib.load_state(resume_from)
@@ -246,6 +322,7 @@ def train(
             extras,
         )
 
+    updater = Updater(params, optimizer, scheduler, cfg, pos)
     model.train()
     if hasattr(model, "config"):
         model.config.use_cache = False
@@ -256,54 +333,18 @@ def train(
         while pos.step < total:
             step_t0 = time.perf_counter()
             examples = next_examples(train_examples, pos, step_size, t.seed, t.shuffle)
-            micro = [
-                stage.collate(examples[i : i + t.micro_batch_size])
-                for i in range(0, step_size, t.micro_batch_size)
-            ]
-            weight = sum(stage.weight(b) for b in micro)
-            tokens = sum(stage.tokens(b) for b in micro)
-            loss_total = torch.zeros((), device=stage.device)
-            metric_totals: dict[str, torch.Tensor] = {}
-            for batch in micro:
-                with autocast(stage.amp_dtype, stage.device):
-                    loss_sum, metrics = stage.loss(move(batch, stage.device))
-                (loss_sum / weight).backward()
-                loss_total += loss_sum.detach().float()
-                for k, v in metrics.items():
-                    metric_totals[k] = metric_totals.get(k, 0) + v.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, t_max if (t_max := cfg.optim.max_grad_norm) > 0 else float("inf")
-            )
-            # The one host sync of the step: both numbers decide whether to apply it.
-            loss_value, norm_value = torch.stack([loss_total / weight, grad_norm.float()]).tolist()
-            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-            if finite:
-                optimizer.step()
-                pos.streak = 0
-            else:
-                pos.skipped += 1
-                pos.streak += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            record, tokens = stage.train_step(examples, updater)
             pos.step += 1
             pos.tokens += tokens
-            if pos.streak >= t.max_nonfinite:
-                raise TrainingError(
-                    f"the loss or gradient was non-finite for {pos.streak} steps in a row "
-                    f"(step {pos.step}); lower optim.lr, use train.precision=fp32, or check the "
-                    "data; the last good checkpoint is kept"
-                )
             elapsed = time.perf_counter() - step_t0
             last = {
-                "loss": loss_value,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": norm_value,
+                **record,
+                "lr": updater.lr,
                 "tokens_per_s": tokens / max(elapsed, 1e-9),
                 "epoch": pos.epoch + pos.offset / max(1, len(train_examples)),
                 "skipped": pos.skipped,
             }
-            last.update({k: float(v) / weight for k, v in metric_totals.items()})
-            if not finite:
+            if updater.skipped_last:
                 report.note(f"step {pos.step}: non-finite loss/gradient, step skipped")
             report.step(pos.step, last, log=pos.step % t.log_every == 0 or pos.step == total)
             if eval_examples and t.eval_every and pos.step % t.eval_every == 0 and pos.step < total:
