@@ -67,10 +67,15 @@ def one_line(err: BaseException) -> str:
     parts = []
     for c in chain[:2]:
         lines = [ln.strip() for ln in str(c).splitlines() if ln.strip()]
+        # Hydra's "use +key=value" hint only helps for free-form dicts (reward.kwargs).
+        drop = ("full_key:", "object_type=", "reference_type=")
         lines = [
-            ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "To append"))
+            ln
+            for ln in lines
+            if not ln.startswith(drop) and not (ln.startswith("To append") and "kwargs." not in ln)
         ]
-        text = re.sub(r"\s*(reference_type|object_type)=\S+", "", " ".join(lines)).rstrip(".")
+        text = re.sub(r"\s*(reference_type|object_type)=(\w+\[[^\]]*\]|\S+)", "", " ".join(lines))
+        text = text.rstrip(".")
         if text and "$VALUE" not in text:
             parts.append(text)
     return ": ".join(parts) or type(err).__name__

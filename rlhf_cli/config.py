@@ -106,6 +106,142 @@ class DpoConfig(StageConfig):
 
 
 @dataclass
+class OnlineConfig(StageConfig):
+    """What the online stages (ppo, grpo, rloo) share: rollouts, clipping, the KL to the reference."""
+
+    rollout_batch_size: int = 16
+    """Prompts per step; each gets group_size sampled responses."""
+    group_size: int = 1
+    """Responses sampled per prompt (the group of GRPO/RLOO; >= 2 there)."""
+    max_new_tokens: int = 32
+    """Longest sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are computed at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 samples the full distribution."""
+    epochs: int = 1
+    """Optimisation passes over each rollout batch."""
+    minibatch_size: int = 16
+    """Sequences per optimizer update (accumulated in train.micro_batch_size pieces)."""
+    clip_eps: float = 0.2
+    """PPO ratio clipping: the ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    kl_coef: float = 0.05
+    """Weight of the KL to the reference (in the reward for ppo/rloo, in the loss for grpo)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: k1 = log pi - log ref, k2, or k3 (non-negative, low variance)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response that never emits EOS."""
+    normalize_rewards: bool = False
+    """Standardise scores with running mean/std before computing advantages."""
+
+    def __post_init__(self) -> None:
+        for key in (
+            "rollout_batch_size",
+            "group_size",
+            "max_new_tokens",
+            "epochs",
+            "minibatch_size",
+        ):
+            value = getattr(self, key)
+            _check(value >= 1, f"stage.{key} must be >= 1, got {value}")
+        _positive("stage.temperature", self.temperature)
+        _check(0 < self.top_p <= 1, f"stage.top_p must be in (0, 1], got {self.top_p}")
+        _check(0 < self.clip_eps < 1, f"stage.clip_eps must be in (0, 1), got {self.clip_eps}")
+        _non_negative("stage.kl_coef", self.kl_coef)
+        _choice("stage.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _non_negative("stage.missing_eos_penalty", self.missing_eos_penalty)
+
+
+@dataclass
+class PpoConfig(OnlineConfig):
+    name: str = "ppo"
+    """PPO with a value head, GAE and a per-token KL penalty in the reward."""
+    epochs: int = 4
+    """Optimisation passes over each rollout batch."""
+    minibatch_size: int = 8
+    """Sequences per optimizer update."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    gae_lambda: float = 0.95
+    """GAE lambda: 0 = one-step TD, 1 = Monte-Carlo returns minus the value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    value_clip: float = 0.2
+    """Clipping range of the value around its rollout-time estimate."""
+    whiten_advantages: bool = True
+    """Standardise advantages over the rollout batch."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """Target KL (nats per sequence) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in sequences) of the adaptive controller."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 < self.gamma <= 1, f"stage.gamma must be in (0, 1], got {self.gamma}")
+        _check(
+            0 <= self.gae_lambda <= 1, f"stage.gae_lambda must be in [0, 1], got {self.gae_lambda}"
+        )
+        _non_negative("stage.vf_coef", self.vf_coef)
+        _positive("stage.value_clip", self.value_clip)
+        _positive("stage.kl_target", self.kl_target)
+        _check(self.kl_horizon >= 1, f"stage.kl_horizon must be >= 1, got {self.kl_horizon}")
+
+
+@dataclass
+class GrpoConfig(OnlineConfig):
+    name: str = "grpo"
+    """GRPO: group-normalised advantages, no value model, KL (k3) in the loss."""
+    group_size: int = 4
+    """Responses sampled per prompt."""
+    kl_coef: float = 0.04
+    """Weight (beta) of the KL to the reference in the loss."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator in the loss."""
+    minibatch_size: int = 64
+    """Sequences per optimizer update."""
+    scale_rewards: bool = True
+    """Divide by the group's std (GRPO); false keeps only the mean baseline (Dr. GRPO)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.group_size >= 2, f"stage.group_size must be >= 2 for grpo, got {self.group_size}"
+        )
+
+
+@dataclass
+class RlooConfig(OnlineConfig):
+    name: str = "rloo"
+    """RLOO: leave-one-out baseline over the group, sequence-level KL penalty in the reward."""
+    group_size: int = 4
+    """Responses sampled per prompt."""
+    minibatch_size: int = 64
+    """Sequences per optimizer update."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.group_size >= 2, f"stage.group_size must be >= 2 for rloo, got {self.group_size}"
+        )
+
+
+@dataclass
+class RewardConfig:
+    """Where the online stages' rewards come from: a reward model or a Python function."""
+
+    model: str | None = None
+    """A reward model trained by stage=rm (its run directory or final/)."""
+    fn: str | None = None
+    """A function `package.module:function(prompts, responses, **kwargs) -> list[float]`."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for fn, e.g. reward.kwargs={target: a}."""
+    batch_size: int = 16
+    """Sequences per reward-model forward."""
+
+
+@dataclass
 class RefConfig:
     """The frozen reference policy of DPO (and of the online stages)."""
 
@@ -382,7 +518,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop."""
     ref: RefConfig = field(default_factory=RefConfig)
-    """The frozen reference policy (dpo)."""
+    """The frozen reference policy (dpo, ppo, grpo, rloo)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward of the online stages (ppo, grpo, rloo)."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     run_dir: str = MISSING
@@ -401,6 +539,16 @@ class Config:
             f"peft=full cannot train a quantized base (quant.mode={self.quant.mode}): "
             "add quant=none",
         )
+        if isinstance(self.stage, OnlineConfig):
+            _check(
+                bool(self.reward.model) != bool(self.reward.fn),
+                f"stage={self.stage.name} needs exactly one reward source: reward.model=<rm run> "
+                "or reward.fn=package.module:function",
+            )
+            _check(
+                self.reward.fn is None or ":" in self.reward.fn,
+                f"reward.fn={self.reward.fn!r} must look like package.module:function",
+            )
         _check(
             not (self.peft.method == "full" and self.model.adapter),
             "model.adapter is a LoRA adapter but peft=full: use peft=lora or drop model.adapter",
@@ -414,6 +562,9 @@ def register_configs() -> None:
     cs.store(group="stage", name="sft_schema", node=SftConfig)
     cs.store(group="stage", name="rm_schema", node=RmConfig)
     cs.store(group="stage", name="dpo_schema", node=DpoConfig)
+    cs.store(group="stage", name="ppo_schema", node=PpoConfig)
+    cs.store(group="stage", name="grpo_schema", node=GrpoConfig)
+    cs.store(group="stage", name="rloo_schema", node=RlooConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="peft", name="peft_schema", node=PeftConfig)
@@ -421,7 +572,14 @@ def register_configs() -> None:
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SftConfig, "rm": RmConfig, "dpo": DpoConfig}
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
+    "sft": SftConfig,
+    "rm": RmConfig,
+    "dpo": DpoConfig,
+    "ppo": PpoConfig,
+    "grpo": GrpoConfig,
+    "rloo": RlooConfig,
+}
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -430,6 +588,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "ref": RefConfig,
+    "reward": RewardConfig,
 }
 
 

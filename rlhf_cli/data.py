@@ -211,6 +211,8 @@ def detect_format(columns: set[str], cfg: DataConfig, sample: dict) -> str:
         return "prompt_completion"
     if c.text in columns:
         return "text"
+    if c.prompt in columns:
+        return "prompt"
     raise DataError(
         "could not tell the data format from its columns "
         f"({', '.join(sorted(columns)) or 'none'}): expected {c.prompt}+{c.completion}, "
@@ -225,6 +227,7 @@ REQUIRED = {
     "messages": ("messages",),
     "preference": ("chosen", "rejected"),
     "ranked": ("prompt", "responses"),
+    "prompt": ("prompt",),
     "hh": ("chosen", "rejected"),
     "text": ("text",),
 }
@@ -241,8 +244,9 @@ def check_columns(columns: set[str], fmt: str, cfg: DataConfig, source: str) -> 
             )
 
 
-def normalise(row: dict, fmt: str, cfg: DataConfig) -> Conversation:
-    """Row -> Conversation; raises ValueError for an empty or malformed row."""
+def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -> Conversation:
+    """Row -> Conversation (only its prompt when `prompt_only`); raises ValueError for an empty
+    or malformed row."""
     c = cfg.columns
     get = row.get
     margin = get(c.margin)
@@ -252,6 +256,17 @@ def normalise(row: dict, fmt: str, cfg: DataConfig) -> Conversation:
         if not _nonempty(text):
             raise ValueError("empty text")
         return Conversation(prompt="", responses={"completion": text})
+    if fmt == "prompt" or (prompt_only and fmt in ("prompt_completion", "preference", "ranked")):
+        prompt = get(c.prompt)
+        if not _nonempty(prompt):
+            raise ValueError("empty or malformed prompt")
+        return Conversation(prompt=prompt)
+    if fmt == "messages" and prompt_only:
+        turns = get(c.messages)
+        if not _nonempty(turns) or not any(m["role"] == "user" for m in turns):
+            raise ValueError("messages has no user turn")
+        last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+        return Conversation(prompt=list(turns[: last_user + 1]))
     if fmt == "messages":
         turns = get(c.messages)
         if not _nonempty(turns):
@@ -394,6 +409,24 @@ class Renderer:
         return ids
 
 
+class PromptExample(TypedDict):
+    prompt_ids: list[int]  # rendered like a training prompt (chat: with the generation prompt)
+    prompt_text: str  # the user's words, for reward functions
+
+
+def tokenize_prompt(
+    conv: Conversation, renderer: Renderer, cfg: DataConfig
+) -> tuple[PromptExample, bool]:
+    text, _, chat = renderer.prompt_and_responses(conv)
+    ids = renderer.encode(text, first=not chat)
+    truncated = len(ids) > cfg.max_prompt_length
+    if isinstance(conv.prompt, list):
+        words = next(m["content"] for m in reversed(conv.prompt) if m["role"] == "user")
+    else:
+        words = conv.prompt
+    return PromptExample(prompt_ids=ids[-cfg.max_prompt_length :], prompt_text=words), truncated
+
+
 class SFTExample(TypedDict):
     input_ids: list[int]
     labels: list[int]
@@ -521,6 +554,12 @@ def build_examples(
     if not rows:
         raise DataError(f"{source}: no rows to train on")
     fmt = detect_format(columns, cfg, rows[0])
+    if kind == "prompt" and fmt in ("text", "hh"):
+        raise DataError(
+            f"{source}: this stage samples responses to prompts, but the data ({fmt}) has no "
+            f"prompt column; columns: {', '.join(sorted(columns))}. Map one with "
+            "data.columns.prompt=<column>"
+        )
     if kind == "preference" and fmt not in ("preference", "ranked", "hh"):
         raise DataError(
             f"{source}: this stage needs preference pairs (prompt/chosen/rejected, ranked "
@@ -531,8 +570,10 @@ def build_examples(
     examples, truncated = [], 0
     for index, row in enumerate(rows):
         try:
-            conv = normalise(row, fmt, cfg)
-            if kind == "preference":
+            conv = normalise(row, fmt, cfg, prompt_only=kind == "prompt")
+            if kind == "prompt":
+                ex, cut = tokenize_prompt(conv, renderer, cfg)
+            elif kind == "preference":
                 ex, cut = tokenize_preference(conv, renderer, cfg)
             else:
                 ex, cut = tokenize_sft(

@@ -288,9 +288,15 @@ def _rloo_advantages(r: Tensor, eps: float) -> Tensor:
     return r - leave_one_out_mean
 
 
+def _mean_baseline_advantages(r: Tensor, eps: float) -> Tensor:
+    # Dr. GRPO (Liu et al. 2025): the group mean as baseline, no division by the std.
+    return r - r.mean(-1, keepdim=True)
+
+
 GROUP_ADVANTAGES: dict[str, Callable[[Tensor, float], Tensor]] = {
     "grpo": _grpo_advantages,
     "rloo": _rloo_advantages,
+    "mean": _mean_baseline_advantages,
 }
 
 

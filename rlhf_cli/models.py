@@ -269,6 +269,26 @@ def load_reference_model(cfg: Config, device: torch.device):
 REFERENCE_ADAPTER = "reference"
 
 
+def setup_reference(cfg: Config, model, device: torch.device):
+    """(separate reference model or None, frozen reference adapter name or None, description).
+
+    ref.model: a separate frozen model. Starting from an adapter: a frozen copy of it on the
+    same base (the reference is the starting policy, never the raw base). Full fine-tuning: a
+    frozen copy of the base. Otherwise: the same base with the adapter disabled (name None).
+    """
+    from dataclasses import replace
+
+    if cfg.ref.model:
+        return load_reference_model(cfg, device), None, f"ref.model={cfg.ref.model}"
+    if cfg.model.adapter:
+        name = add_frozen_adapter(model, resolve_adapter(cfg.model.adapter))
+        return None, name, f"frozen copy of model.adapter={cfg.model.adapter}"
+    if not hasattr(model, "peft_config"):
+        ref_cfg = replace(cfg, ref=replace(cfg.ref, model=model_path(cfg.model)))
+        return load_reference_model(ref_cfg, device), None, "a frozen copy of the base (peft=full)"
+    return None, None, "the base model with the adapter disabled"
+
+
 def add_frozen_adapter(model, path: Path, name: str = REFERENCE_ADAPTER) -> str:
     """Load a second, frozen copy of an adapter next to the trainable one (same base weights)."""
     active = model.active_adapter
@@ -305,7 +325,8 @@ class ScalarHead(torch.nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.linear.weight, std=hidden_size**-0.5)
+        # Zero at the start: a value head's random guesses would drown the first advantages.
+        torch.nn.init.zeros_(self.linear.weight)
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -452,3 +452,11 @@ def test_adaptive_kl_coef():
     assert L.adaptive_kl_coef(0.1, 12.0, **kw) == pytest.approx(0.100512)
     assert L.adaptive_kl_coef(0.1, 0.0, **kw) == pytest.approx(0.099488)
     assert L.adaptive_kl_coef(0.1, torch.tensor(12.0), **kw) == pytest.approx(0.100512)
+
+
+def test_group_advantages_mean_baseline():
+    """Dr. GRPO: R - mean(R) per group. Group [1, 2, 3, 6]: mean 3 -> [-2, -1, 0, 3]."""
+    from rlhf_cli.losses import group_advantages
+
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert torch.allclose(group_advantages(r, 4, kind="mean"), torch.tensor([-2.0, -1.0, 0.0, 3.0]))

@@ -25,14 +25,7 @@ from rlhf_cli.data import IGNORE_INDEX, PreferenceBatch, collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, move
 from rlhf_cli.losses import dpo_loss, plackett_luce_loss, token_logps
-from rlhf_cli.models import (
-    adapter_switched,
-    add_frozen_adapter,
-    autocast,
-    eval_mode,
-    load_reference_model,
-    resolve_adapter,
-)
+from rlhf_cli.models import adapter_switched, autocast, eval_mode, setup_reference
 from rlhf_cli.progress import console
 
 
@@ -54,16 +47,7 @@ class DPOStage(Stage):
 
     def __init__(self, cfg, model, tokenizer, device, amp_dtype):
         super().__init__(cfg, model, tokenizer, device, amp_dtype)
-        self.ref_model = None
-        self.ref_adapter: str | None = None
-        if cfg.ref.model:
-            self.ref_model = load_reference_model(cfg, device)
-            self.ref_source = f"ref.model={cfg.ref.model}"
-        elif cfg.model.adapter:
-            self.ref_adapter = add_frozen_adapter(model, resolve_adapter(cfg.model.adapter))
-            self.ref_source = f"frozen copy of model.adapter={cfg.model.adapter}"
-        else:
-            self.ref_source = "the base model with the adapter disabled"
+        self.ref_model, self.ref_adapter, self.ref_source = setup_reference(cfg, model, device)
         console.print(f"dpo: reference = {self.ref_source}")
 
     # -- data ------------------------------------------------------------------------------

@@ -1,0 +1,440 @@
+"""What the online stages (ppo, grpo, rloo) share: sampling rollouts with the KV cache, scoring
+them, reference log-probs, and the clipped-update loop over minibatches.
+
+One step = take `rollout_batch_size` prompts, sample `group_size` responses each, score them,
+compute advantages (the stage's own rule), then `epochs` passes of minibatch updates.
+
+Memory: with LoRA every role shares ONE base model: the policy is the trained adapter, the
+reference is the same base with the adapter disabled (or a frozen copy of the starting
+adapter), the value head (ppo) sits on the policy's last hidden states, and a reward model
+trained from the same base is loaded as a second, frozen adapter with its own head.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from rlhf_cli.data import collate_preference
+from rlhf_cli.errors import UserError
+from rlhf_cli.loop import Stage, Updater
+from rlhf_cli.losses import adaptive_kl_coef, clipped_policy_loss, kl_penalty, masked_mean
+from rlhf_cli.models import (
+    ScalarHead,
+    adapter_switched,
+    add_frozen_adapter,
+    autocast,
+    decoder,
+    set_eval,
+    setup_reference,
+)
+from rlhf_cli.progress import console
+from rlhf_cli.rewards import load_reward_fn
+
+REWARD_ADAPTER = "reward"
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses; (B, R) tensors are aligned to the response tokens."""
+
+    input_ids: torch.Tensor  # (B, P + R) left-padded prompt, then the response
+    attention_mask: torch.Tensor  # (B, P + R): 0 on prompt padding and after the first EOS
+    prompt_len: int  # P
+    mask: torch.Tensor  # (B, R) bool: response tokens up to and including the first EOS
+    ended: torch.Tensor  # (B,) bool: the response emitted EOS
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    responses: list[list[int]]  # the response tokens (up to and including EOS)
+
+    def select(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() used them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class RunningMoments:
+    """Running mean/std of scores (Chan et al. parallel update), for reward normalisation."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean = x.numel(), float(x.mean())
+        m2 = float(((x - mean) ** 2).sum())
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+class OnlineStage(Stage):
+    """Rollout -> score -> advantages -> clipped updates. Subclasses define `advantages` and
+    may add loss terms (`extra_loss`)."""
+
+    data_kind = "prompt"
+    uses_value_head = False
+
+    def __init__(self, cfg, model, tokenizer, device, amp_dtype):
+        super().__init__(cfg, model, tokenizer, device, amp_dtype)
+        s = cfg.stage
+        if s.minibatch_size > s.rollout_batch_size * s.group_size:
+            raise UserError(
+                f"stage.minibatch_size={s.minibatch_size} is larger than a rollout batch "
+                f"(rollout_batch_size x group_size = {s.rollout_batch_size * s.group_size})"
+            )
+        # The policy samples and is scored without dropout (set_eval in every step), so that the
+        # first update's ratio is exactly 1: rollout and update log-probs are the same function.
+        self.kl_coef = float(s.kl_coef)
+        self.moments = RunningMoments()
+        self.value_head = (
+            ScalarHead(model.config.hidden_size).to(device) if self.uses_value_head else None
+        )
+        self.ref_model, self.ref_adapter, ref_source = setup_reference(cfg, model, device)
+        console.print(f"{self.name}: reference = {ref_source}")
+        self._setup_reward()
+        self.generation = GenerationConfig(
+            do_sample=True,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=0,  # sample from the policy itself, not a truncated version of it
+            max_new_tokens=s.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+
+    # -- rewards -----------------------------------------------------------------------------
+
+    def _setup_reward(self) -> None:
+        from rlhf_cli.stages.rm import HEAD, load_reward_model
+
+        r = self.cfg.reward
+        self.reward_fn = load_reward_fn(r.fn) if r.fn else None
+        self.reward_model = self.reward_head = self.reward_tokenizer = None
+        self.reward_adapter: str | None = None
+        if r.model is None:
+            return
+        from rlhf_cli.config import load_saved_config
+
+        found = next(
+            (p for p in resolve_dirs(r.model) if (p / f"{HEAD}.safetensors").is_file()), None
+        )
+        if found is None:
+            raise UserError(f"reward.model={r.model}: not a reward model (no {HEAD}.safetensors)")
+        rm_cfg = load_saved_config(found / "config.yaml")
+        same_base = (
+            hasattr(self.model, "peft_config")
+            and rm_cfg.model.name_or_path == self.cfg.model.name_or_path
+            and rm_cfg.quant.mode == self.cfg.quant.mode
+            and (found / "adapter_config.json").is_file()
+        )
+        if same_base:
+            self.reward_adapter = add_frozen_adapter(self.model, found, REWARD_ADAPTER)
+            from safetensors.torch import load_model
+
+            self.reward_head = ScalarHead(self.model.config.hidden_size)
+            load_model(self.reward_head, str(found / f"{HEAD}.safetensors"))
+            self.reward_head.to(self.device).requires_grad_(False)
+            console.print(
+                f"{self.name}: reward model {found} as a second adapter on the shared base"
+            )
+        else:
+            self.reward_model, self.reward_head, self.reward_tokenizer, _ = load_reward_model(
+                found, self.device
+            )
+            console.print(f"{self.name}: reward model {found} loaded separately (another base)")
+
+    @torch.no_grad()
+    def scores(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) one score per response."""
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses]
+        if self.reward_fn is not None:
+            values = self.reward_fn(rollout.prompt_texts, texts, **dict(self.cfg.reward.kwargs))
+            if len(values) != len(texts):
+                raise UserError(
+                    f"reward.fn={self.cfg.reward.fn} returned {len(values)} scores for "
+                    f"{len(texts)} responses"
+                )
+            return torch.tensor([float(v) for v in values], device=self.device)
+        return self._model_scores(rollout)
+
+    def _model_scores(self, rollout: Rollout) -> torch.Tensor:
+        from rlhf_cli.stages.rm import sequence_scores
+
+        eos = self.tokenizer.eos_token_id
+        if (
+            self.reward_tokenizer is not None
+            and self.reward_tokenizer.get_vocab() != self.tokenizer.get_vocab()
+        ):
+            # Another tokenizer: score the same text, re-encoded.
+            rtok = self.reward_tokenizer
+            examples = []
+            for p, r in zip(rollout.prompts, rollout.responses):
+                ids = rtok(self.tokenizer.decode(p + r, skip_special_tokens=True))["input_ids"]
+                examples.append(
+                    {"prompt_ids": [], "responses_ids": [ids + [rtok.eos_token_id]], "margin": None}
+                )
+            pad, eos = rtok.pad_token_id, rtok.eos_token_id
+        else:
+            # Reward models score the hidden state at EOS: append it where sampling stopped early.
+            examples = [
+                {
+                    "prompt_ids": p,
+                    "responses_ids": [r if r and r[-1] == eos else r + [eos]],
+                    "margin": None,
+                }
+                for p, r in zip(rollout.prompts, rollout.responses)
+            ]
+            pad = self.tokenizer.pad_token_id
+        out = []
+        size = self.cfg.reward.batch_size
+        for i in range(0, len(examples), size):
+            batch = collate_preference(examples[i : i + size], pad, eos)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast(self.amp_dtype, self.device):
+                if self.reward_adapter is not None:
+                    with adapter_switched(self.model, self.reward_adapter):
+                        out.append(sequence_scores(self.model, self.reward_head, batch).float())
+                else:
+                    out.append(sequence_scores(self.reward_model, self.reward_head, batch).float())
+        return torch.cat(out)
+
+    # -- rollouts ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, examples: list[dict]) -> Rollout:
+        k = self.cfg.stage.group_size
+        prompts = [ex["prompt_ids"] for ex in examples for _ in range(k)]  # group-contiguous
+        texts = [ex["prompt_text"] for ex in examples for _ in range(k)]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        attn = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
+        )
+        self.model.config.use_cache = True
+        t0 = time.perf_counter()
+        with autocast(self.amp_dtype, self.device):
+            out = self.model.generate(
+                input_ids=ids, attention_mask=attn, generation_config=self.generation
+            )
+        self.gen_seconds = time.perf_counter() - t0
+        self.model.config.use_cache = False
+        response = out[:, width:]
+        is_eos = response == self.tokenizer.eos_token_id
+        # Keep tokens up to and including the first EOS.
+        mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+        response = torch.where(mask, response, torch.full_like(response, pad))
+        responses = [row[m].tolist() for row, m in zip(response, mask)]
+        return Rollout(
+            input_ids=torch.cat([ids, response], dim=1),
+            attention_mask=torch.cat([attn, mask.long()], dim=1),
+            prompt_len=width,
+            mask=mask,
+            ended=is_eos.any(-1),
+            prompts=prompts,
+            prompt_texts=texts,
+            responses=responses,
+        )
+
+    def forward(
+        self, model, batch: dict[str, torch.Tensor], prompt_len: int, with_values: bool = False
+    ):
+        """(response log-probs (B, R), values (B, R) or None, logits (B, R, V)) at the sampling
+        temperature. Only the response positions go through the LM head."""
+        hidden = decoder(model)(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids(batch["attention_mask"]),
+        ).last_hidden_state
+        # Position P-1+j predicts response token j (and holds the value of the state before it).
+        states = hidden[:, prompt_len - 1 : -1]
+        logits = model.get_output_embeddings()(states).float() / self.cfg.stage.temperature
+        response = batch["input_ids"][:, prompt_len:]
+        # log softmax at the sampled token only: gather minus logsumexp (no (B, R, V) copy).
+        picked = logits.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        logps = (picked - torch.logsumexp(logits, -1)) * batch["attention_mask"][:, prompt_len:]
+        values = self.value_head(states) if with_values and self.value_head is not None else None
+        return logps, values, logits
+
+    @torch.no_grad()
+    def reference_logps(self, rollout: Rollout) -> torch.Tensor:
+        batch = rollout.select(slice(None))
+        if self.ref_model is not None:
+            return self.forward(self.ref_model, batch, rollout.prompt_len)[0]
+        with adapter_switched(self.model, self.ref_adapter):
+            return self.forward(self.model, batch, rollout.prompt_len)[0]
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def examples_per_step(self) -> int:
+        return self.cfg.stage.rollout_batch_size
+
+    def updates_per_step(self) -> int:
+        s = self.cfg.stage
+        n = s.rollout_batch_size * s.group_size
+        return s.epochs * -(-n // s.minibatch_size)
+
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        return {"value_head": self.value_head} if self.value_head is not None else {}
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl_coef, "moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.kl_coef = state["kl_coef"]
+            self.moments.load_state_dict(state["moments"])
+
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor, old: dict) -> dict:
+        """Stage-specific: fill `old` with "advantages" (B,) or (B, R) (and "returns")."""
+        raise NotImplementedError
+
+    def extra_loss(self, logps, values, mb: dict, mask) -> tuple[torch.Tensor, dict]:
+        """Stage-specific loss terms beside the clipped policy loss (value loss, KL)."""
+        return torch.zeros((), device=self.device), {}
+
+    def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
+        s = self.cfg.stage
+        t0 = time.perf_counter()
+        set_eval(self.model)  # no dropout in sampling, scoring or updates (see __init__)
+        rollout = self.rollout(examples)
+        mask = rollout.mask
+        with torch.no_grad(), autocast(self.amp_dtype, self.device):
+            old_logps, old_values, _ = self.forward(
+                self.model, rollout.select(slice(None)), rollout.prompt_len, with_values=True
+            )
+            ref_logps = self.reference_logps(rollout)
+        score = self.scores(rollout)
+        reward = score - s.missing_eos_penalty * (~rollout.ended).float()
+        if s.normalize_rewards:
+            self.moments.update(reward)
+            reward = (reward - self.moments.mean) / (self.moments.std + 1e-8)
+        kl_tokens = kl_penalty(old_logps, ref_logps, "k1") * mask
+        old = {
+            "logps": old_logps,
+            "values": old_values,
+            "ref_logps": ref_logps,
+            "kl_tokens": kl_tokens,
+        }
+        self.advantages(rollout, reward, old)
+        seq_kl = kl_tokens.sum(-1)
+
+        stats: dict[str, float] = {}
+        n = rollout.input_ids.shape[0]
+        first = True
+        losses, norms = [], []
+        for _ in range(s.epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, s.minibatch_size):
+                mb_idx = order[start : start + s.minibatch_size]
+                mb_tokens = mask[mb_idx].sum().clamp(min=1)
+                total = torch.zeros((), device=self.device)
+                for m0 in range(0, len(mb_idx), self.cfg.train.micro_batch_size):
+                    idx = mb_idx[m0 : m0 + self.cfg.train.micro_batch_size].to(self.device)
+                    m = mask[idx]
+                    with autocast(self.amp_dtype, self.device):
+                        logps, values, logits = self.forward(
+                            self.model, rollout.select(idx), rollout.prompt_len, with_values=True
+                        )
+                    adv = old["advantages"][idx]
+                    policy_loss, pstats = clipped_policy_loss(
+                        logps, old_logps[idx], adv, m, s.clip_eps
+                    )
+                    mb = {k: v[idx] for k, v in old.items() if torch.is_tensor(v)}
+                    extra, estats = self.extra_loss(logps, values, mb, m)
+                    loss = policy_loss + extra
+                    share = m.sum() / mb_tokens
+                    (loss * share).backward()
+                    total += loss.detach() * share
+                    if first:  # KL 0 / ratio 1 before any update: a check that is cheap here
+                        with torch.no_grad():
+                            ratio = masked_mean(torch.exp(logps - old_logps[idx]), m)
+                            probs = torch.softmax(logits, -1)
+                            entropy = masked_mean(
+                                -(probs * torch.log_softmax(logits, -1)).sum(-1), m
+                            )
+                        stats["policy/ratio_first"] = float(ratio)
+                        stats["policy/approx_kl_first"] = float(pstats["approx_kl"])
+                        stats["entropy"] = float(entropy)
+                        first = False
+                    for key, value in {**pstats, **estats}.items():
+                        name = key if "/" in key else f"policy/{key}"
+                        stats[name] = (
+                            stats.get(name, 0.0)
+                            + float(value) * float(share) / self.updates_per_step()
+                        )
+                loss_value, norm = updater.apply(total)
+                losses.append(loss_value)
+                norms.append(norm)
+        if getattr(s, "adaptive_kl", False):
+            self.kl_coef = adaptive_kl_coef(
+                self.kl_coef, float(seq_kl.mean()), s.kl_target, s.kl_horizon, n
+            )
+        lengths = mask.sum(-1).float()
+        record = {
+            "loss": sum(losses) / len(losses),
+            "grad_norm": sum(norms) / len(norms),
+            "score": float(score.mean()),
+            "score_std": float(score.std()) if n > 1 else 0.0,
+            "reward": float(reward.mean()),
+            "kl": float(seq_kl.mean()),
+            "kl_coef": self.kl_coef,
+            "response_length": float(lengths.mean()),
+            "eos_fraction": float(rollout.ended.float().mean()),
+            "gen_tokens_per_s": float(lengths.sum()) / max(self.gen_seconds, 1e-9),
+            "rollout_s": self.gen_seconds,
+            "step_s": time.perf_counter() - t0,
+            **stats,
+        }
+        return record, int(rollout.attention_mask.sum())
+
+    @torch.no_grad()
+    def evaluate(self, examples: list) -> dict[str, float]:
+        """Sample on the eval prompts: mean score, KL to the reference, length. Sampling uses
+        its own seeded RNG, so evaluations compare across steps and leave training unchanged."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.train.seed)
+            return self._evaluate(examples)
+
+    def _evaluate(self, examples: list) -> dict[str, float]:
+        rollouts, scores, kls, lengths = 0, [], [], []
+        size = self.cfg.stage.rollout_batch_size
+        for i in range(0, len(examples), size):
+            rollout = self.rollout(examples[i : i + size])
+            with autocast(self.amp_dtype, self.device):
+                logps = self.forward(self.model, rollout.select(slice(None)), rollout.prompt_len)[0]
+                ref = self.reference_logps(rollout)
+            scores.append(self.scores(rollout))
+            kls.append((kl_penalty(logps, ref, "k1") * rollout.mask).sum(-1))
+            lengths.append(rollout.mask.sum(-1).float())
+            rollouts += 1
+        return {
+            "score": float(torch.cat(scores).mean()),
+            "kl": float(torch.cat(kls).mean()),
+            "response_length": float(torch.cat(lengths).mean()),
+        }
+
+
+def resolve_dirs(path: str):
+    from pathlib import Path
+
+    return [Path(path), Path(path) / "final"]

@@ -1,0 +1,19 @@
+"""Stage rloo: REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024).
+
+K responses per prompt; each response's reward is its score minus kl_coef times its sequence
+KL to the reference; its advantage is that reward minus the mean reward of the other K-1
+responses of its prompt. The whole response is one action (the same advantage for every token).
+"""
+
+from __future__ import annotations
+
+from rlhf_cli.losses import group_advantages
+from rlhf_cli.online import OnlineStage, Rollout
+
+
+class RLOOStage(OnlineStage):
+    name = "rloo"
+
+    def advantages(self, rollout: Rollout, rewards, old: dict) -> None:
+        penalised = rewards.float() - self.kl_coef * old["kl_tokens"].sum(-1)
+        old["advantages"] = group_advantages(penalised, self.cfg.stage.group_size, kind="rloo")
