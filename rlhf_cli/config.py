@@ -122,7 +122,8 @@ class OnlineConfig(StageConfig):
     epochs: int = 1
     """Optimisation passes over each rollout batch."""
     minibatch_size: int = 16
-    """Sequences per optimizer update (accumulated in train.micro_batch_size pieces)."""
+    """Sequences per optimizer update (accumulated in train.micro_batch_size pieces; capped at
+    the rollout batch)."""
     clip_eps: float = 0.2
     """PPO ratio clipping: the ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
     kl_coef: float = 0.05

@@ -554,6 +554,8 @@ def build_examples(
     if not rows:
         raise DataError(f"{source}: no rows to train on")
     fmt = detect_format(columns, cfg, rows[0])
+    if kind == "sft" and fmt == "prompt":
+        fmt = "prompt_completion"  # SFT needs a response: name the missing column below
     if kind == "prompt" and fmt in ("text", "hh"):
         raise DataError(
             f"{source}: this stage samples responses to prompts, but the data ({fmt}) has no "

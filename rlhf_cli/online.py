@@ -94,11 +94,8 @@ class OnlineStage(Stage):
     def __init__(self, cfg, model, tokenizer, device, amp_dtype):
         super().__init__(cfg, model, tokenizer, device, amp_dtype)
         s = cfg.stage
-        if s.minibatch_size > s.rollout_batch_size * s.group_size:
-            raise UserError(
-                f"stage.minibatch_size={s.minibatch_size} is larger than a rollout batch "
-                f"(rollout_batch_size x group_size = {s.rollout_batch_size * s.group_size})"
-            )
+        # A minibatch larger than the rollout batch is the whole batch.
+        self.minibatch_size = min(s.minibatch_size, s.rollout_batch_size * s.group_size)
         # The policy samples and is scored without dropout (set_eval in every step), so that the
         # first update's ratio is exactly 1: rollout and update log-probs are the same function.
         self.kl_coef = float(s.kl_coef)
@@ -290,7 +287,7 @@ class OnlineStage(Stage):
     def updates_per_step(self) -> int:
         s = self.cfg.stage
         n = s.rollout_batch_size * s.group_size
-        return s.epochs * -(-n // s.minibatch_size)
+        return s.epochs * -(-n // self.minibatch_size)
 
     def extra_modules(self) -> dict[str, torch.nn.Module]:
         return {"value_head": self.value_head} if self.value_head is not None else {}
@@ -343,8 +340,8 @@ class OnlineStage(Stage):
         losses, norms = [], []
         for _ in range(s.epochs):
             order = torch.randperm(n)
-            for start in range(0, n, s.minibatch_size):
-                mb_idx = order[start : start + s.minibatch_size]
+            for start in range(0, n, self.minibatch_size):
+                mb_idx = order[start : start + self.minibatch_size]
                 mb_tokens = mask[mb_idx].sum().clamp(min=1)
                 total = torch.zeros((), device=self.device)
                 for m0 in range(0, len(mb_idx), self.cfg.train.micro_batch_size):

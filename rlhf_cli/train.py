@@ -23,6 +23,7 @@ from rlhf_cli.models import (
     resolve_device,
 )
 from rlhf_cli.progress import console, summary_table
+from rlhf_cli.rewards import load_reward_fn
 from rlhf_cli.stages import stage_class
 
 # Keys that may change between a run and its resumption without a warning.
@@ -103,6 +104,8 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
         (run_dir / "config.yaml").write_text(config_yaml)
 
     quiet_libraries()
+    if cfg.reward.fn:
+        load_reward_fn(cfg.reward.fn)  # a typo fails here, before any model loads
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.train.precision, device)
