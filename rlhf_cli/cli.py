@@ -19,6 +19,13 @@ commands:
             sweep:         rlhf train -m optim.lr=1e-4,3e-4
   score     score a data file with a reward model:
             rlhf score runs/rm/<time> data.jsonl [out=scores.jsonl] [batch_size=8] [device=auto]
+  sample    generate from a run (or a merged model): rlhf sample RUN prompts=FILE out=out.jsonl
+            rlhf sample RUN prompt="Write a haiku." [temperature=0.7] [n=4] [max_new_tokens=64]
+  eval      reward, KL to the reference, preference accuracies:
+            rlhf eval RUN prompts=FILE reward.fn=module:fn [pairs=FILE] [out=eval.json]
+  merge     fold the LoRA adapter into the base: rlhf merge RUN out=DIR [force=true]
+  plot      rlhf plot RUN [RUN ...] out=metrics.png [metrics=loss,rewards/margins]
+            rlhf plot EVAL.json [EVAL.json ...] out=frontier.png   (reward vs KL)
 
 rlhf train --help      lists every config group, option and key
 rlhf --version         prints the version
@@ -188,12 +195,53 @@ def train_command(args: list[str]) -> None:
         train_help()
         return
     flags, overrides = split_args(args)
+    launch = [o for o in overrides if o.startswith("launch.")]
+    overrides = [o for o in overrides if not o.startswith("launch.")]
     multirun = any(f in ("-m", "--multirun") for f in flags)
     jobs = sweep_jobs(overrides) if multirun else [overrides]
+    checked = None
     if "--info" not in flags:
         for job in jobs:
-            compose_checked(job)
+            checked = compose_checked(job)
+    if launch:
+        _launch_torchrun(launch, flags, overrides, multirun, checked)
     _run_hydra(flags, overrides)
+
+
+def _launch_torchrun(launch: list[str], flags, overrides, multirun: bool, cfg) -> None:
+    """`launch.nproc=N`: run this same command under torchrun with N processes on this node."""
+    options = dict(o.split("=", 1) for o in launch)
+    unknown = set(options) - {"launch.nproc"}
+    if unknown:
+        fail(
+            f"unknown option {', '.join(sorted(unknown))}; for several nodes call torchrun "
+            "directly (see the README)"
+        )
+    try:
+        nproc = int(options["launch.nproc"])
+        assert nproc >= 1
+    except (ValueError, AssertionError):
+        fail(f"launch.nproc={options['launch.nproc']!r} must be a whole number >= 1")
+    if nproc == 1 or os.environ.get("WORLD_SIZE"):
+        return  # one process, or already inside torchrun
+    if multirun or flags:
+        fail("launch.nproc runs one job: drop -m/--cfg (sweep by calling it once per value)")
+    # Every rank must write to the same run directory: fix its timestamp here.
+    run_dir = [o for o in overrides if o.startswith("run_dir=")] or [f"run_dir={cfg.run_dir}"]
+    rest = [o for o in overrides if not o.startswith("run_dir=")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "rlhf_cli",
+        "train",
+        *rest,
+        *run_dir,
+    ]
+    os.execv(sys.executable, command)
 
 
 def _run_hydra(flags: list[str], overrides: list[str]) -> None:
@@ -256,7 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     if command == "score":
         score_command(rest)
         return
-    fail(f"unknown command {command!r}; commands: train, score (see rlhf --help)")
+    from rlhf_cli.commands import COMMANDS
+
+    if command in COMMANDS:
+        COMMANDS[command](rest)
+        return
+    commands = ", ".join(["train", "score", *COMMANDS])
+    fail(f"unknown command {command!r}; commands: {commands} (see rlhf --help)")
 
 
 SCORE_USAGE = (

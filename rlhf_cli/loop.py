@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import checkpoint as ckpt_lib
+from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, OptimConfig
 from rlhf_cli.errors import Interrupted, TrainingError, UserError
 from rlhf_cli.models import autocast, eval_mode
@@ -53,8 +54,8 @@ class Stage:
         raise NotImplementedError
 
     def examples_per_step(self) -> int:
-        """Examples one step consumes (offline: micro_batch_size x grad_accum)."""
-        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum
+        """Examples one step consumes over all ranks (micro_batch_size x grad_accum x ranks)."""
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum * dist.world_size()
 
     def updates_per_step(self) -> int:
         """Optimizer updates one step makes (offline: 1; PPO: epochs x minibatches)."""
@@ -64,12 +65,16 @@ class Stage:
         """One step on `examples`: (metrics, tokens processed). Offline stages accumulate
         micro-batches into one update; online stages override this with rollout + updates."""
         t = self.cfg.train
+        examples = dist.shard(examples)  # this rank's part of the global step
         micro = [
             self.collate(examples[i : i + t.micro_batch_size])
             for i in range(0, len(examples), t.micro_batch_size)
         ]
-        weight = sum(self.weight(b) for b in micro)
-        tokens = sum(self.tokens(b) for b in micro)
+        # The weight of the whole global step: every micro-batch loss is divided by it.
+        counts = torch.tensor(
+            [sum(self.weight(b) for b in micro), sum(self.tokens(b) for b in micro)]
+        )
+        weight, tokens = (int(x) for x in dist.all_reduce_sum(counts.to(self.device)).tolist())
         loss_total = torch.zeros((), device=self.device)
         totals: dict[str, torch.Tensor] = {}
         for batch in micro:
@@ -79,11 +84,14 @@ class Stage:
             loss_total += loss_sum.detach().float()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0) + v.detach().float()
+        if totals:  # summed over ranks with the loss: one collective, one host transfer
+            sums = dist.all_reduce_sum(torch.stack([loss_total, *totals.values()]))
+            loss_total, values = sums[0], (sums[1:] / weight).tolist()
+        else:
+            loss_total, values = dist.all_reduce_sum(loss_total), []
         loss, grad_norm = updater.apply(loss_total / weight)
         record = {"loss": loss, "grad_norm": grad_norm}
-        if totals:  # one host transfer for all metrics
-            values = (torch.stack(list(totals.values())) / weight).tolist()
-            record.update(zip(totals, values))
+        record.update(zip(totals, values))
         return record, tokens
 
     def prepare(self, train_examples: list, eval_examples: list, run_dir: Path) -> None:
@@ -198,21 +206,24 @@ def evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | N
 
 
 def _evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | None) -> dict:
-    total_loss, total_weight, sums = 0.0, 0, {}
+    if max_batches is not None:
+        examples = examples[: max_batches * batch_size]
+    examples = examples[dist.rank() :: dist.world_size()]  # each rank a share, summed below
+    totals: dict[str, float] = {}
     for i in range(0, len(examples), batch_size):
-        if max_batches is not None and i // batch_size >= max_batches:
-            break
         batch = stage.collate(examples[i : i + batch_size])
-        weight = stage.weight(batch)
         with autocast(stage.amp_dtype, stage.device):
             loss_sum, metrics = stage.loss(move(batch, stage.device))
-        total_loss += float(loss_sum)
-        total_weight += weight
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    out = {"loss": total_loss / max(total_weight, 1)}
-    out.update({k: v / max(total_weight, 1) for k, v in sums.items()})
-    return out
+        parts = {"loss": float(loss_sum), "_weight": float(stage.weight(batch))}
+        parts.update({k: float(v) for k, v in metrics.items()})
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v
+    summed: dict[str, float] = {}
+    for part in dist.gather_objects(totals):  # eval is rare: plain objects, any key set
+        for k, v in part.items():
+            summed[k] = summed.get(k, 0.0) + v
+    weight = max(summed.pop("_weight", 0.0), 1.0)
+    return {k: v / weight for k, v in summed.items()}
 
 
 class Updater:
@@ -227,6 +238,8 @@ class Updater:
         self.skipped_last = False
 
     def apply(self, loss: torch.Tensor) -> tuple[float, float]:
+        """`loss` must already be the global (all-rank) value; the gradients are summed here."""
+        dist.sync_gradients(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         # The one host sync of an update: both numbers decide whether to apply it.
         loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
@@ -271,6 +284,7 @@ def train(
     if not params:
         raise UserError("the model has no trainable parameters (check peft settings)")
     step_size = stage.examples_per_step()
+    dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
     if len(train_examples) < step_size:
         raise UserError(
             f"the training data has {len(train_examples)} examples but one step needs "
@@ -295,9 +309,16 @@ def train(
                 f"{resume_from}: optimizer state does not fit this run ({err}); was optim.name "
                 "or the set of trained parameters changed?"
             ) from err
+        saved_world = state.get("world_size", 1)
+        if saved_world != dist.world_size():
+            raise UserError(
+                f"{resume_from} was saved by {saved_world} process(es) and this run has "
+                f"{dist.world_size()}: resume with --nproc_per_node={saved_world} (the data order "
+                "and each rank's random state depend on it), or start a new run"
+            )
         stage.load_state_dict(state.get("stage", {}))
         pos = Position(**state["position"])
-        ckpt_lib.set_rng_state(state["rng"])
+        ckpt_lib.set_rng_state(state["rng"][dist.rank()] if "world_size" in state else state["rng"])
 
     def state_now() -> dict[str, Any]:
         return {
@@ -305,16 +326,25 @@ def train(
             "scheduler": scheduler.state_dict(),
             "stage": stage.state_dict(),
             "position": asdict(pos),
-            "rng": ckpt_lib.rng_state(),
+            "rng": dist.gather_objects(ckpt_lib.rng_state()),  # one per rank
+            "world_size": dist.world_size(),
             "step": pos.step,
         }
 
-    def save(name: str | None = None) -> Path:
+    def save(name: str | None = None) -> Path | None:
+        state = state_now()  # a collective: every rank takes part
+        path = None
+        if dist.is_main():
+            path = _save(name, state)
+        dist.barrier()
+        return path
+
+    def _save(name: str | None, state: dict[str, Any]) -> Path:
         return ckpt_lib.save_checkpoint(
             run_dir,
             pos.step,
             model,
-            state_now(),
+            state,
             config_yaml,
             t.keep_last,
             stage.tokenizer if name else None,
@@ -329,7 +359,8 @@ def train(
     last: dict[str, Any] = {}
     evals: dict[str, Any] = {}
     start_step, t0 = pos.step, time.perf_counter()
-    with Reporter(run_dir, total, pos.step, resume_from is not None) as report, StopFlag() as stop:
+    reporter = Reporter(run_dir, total, pos.step, resume_from is not None, enabled=dist.is_main())
+    with reporter as report, StopFlag() as stop:
         while pos.step < total:
             step_t0 = time.perf_counter()
             examples = next_examples(train_examples, pos, step_size, t.seed, t.shuffle)
@@ -352,13 +383,15 @@ def train(
                 report.eval(pos.step, evals)
             if t.save_every and pos.step % t.save_every == 0 and pos.step < total:
                 save()
-            if stop.signum is not None:
+            # Every rank stops at the same step when any of them got the signal.
+            signum = int(dist.all_reduce_max(float(stop.signum or 0)))
+            if signum:
                 path = save()
-                name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
+                name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
                 raise Interrupted(
                     f"{name}: stopped at step {pos.step}/{total}; checkpoint {path}. "
                     f"Continue with: rlhf train ... run_dir={run_dir} resume=auto",
-                    128 + stop.signum,
+                    128 + signum,
                 )
         if eval_examples and start_step < total:
             evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from rlhf_cli import distributed as dist
 from rlhf_cli.data import collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, Updater
@@ -66,8 +67,14 @@ class RunningMoments:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def update(self, x: torch.Tensor) -> None:
-        n, mean = x.numel(), float(x.mean())
-        m2 = float(((x - mean) ** 2).sum())
+        """Add a batch: the scores of every rank, so the moments agree on all ranks."""
+        x = x.double()
+        sums = torch.stack(
+            [torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device), x.sum(), (x**2).sum()]
+        )
+        count, total, squares = dist.all_reduce_sum(sums).tolist()
+        n, mean = int(count), total / count
+        m2 = max(squares - count * mean**2, 0.0)
         delta, total = mean - self.mean, self.count + n
         self.mean += delta * n / total
         self.m2 += m2 + delta**2 * self.count * n / total
@@ -94,8 +101,15 @@ class OnlineStage(Stage):
     def __init__(self, cfg, model, tokenizer, device, amp_dtype):
         super().__init__(cfg, model, tokenizer, device, amp_dtype)
         s = cfg.stage
-        # A minibatch larger than the rollout batch is the whole batch.
+        world = dist.world_size()
+        # A minibatch larger than the rollout batch is the whole batch; each rank takes 1/N.
         self.minibatch_size = min(s.minibatch_size, s.rollout_batch_size * s.group_size)
+        if s.rollout_batch_size % world or self.minibatch_size % world:
+            raise UserError(
+                f"stage.rollout_batch_size={s.rollout_batch_size} and stage.minibatch_size="
+                f"{self.minibatch_size} are global: both must divide by the {world} ranks"
+            )
+        self.local_minibatch = self.minibatch_size // world
         # The policy samples and is scored without dropout (set_eval in every step), so that the
         # first update's ratio is exactly 1: rollout and update log-probs are the same function.
         self.kl_coef = float(s.kl_coef)
@@ -312,7 +326,7 @@ class OnlineStage(Stage):
         s = self.cfg.stage
         t0 = time.perf_counter()
         set_eval(self.model)  # no dropout in sampling, scoring or updates (see __init__)
-        rollout = self.rollout(examples)
+        rollout = self.rollout(dist.shard(examples))  # this rank's share of the prompts
         mask = rollout.mask
         with torch.no_grad(), autocast(self.amp_dtype, self.device):
             old_logps, old_values, _ = self.forward(
@@ -340,9 +354,10 @@ class OnlineStage(Stage):
         losses, norms = [], []
         for _ in range(s.epochs):
             order = torch.randperm(n)
-            for start in range(0, n, self.minibatch_size):
-                mb_idx = order[start : start + self.minibatch_size]
-                mb_tokens = mask[mb_idx].sum().clamp(min=1)
+            for start in range(0, n, self.local_minibatch):
+                mb_idx = order[start : start + self.local_minibatch]
+                # Token-weighted over the global minibatch: every rank's tokens count.
+                mb_tokens = dist.all_reduce_sum(mask[mb_idx].sum().float()).clamp(min=1)
                 total = torch.zeros((), device=self.device)
                 for m0 in range(0, len(mb_idx), self.cfg.train.micro_batch_size):
                     idx = mb_idx[m0 : m0 + self.cfg.train.micro_batch_size].to(self.device)
@@ -378,12 +393,14 @@ class OnlineStage(Stage):
                             stats.get(name, 0.0)
                             + float(value) * float(share) / self.updates_per_step()
                         )
-                loss_value, norm = updater.apply(total)
+                loss_value, norm = updater.apply(dist.all_reduce_sum(total))
                 losses.append(loss_value)
                 norms.append(norm)
         if getattr(s, "adaptive_kl", False):
+            world = dist.world_size()
+            mean_kl = float(dist.all_reduce_sum(seq_kl.mean().double())) / world
             self.kl_coef = adaptive_kl_coef(
-                self.kl_coef, float(seq_kl.mean()), s.kl_target, s.kl_horizon, n
+                self.kl_coef, mean_kl, s.kl_target, s.kl_horizon, n * world
             )
         lengths = mask.sum(-1).float()
         record = {
@@ -401,7 +418,7 @@ class OnlineStage(Stage):
             "step_s": time.perf_counter() - t0,
             **stats,
         }
-        return record, int(rollout.attention_mask.sum())
+        return mean_over_ranks(record), int(dist.all_reduce_sum(rollout.attention_mask.sum()))
 
     @torch.no_grad()
     def evaluate(self, examples: list) -> dict[str, float]:
@@ -413,8 +430,9 @@ class OnlineStage(Stage):
             return self._evaluate(examples)
 
     def _evaluate(self, examples: list) -> dict[str, float]:
-        rollouts, scores, kls, lengths = 0, [], [], []
+        scores, kls, lengths = [], [], []
         size = self.cfg.stage.rollout_batch_size
+        examples = examples[dist.rank() :: dist.world_size()]
         for i in range(0, len(examples), size):
             rollout = self.rollout(examples[i : i + size])
             with autocast(self.amp_dtype, self.device):
@@ -423,12 +441,20 @@ class OnlineStage(Stage):
             scores.append(self.scores(rollout))
             kls.append((kl_penalty(logps, ref, "k1") * rollout.mask).sum(-1))
             lengths.append(rollout.mask.sum(-1).float())
-            rollouts += 1
-        return {
-            "score": float(torch.cat(scores).mean()),
-            "kl": float(torch.cat(kls).mean()),
-            "response_length": float(torch.cat(lengths).mean()),
-        }
+        mine = [torch.cat(x).tolist() if x else [] for x in (scores, kls, lengths)]
+        parts = dist.gather_objects(mine)
+        merged = [sum((p[i] for p in parts), []) for i in range(3)]
+        names = ("score", "kl", "response_length")
+        return {name: sum(v) / max(len(v), 1) for name, v in zip(names, merged)}
+
+
+def mean_over_ranks(record: dict[str, float]) -> dict[str, float]:
+    """The average of each metric over ranks (the same keys on every rank)."""
+    if dist.world_size() == 1:
+        return record
+    keys = sorted(record)
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, (dist.all_reduce_sum(values) / dist.world_size()).tolist()))
 
 
 def resolve_dirs(path: str):

@@ -54,8 +54,16 @@ class MetricsFile:
 class Reporter:
     """Progress display + metrics file for one run."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, resumed: bool):
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl", start_step if resumed else None)
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int, resumed: bool, enabled: bool = True
+    ):
+        # Only one process of a distributed run (rank 0) shows and writes anything.
+        self.enabled = enabled
+        self.metrics = (
+            MetricsFile(run_dir / "metrics.jsonl", start_step if resumed else None)
+            if enabled
+            else None
+        )
         self.total = total_steps
         self.start_step = start_step
         self.interactive = console.is_terminal
@@ -64,7 +72,7 @@ class Reporter:
         self.last_print = 0.0
 
     def __enter__(self) -> Reporter:
-        if self.interactive:
+        if self.interactive and self.enabled:
             self.progress = Progress(
                 TextColumn("[bold]step {task.completed}/{task.total}"),
                 BarColumn(),
@@ -84,9 +92,12 @@ class Reporter:
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
             self.progress.stop()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def step(self, step: int, record: dict[str, Any], log: bool) -> None:
+        if not self.enabled:
+            return
         if log:
             self.metrics.write({"step": step, "split": "train", **record})
         info = (
@@ -104,6 +115,8 @@ class Reporter:
             console.print(f"step {step}/{self.total}  {info}  ETA {eta:,.0f}s")
 
     def eval(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.metrics.write({"step": step, "split": "eval", **record})
         text = "  ".join(f"{k} {fmt(v)}" for k, v in record.items())
         if self.progress is not None:
@@ -112,6 +125,8 @@ class Reporter:
             console.print(f"eval @ step {step}: {text}")
 
     def note(self, text: str) -> None:
+        if not self.enabled:
+            return
         (self.progress.console if self.progress is not None else console).print(text)
 
 

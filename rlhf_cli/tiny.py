@@ -8,6 +8,7 @@ directory first and renamed, so concurrent runs (a sweep, torchrun ranks) never 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -70,20 +71,27 @@ def tiny_model_dir() -> Path:
         json.dumps([TINY_RECIPE, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, corpus]).encode()
     ).hexdigest()[:12]
     target = cache_root() / f"tiny-llama-{digest}"
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=target.parent))
-    try:
-        _build(tmp, corpus)
+    # One builder at a time (a sweep's jobs or torchrun's ranks may all start here).
+    with open(target.parent / ".tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=target.parent))
         try:
+            _build(tmp, corpus)
+            if target.exists():  # left incomplete by an older version: replace it
+                shutil.rmtree(target)
             os.rename(tmp, target)
-        except OSError:  # another process finished first: theirs is identical
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def _build(out: Path, corpus: list[str]) -> None:

@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf_cli import checkpoint as ckpt_lib
+from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config
 from rlhf_cli.data import load_datasets
-from rlhf_cli.errors import CheckpointError
+from rlhf_cli.errors import CheckpointError, UserError
 from rlhf_cli.loop import train
 from rlhf_cli.models import (
     autocast_dtype,
@@ -88,7 +89,26 @@ def seed_everything(seed: int) -> None:
 
 def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
     """Train one stage end to end; returns the summary rows."""
-    run_dir, resume_from = prepare_run_dir(cfg, run_dir)
+    dist.init()
+    console.quiet = not dist.is_main()
+    hydra_dir = run_dir
+    # Rank 0 decides where the run goes (and what it resumes); every rank follows.
+    decided: tuple | str
+    try:
+        decided = prepare_run_dir(cfg, run_dir) if dist.is_main() else ""
+    except UserError as err:
+        decided = str(err)
+    decided = dist.broadcast_object(decided)
+    if isinstance(decided, str):
+        raise CheckpointError(decided)
+    run_dir, resume_from = decided
+    if (
+        not dist.is_main()
+        and hydra_dir != run_dir
+        and hydra_dir.is_dir()
+        and not any(hydra_dir.iterdir())
+    ):
+        hydra_dir.rmdir()  # the empty directory Hydra made for this rank's own timestamp
     if resume_from is not None:
         saved = (
             (resume_from / "config.yaml").read_text()
@@ -99,15 +119,16 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
             for diff in config_differences(saved, config_yaml):
                 console.print(f"[yellow]warning:[/] resuming with a changed config: {diff}")
         console.print(f"resuming from {resume_from}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists():
-        (run_dir / "config.yaml").write_text(config_yaml)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(config_yaml)
 
     quiet_libraries()
     if cfg.reward.fn:
         load_reward_fn(cfg.reward.fn)  # a typo fails here, before any model loads
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.device)
+    device = dist.local_device(cfg.device) or resolve_device(cfg.device)
     amp = autocast_dtype(cfg.train.precision, device)
     tokenizer = load_tokenizer(cfg.model)
     cls = stage_class(cfg.stage.name)
@@ -132,6 +153,11 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
     )
     stage = cls(cfg, model, tokenizer, device, amp)
     stage.prepare(train_examples, eval_examples, run_dir)
+    if dist.world_size() > 1:
+        # Same initial weights everywhere (seeded above); from here each rank's dropout and
+        # sampling draw their own random numbers.
+        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank())
+        console.print(f"distributed: {dist.world_size()} ranks, {device.type}")
     rows = train(
         stage,
         train_examples,

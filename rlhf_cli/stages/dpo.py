@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_cli import distributed as dist
 from rlhf_cli.data import IGNORE_INDEX, PreferenceBatch, collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, move
@@ -95,11 +96,18 @@ class DPOStage(Stage):
             ).encode()
         ).hexdigest()
         cache = run_dir / "ref_logps.pt"
+        if not dist.is_main():  # rank 0 computes and writes the cache; the others read it
+            dist.barrier()
+            self._attach(
+                train_examples + eval_examples, torch.load(cache, weights_only=True)["logps"]
+            )
+            return
         if cache.is_file():
             saved = torch.load(cache, weights_only=True)
             if saved.get("key") == key:
                 self._attach(train_examples + eval_examples, saved["logps"])
                 console.print(f"dpo: reference log-probs from {cache}")
+                dist.barrier()
                 return
         values: list[list[float]] = []
         size = self.cfg.train.micro_batch_size
@@ -116,6 +124,7 @@ class DPOStage(Stage):
                     [float(rows[batch["index"][b, k]]) for k in range(len(ex["responses_ids"]))]
                 )
         torch.save({"key": key, "logps": values}, cache)
+        dist.barrier()
         self._attach(everything, values)
         console.print(f"dpo: reference log-probs precomputed for {len(values)} examples -> {cache}")
 

@@ -1,0 +1,144 @@
+"""Data parallelism over torchrun: one process per device, the standard torch.distributed
+process group (nccl on CUDA, gloo on CPU).
+
+Every rank holds the whole model (with LoRA, its own 4-bit base) and a 1/N shard of each step's
+examples. Micro-batch losses are divided by the weight (tokens, pairs) of the WHOLE global step,
+summed over every rank; after the step's backward passes the trainable gradients are summed
+across ranks in one flat all-reduce. So N ranks x micro-batch b x accumulation k make exactly
+the update of 1 rank x b*N x k (tested), with one gradient synchronisation per optimizer step.
+Rank 0 alone prints, writes metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True inside a torchrun worker (even before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join torchrun's process group (no-op for a single process)."""
+    if not launched() or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+
+
+def local_device(name: str) -> torch.device | None:
+    """The CUDA device of this rank under torchrun (device=auto/cuda), else None."""
+    if launched() and name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return None
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (returns the tensor); CPU tensors work with nccl too."""
+    if world_size() == 1:
+        return tensor
+    device = _comm_device()
+    if tensor.device == device:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return tensor.copy_(moved)
+
+
+def all_reduce_max(value: float) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, on every rank, in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of `params` over ranks: one flat all-reduce."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if len(grads) != len(params):  # every rank must send the same layout
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1).float() for g in grads]))
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g).to(g.dtype))
+        offset += n
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
+    """Start every rank from rank 0's trainable weights (as DDP does)."""
+    if world_size() == 1:
+        return
+    device = _comm_device()
+    for p in params:
+        data = p.data.to(device)
+        dist.broadcast(data, src=0)
+        p.data.copy_(data)
+
+
+def shard(items: list, r: int | None = None, n: int | None = None) -> list:
+    """This rank's contiguous 1/N of a global batch (len(items) divisible by N)."""
+    r, n = rank() if r is None else r, world_size() if n is None else n
+    size = len(items) // n
+    return items[r * size : (r + 1) * size]
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

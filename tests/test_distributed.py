@@ -1,0 +1,98 @@
+"""Data parallelism through torchrun on CPU (gloo): N ranks x batch b equal 1 rank x batch N*b."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, read_metrics, train_in_process
+from test_training import adapter, max_diff
+
+from rlhf_cli import checkpoint as ckpt_lib
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "rlhf_cli", "train", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def assert_ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# quant=none: no 4-bit rounding, so the comparison can be tight; dropout 0: no per-rank RNG.
+EXACT = ("quant=none", "peft.dropout=0", "data.max_samples=96", "train.max_steps=4",
+         "optim.lr=2e-3", "data.eval_size=8")
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, stage):
+    res = torchrun(f"stage={stage}", *EXACT, "train.micro_batch_size=2", "train.grad_accum=2",
+                   f"run_dir={tmp_path / 'two'}")
+    assert_ok(res)
+    train_in_process(tmp_path / "one", f"stage={stage}", *EXACT, "train.micro_batch_size=4",
+                     "train.grad_accum=2")
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert len(two) == len(one) == 4
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    evals = read_metrics(tmp_path / "two", "eval"), read_metrics(tmp_path / "one", "eval")
+    assert evals[0][-1]["loss"] == pytest.approx(evals[1][-1]["loss"], abs=1e-5)
+    # Adam divides by sqrt(v): float summation-order noise grows to ~1e-5 in 4 steps; a
+    # gradient that missed a rank's share would differ by ~1e-3.
+    assert max_diff(adapter(tmp_path / "two"), adapter(tmp_path / "one")) < 1e-4
+    # One run directory, one set of checkpoints, written by rank 0 alone.
+    assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "two")] == ["step-000004"]
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_two_rank_grpo_matches_one_rank(tmp_path):
+    common = ("stage=grpo", "reward.fn=rlhf_cli.rewards:char_fraction", "data.eval_size=0",
+              "stage.rollout_batch_size=8", "stage.max_new_tokens=8", "train.max_steps=2")
+    assert_ok(torchrun(*common, f"run_dir={tmp_path / 'two'}"))
+    train_in_process(tmp_path / "one", *common)
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert set(two[0]) == set(one[0])
+    for run in (two, one):  # before any update the policy is the reference
+        assert run[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert run[0]["policy/ratio_first"] == pytest.approx(1.0, abs=1e-5)
+    # Different random samples, the same policy: scores of untrained samples agree in mean.
+    assert two[0]["score"] == pytest.approx(one[0]["score"], abs=0.05)
+    assert two[0]["response_length"] == pytest.approx(one[0]["response_length"], rel=0.3)
+    assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "two")] == ["step-000002"]
+
+
+def test_two_rank_run_resumes_and_refuses_another_world_size(tmp_path):
+    args = ("stage=sft", "data.max_samples=96", "data.eval_size=0", "train.max_steps=4",
+            "train.save_every=2", "train.keep_last=3", "train.micro_batch_size=4",
+            "optim.lr=2e-3")
+    assert_ok(torchrun(*args, f"run_dir={tmp_path / 'full'}"))
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+
+    one = subprocess.run([sys.executable, "-m", "rlhf_cli", "train", *args,
+                          f"run_dir={tmp_path / 'resumed'}", "resume=auto"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 2 and "saved by 2 process(es)" in one.stderr, one.stderr
+    assert "Traceback" not in one.stderr
+
+    assert_ok(torchrun(*args, f"run_dir={tmp_path / 'resumed'}", "resume=auto"))
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "resumed")) < 1e-6
+
+
+def test_launch_nproc_runs_torchrun(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "rlhf_cli", "train", "launch.nproc=2", *EXACT,
+         "train.micro_batch_size=2", "train.max_steps=2", f"run_dir={tmp_path / 'r'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "distributed: 2 ranks" in res.stderr
+    assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
