@@ -46,23 +46,39 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_weights(model, out: Path, extras: dict[str, torch.nn.Module] | None = None) -> None:
+def save_weights(
+    model,
+    out: Path,
+    extras: dict[str, torch.nn.Module] | None = None,
+    full_state: dict[str, torch.Tensor] | None = None,
+) -> None:
     """The trainable weights: a PEFT adapter (or the full model), plus each extra module (a
-    reward or value head) as <name>.safetensors."""
-    from safetensors.torch import save_model
+    reward or value head) as <name>.safetensors. `full_state`: the trainable weights already
+    gathered from FSDP shards (saved in the same format)."""
+    from safetensors.torch import save_file, save_model
 
     if is_peft(model):
         # Only the adapter being trained: a frozen reference adapter is not training state.
+        kwargs = {"state_dict": full_state} if full_state is not None else {}
         model.save_pretrained(
-            out, safe_serialization=True, selected_adapters=[model.active_adapter]
+            out, safe_serialization=True, selected_adapters=[model.active_adapter], **kwargs
         )
+    elif full_state is not None:
+        save_file({k: v.contiguous() for k, v in full_state.items()}, str(out / FULL_WEIGHTS))
     else:
         save_model(model, str(out / FULL_WEIGHTS))
     for name, module in (extras or {}).items():
         save_model(module, str(out / f"{name}.safetensors"))
 
 
-def load_weights(model, ckpt: Path, extras: dict[str, torch.nn.Module] | None = None) -> None:
+def load_weights(
+    model,
+    ckpt: Path,
+    extras: dict[str, torch.nn.Module] | None = None,
+    full_state: dict | None = None,
+) -> None:
+    """Load what save_weights wrote; with `full_state` (FSDP) only the extra modules, the
+    caller loads the sharded weights."""
     from safetensors.torch import load_file, load_model
 
     for name, module in (extras or {}).items():
@@ -70,6 +86,8 @@ def load_weights(model, ckpt: Path, extras: dict[str, torch.nn.Module] | None = 
         if not path.is_file():
             raise CheckpointError(f"{ckpt}: no {path.name} (a checkpoint of another stage?)")
         load_model(module, str(path))
+    if full_state is not None:
+        return
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -92,9 +110,18 @@ def load_weights(model, ckpt: Path, extras: dict[str, torch.nn.Module] | None = 
     load_model(model, str(path))
 
 
-def weights_finite(model, extras: dict[str, torch.nn.Module] | None = None) -> bool:
-    modules = [model, *(extras or {}).values()]
-    return all(torch.isfinite(p).all() for m in modules for p in m.parameters() if p.requires_grad)
+def weights_finite(
+    model,
+    extras: dict[str, torch.nn.Module] | None = None,
+    full_state: dict[str, torch.Tensor] | None = None,
+) -> bool:
+    tensors = (
+        list(full_state.values())
+        if full_state is not None
+        else [p for p in model.parameters() if p.requires_grad]
+    )
+    tensors += [p for m in (extras or {}).values() for p in m.parameters() if p.requires_grad]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def save_checkpoint(
@@ -108,8 +135,9 @@ def save_checkpoint(
     name: str | None = None,
     extras: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
+    full_state = state.get("trainable")
     """Write checkpoints/step-N (or `name` under run_dir) atomically; prune to keep_last."""
-    if not weights_finite(model, extras):
+    if not weights_finite(model, extras, full_state):
         raise CheckpointError(
             "refusing to save non-finite weights (NaN/inf in a trained parameter)"
         )
@@ -118,7 +146,7 @@ def save_checkpoint(
     target = parent / (name or f"step-{step:06d}")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=parent))
     try:
-        save_weights(model, tmp, extras)
+        save_weights(model, tmp, extras, full_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)

@@ -243,6 +243,18 @@ class RewardConfig:
 
 
 @dataclass
+class DistConfig:
+    """How several processes (torchrun) share the work."""
+
+    strategy: str = "ddp"
+    """ddp: every rank holds the model, gradients are summed (LoRA/QLoRA); fsdp: weights,
+    gradients and optimizer state are sharded (FSDP2) for an unquantized base (quant=none)."""
+
+    def __post_init__(self) -> None:
+        _choice("dist.strategy", self.strategy, ("ddp", "fsdp"))
+
+
+@dataclass
 class RefConfig:
     """The frozen reference policy of DPO (and of the online stages)."""
 
@@ -522,6 +534,8 @@ class Config:
     """The frozen reference policy (dpo, ppo, grpo, rloo)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """The reward of the online stages (ppo, grpo, rloo)."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Multi-process training under torchrun."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     run_dir: str = MISSING
@@ -540,6 +554,17 @@ class Config:
             f"peft=full cannot train a quantized base (quant.mode={self.quant.mode}): "
             "add quant=none",
         )
+        if self.dist.strategy == "fsdp":
+            _check(
+                self.quant.mode == "none",
+                f"dist.strategy=fsdp shards an unquantized base: add quant=none (4-bit bases "
+                f"use dist.strategy=ddp), got quant.mode={self.quant.mode}",
+            )
+            _check(
+                not isinstance(self.stage, OnlineConfig),
+                f"dist.strategy=fsdp covers sft, rm and dpo; stage={self.stage.name} runs with "
+                "dist.strategy=ddp",
+            )
         if isinstance(self.stage, OnlineConfig):
             _check(
                 bool(self.reward.model) != bool(self.reward.fn),
@@ -590,6 +615,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "train": TrainConfig,
     "ref": RefConfig,
     "reward": RewardConfig,
+    "dist": DistConfig,
 }
 
 

@@ -7,6 +7,10 @@ summed over every rank; after the step's backward passes the trainable gradients
 across ranks in one flat all-reduce. So N ranks x micro-batch b x accumulation k make exactly
 the update of 1 rank x b*N x k (tested), with one gradient synchronisation per optimizer step.
 Rank 0 alone prints, writes metrics and checkpoints.
+
+dist.strategy=fsdp (torch FSDP2, fully_shard) shards the weights, gradients and optimizer state
+of an unquantized base across ranks instead (each decoder layer, the decoder and the LM head are
+units); checkpoints are gathered into the same full-weight format as a single device's.
 """
 
 from __future__ import annotations
@@ -97,9 +101,17 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def is_sharded(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def sync_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients of `params` over ranks: one flat all-reduce."""
-    if world_size() == 1:
+    """Sum the gradients of `params` over ranks: one flat all-reduce. FSDP-sharded parameters
+    are skipped: FSDP reduce-scatters (sums) their gradients itself."""
+    params = [p for p in params if not is_sharded(p)]
+    if world_size() == 1 or not params:
         return
     grads = [p.grad for p in params if p.grad is not None]
     if len(grads) != len(params):  # every rank must send the same layout
@@ -124,6 +136,83 @@ def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
         data = p.data.to(device)
         dist.broadcast(data, src=0)
         p.data.copy_(data)
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients, sharded (FSDP) or not."""
+    local = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        if is_sharded(p.grad):
+            local += p.grad.to_local().double().pow(2).sum().cpu()
+        else:
+            replicated += p.grad.double().pow(2).sum().cpu()
+    return (all_reduce_sum(local) + replicated).sqrt()
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ for a mix of FSDP-sharded and plain parameters; returns the norm."""
+    if not any(is_sharded(p) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = grad_norm(params)
+    scale = max_norm / (float(norm) + 1e-6)
+    if scale < 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def fsdp_wrap(model) -> None:
+    """Shard a (PEFT) causal LM with FSDP2: every decoder layer, the decoder, the LM head (when
+    not tied to the embeddings), then the whole. Gradients are summed, not averaged: the loss is
+    already divided by the weight of the global step."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(lm, lm.base_model_prefix)
+    for layer in body.layers:
+        fully_shard(layer)
+    fully_shard(body)
+    head = lm.get_output_embeddings()
+    tied = head is not None and head.weight is body.get_input_embeddings().weight
+    if head is not None and not tied:
+        fully_shard(head)
+    fully_shard(lm)
+    for module in lm.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def full_trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable weights gathered whole, on CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, optimizer, weights: dict, optim_state: dict) -> None:
+    """Every rank loads the whole state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
 
 def shard(items: list, r: int | None = None, n: int | None = None) -> list:

@@ -240,9 +240,10 @@ class Updater:
     def apply(self, loss: torch.Tensor) -> tuple[float, float]:
         """`loss` must already be the global (all-rank) value; the gradients are summed here."""
         dist.sync_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        grad_norm = dist.clip_gradients(self.params, self.max_norm)
         # The one host sync of an update: both numbers decide whether to apply it.
-        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        norm = grad_norm.float().to(loss.device)
+        loss_value, norm_value = torch.stack([loss.detach().float(), norm]).tolist()
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
             self.optimizer.step()
@@ -284,7 +285,9 @@ def train(
     if not params:
         raise UserError("the model has no trainable parameters (check peft settings)")
     step_size = stage.examples_per_step()
-    dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
+    fsdp = any(dist.is_sharded(p) for p in params)
+    if not fsdp:
+        dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
     if len(train_examples) < step_size:
         raise UserError(
             f"the training data has {len(train_examples)} examples but one step needs "
@@ -300,9 +303,17 @@ def train(
     pos = Position()
     if resume_from is not None:
         state = ckpt_lib.load_state(resume_from)
-        ckpt_lib.load_weights(model, resume_from, extras)
+        if fsdp != ("trainable" in state):
+            raise UserError(
+                f"{resume_from} was saved with dist.strategy={'ddp' if fsdp else 'fsdp'}: resume "
+                "with the same strategy"
+            )
+        ckpt_lib.load_weights(model, resume_from, extras, full_state=state.get("trainable"))
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            if fsdp:
+                dist.load_full_state(model, optimizer, state["trainable"], state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError) as err:
             raise UserError(
@@ -321,8 +332,14 @@ def train(
         ckpt_lib.set_rng_state(state["rng"][dist.rank()] if "world_size" in state else state["rng"])
 
     def state_now() -> dict[str, Any]:
+        extra = {}
+        if fsdp:  # gathered whole: the files look like a single device's
+            extra["trainable"] = dist.full_trainable_state(model)
         return {
-            "optimizer": optimizer.state_dict(),
+            **extra,
+            "optimizer": dist.full_optimizer_state(model, optimizer)
+            if fsdp
+            else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "stage": stage.state_dict(),
             "position": asdict(pos),

@@ -153,6 +153,8 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
     )
     stage = cls(cfg, model, tokenizer, device, amp)
     stage.prepare(train_examples, eval_examples, run_dir)
+    if cfg.dist.strategy == "fsdp":
+        dist.fsdp_wrap(model)  # after the stage set up its adapters and reference
     if dist.world_size() > 1:
         # Same initial weights everywhere (seeded above); from here each rank's dropout and
         # sampling draw their own random numbers.

@@ -14,8 +14,17 @@ from rlhf_cli import checkpoint as ckpt_lib
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "rlhf_cli", "train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "rlhf_cli",
+        "train",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -24,17 +33,29 @@ def assert_ok(res: subprocess.CompletedProcess) -> None:
 
 
 # quant=none: no 4-bit rounding, so the comparison can be tight; dropout 0: no per-rank RNG.
-EXACT = ("quant=none", "peft.dropout=0", "data.max_samples=96", "train.max_steps=4",
-         "optim.lr=2e-3", "data.eval_size=8")
+EXACT = (
+    "quant=none",
+    "peft.dropout=0",
+    "data.max_samples=96",
+    "train.max_steps=4",
+    "optim.lr=2e-3",
+    "data.eval_size=8",
+)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, stage):
-    res = torchrun(f"stage={stage}", *EXACT, "train.micro_batch_size=2", "train.grad_accum=2",
-                   f"run_dir={tmp_path / 'two'}")
+    res = torchrun(
+        f"stage={stage}",
+        *EXACT,
+        "train.micro_batch_size=2",
+        "train.grad_accum=2",
+        f"run_dir={tmp_path / 'two'}",
+    )
     assert_ok(res)
-    train_in_process(tmp_path / "one", f"stage={stage}", *EXACT, "train.micro_batch_size=4",
-                     "train.grad_accum=2")
+    train_in_process(
+        tmp_path / "one", f"stage={stage}", *EXACT, "train.micro_batch_size=4", "train.grad_accum=2"
+    )
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert len(two) == len(one) == 4
     for a, b in zip(two, one):
@@ -51,8 +72,14 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, stage):
 
 
 def test_two_rank_grpo_matches_one_rank(tmp_path):
-    common = ("stage=grpo", "reward.fn=rlhf_cli.rewards:char_fraction", "data.eval_size=0",
-              "stage.rollout_batch_size=8", "stage.max_new_tokens=8", "train.max_steps=2")
+    common = (
+        "stage=grpo",
+        "reward.fn=rlhf_cli.rewards:char_fraction",
+        "data.eval_size=0",
+        "stage.rollout_batch_size=8",
+        "stage.max_new_tokens=8",
+        "train.max_steps=2",
+    )
     assert_ok(torchrun(*common, f"run_dir={tmp_path / 'two'}"))
     train_in_process(tmp_path / "one", *common)
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
@@ -67,17 +94,36 @@ def test_two_rank_grpo_matches_one_rank(tmp_path):
 
 
 def test_two_rank_run_resumes_and_refuses_another_world_size(tmp_path):
-    args = ("stage=sft", "data.max_samples=96", "data.eval_size=0", "train.max_steps=4",
-            "train.save_every=2", "train.keep_last=3", "train.micro_batch_size=4",
-            "optim.lr=2e-3")
+    args = (
+        "stage=sft",
+        "data.max_samples=96",
+        "data.eval_size=0",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.keep_last=3",
+        "train.micro_batch_size=4",
+        "optim.lr=2e-3",
+    )
     assert_ok(torchrun(*args, f"run_dir={tmp_path / 'full'}"))
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
     shutil.rmtree(tmp_path / "resumed" / "final")
 
-    one = subprocess.run([sys.executable, "-m", "rlhf_cli", "train", *args,
-                          f"run_dir={tmp_path / 'resumed'}", "resume=auto"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_cli",
+            "train",
+            *args,
+            f"run_dir={tmp_path / 'resumed'}",
+            "resume=auto",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 2 and "saved by 2 process(es)" in one.stderr, one.stderr
     assert "Traceback" not in one.stderr
 
@@ -89,10 +135,68 @@ def test_two_rank_run_resumes_and_refuses_another_world_size(tmp_path):
 
 def test_launch_nproc_runs_torchrun(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "rlhf_cli", "train", "launch.nproc=2", *EXACT,
-         "train.micro_batch_size=2", "train.max_steps=2", f"run_dir={tmp_path / 'r'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "rlhf_cli",
+            "train",
+            "launch.nproc=2",
+            *EXACT,
+            "train.micro_batch_size=2",
+            "train.max_steps=2",
+            f"run_dir={tmp_path / 'r'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "distributed: 2 ranks" in res.stderr
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_shards_matches_one_rank_and_resumes(tmp_path):
+    args = (*EXACT, "train.save_every=2", "train.keep_last=3")
+    assert_ok(
+        torchrun(
+            *args, "dist.strategy=fsdp", "train.micro_batch_size=4", f"run_dir={tmp_path / 'fsdp'}"
+        )
+    )
+    train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
+    fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    # Gathered from the shards into the single-device format, key for key.
+    assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-5
+
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    assert_ok(
+        torchrun(
+            *args,
+            "dist.strategy=fsdp",
+            "train.micro_batch_size=4",
+            f"run_dir={tmp_path / 'resumed'}",
+            "resume=auto",
+        )
+    )
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in fsdp], abs=1e-6)
+    assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "resumed")) < 1e-6
+
+
+def test_fsdp_config_is_validated(tmp_path):
+    from conftest import rlhf
+
+    res = rlhf("train", "dist.strategy=fsdp", cwd=tmp_path)  # the default base is 4-bit
+    assert res.returncode == 2 and "add quant=none" in res.stderr
+    res = rlhf(
+        "train",
+        "stage=grpo",
+        "reward.fn=rlhf_cli.rewards:char_fraction",
+        "quant=none",
+        "dist.strategy=fsdp",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2 and "dist.strategy=ddp" in res.stderr
