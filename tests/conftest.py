@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,17 @@ def rlhf(
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def stopped_copy(full: Path, dst: Path, last_step: int) -> Path:
+    """A copy of a finished run as it was when it stopped after its last_step checkpoint: later
+    checkpoints and final/ removed, so that resume=auto continues from last_step."""
+    shutil.copytree(full, dst)
+    for ckpt in (dst / "checkpoints").iterdir():
+        if ckpt.name.startswith("step-") and int(ckpt.name.split("-")[1]) > last_step:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(dst / "final")
+    return dst
 
 
 # Small, fast settings for runs in tests.

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, read_metrics, train_in_process
+from conftest import REPO, read_metrics, stopped_copy, train_in_process
 from test_training import adapter, max_diff
 
 from rlhf_cli import checkpoint as ckpt_lib
@@ -105,9 +104,7 @@ def test_two_rank_run_resumes_and_refuses_another_world_size(tmp_path):
         "optim.lr=2e-3",
     )
     assert_ok(torchrun(*args, f"run_dir={tmp_path / 'full'}"))
-    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
-    shutil.rmtree(tmp_path / "resumed" / "final")
+    stopped_copy(tmp_path / "full", tmp_path / "resumed", last_step=2)
 
     one = subprocess.run(
         [
@@ -169,9 +166,7 @@ def test_fsdp_shards_matches_one_rank_and_resumes(tmp_path):
     # Gathered from the shards into the single-device format, key for key.
     assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-5
 
-    shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
-    shutil.rmtree(tmp_path / "resumed" / "final")
+    stopped_copy(tmp_path / "fsdp", tmp_path / "resumed", last_step=2)
     assert_ok(
         torchrun(
             *args,

@@ -3,10 +3,8 @@ toy verifiable reward, reward models on a shared base, resume."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from conftest import read_metrics, rlhf, train_in_process
+from conftest import read_metrics, rlhf, stopped_copy, train_in_process
 from test_training import adapter, max_diff
 
 from rlhf_cli import rewards
@@ -93,9 +91,7 @@ def test_online_resume_equals_uninterrupted(tmp_path, stage):
         "stage.adaptive_kl=true" if stage == "ppo" else "stage.kl_coef=0.05",
     )
     train_in_process(tmp_path / "full", *args)
-    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
-    shutil.rmtree(tmp_path / "resumed" / "final")
+    stopped_copy(tmp_path / "full", tmp_path / "resumed", last_step=2)
     train_in_process(tmp_path / "resumed", *args, "resume=auto")
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     for key in ("score", "kl", "loss", "kl_coef"):

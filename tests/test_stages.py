@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, rlhf, train_in_process
+from conftest import read_metrics, rlhf, stopped_copy, train_in_process
 from test_training import adapter, max_diff
 
 from rlhf_cli.data import builtin_path
@@ -154,9 +153,7 @@ def test_resume_equals_uninterrupted(tmp_path, stage):
         "optim.lr=2e-3",
     )
     train_in_process(tmp_path / "full", *args)
-    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000006")
-    shutil.rmtree(tmp_path / "resumed" / "final")
+    stopped_copy(tmp_path / "full", tmp_path / "resumed", last_step=3)
     train_in_process(tmp_path / "resumed", *args, "resume=auto")
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)

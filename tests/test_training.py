@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO, read_metrics, rlhf, train_in_process
+from conftest import FAST, REPO, read_metrics, rlhf, stopped_copy, train_in_process
 from safetensors.torch import load_file
 
 from rlhf_cli import checkpoint as ckpt_lib
@@ -98,9 +98,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     )
     train_in_process(tmp_path / "full", *args)
     # The same run, stopped after its step-4 checkpoint: remove what came later.
-    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000008")
-    shutil.rmtree(tmp_path / "resumed" / "final")
+    stopped_copy(tmp_path / "full", tmp_path / "resumed", last_step=4)
     train_in_process(tmp_path / "resumed", *args, "resume=auto")
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == list(range(1, 9))  # metrics past step 4 rewritten once
