@@ -174,6 +174,7 @@ def train_help() -> None:
         ("device", "auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"),
         ("run_dir", "runs/<stage>/<time>", "Where the run writes its files."),
         ("resume", None, "null, auto, or a run/checkpoint directory."),
+        ("launch.nproc", 1, "Run under torchrun with N processes on this machine."),
     ]
     for key, default, doc in rows:
         out.append(f"  {key} = {default}: {doc}")

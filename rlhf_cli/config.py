@@ -237,7 +237,7 @@ class RewardConfig:
     fn: str | None = None
     """A function `package.module:function(prompts, responses, **kwargs) -> list[float]`."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for fn, e.g. reward.kwargs={target: a}."""
+    """Keyword arguments for fn, added with a leading +: +reward.kwargs.chars=aeiou."""
     batch_size: int = 16
     """Sequences per reward-model forward."""
 

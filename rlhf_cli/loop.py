@@ -426,7 +426,7 @@ def train(
         **{f"eval {k}": v for k, v in evals.items()},
         "skipped steps": pos.skipped,
         "time": f"{elapsed:.1f}s",
-        "tokens/s": (pos.tokens / elapsed) if trained_steps else 0.0,
+        "tokens/s": round(pos.tokens / elapsed) if trained_steps else 0,
         "peak memory": peak_memory(stage.device),
         "run dir": str(run_dir),
         "adapter" if ckpt_lib.is_peft(model) else "model": str(final),
