@@ -1,0 +1,971 @@
+"""Benchmark rlhf-cli against TRL: same models, data, batch and LoRA settings, side by side.
+
+    python scripts/bench.py                                   # the full grid (long)
+    python scripts/bench.py --stages dpo --sizes small --modes lora --precisions fp32 --steps 3
+    python scripts/bench.py --out bench.md                    # also bench.md + bench.json
+
+`make bench` runs it with the venv's python (installing the `bench` extra, i.e. TRL, first).
+
+What it does:
+- Builds two random-init Llama models offline and deterministically into the cache directory
+  (RLHF_CLI_CACHE or ~/.cache/rlhf_cli, subdirectories bench-*): `small` (hidden 256, 4 layers,
+  vocab 2048, ~4.2M parameters) and `medium` (hidden 512, 8 layers, vocab 4096, ~30M), each with
+  a ByteLevel BPE tokenizer trained on the shipped data (rlhf_cli/assets), like `model=tiny`.
+  The tokenizers have NO chat template, so both tools see plain strings: ours concatenates
+  prompt and response raw, TRL tokenizes prompt + response as one string. The prompt never ends
+  in whitespace and each response starts with a space, so both give the same token sequence
+  (<s> prompt response </s>); the script checks this on every row before it runs anything.
+- Builds one preference set (prompt ~50 words, chosen/rejected ~65 words) from the shipped
+  texts; SFT trains on prompt + chosen (loss on the response), RM and DPO on the pairs.
+- Runs each (tool, stage, size, mode, precision) in its own subprocess, `--warmup` steps then
+  `--steps` timed steps, with the same settings: 4 pairs (or 4 sequences for SFT) per step, no
+  accumulation, max_length 256, LoRA r=16 alpha=32 dropout 0.05 on all linear layers, AdamW
+  lr 1e-4 at a constant schedule, gradient clipping at 1.0, no eval, no checkpoints during the
+  timed steps, no gradient checkpointing. QLoRA = a 4-bit NF4 base (double quantization) whose
+  compute dtype follows the precision (float32 or bfloat16), for both tools.
+  Variant `best` (both tools): bf16 autocast, and for DPO reference log-probs precomputed once
+  (ours: ref.precompute=true; TRL: precompute_ref_log_probs=True).
+- Step time = time between the ends of consecutive optimizer steps (everything the loop does per
+  step: data, forward, backward, optimizer, logging), over the timed steps. Tokens = non-padding
+  tokens (attention mask) of the step's batch (chosen + rejected rows for RM/DPO).
+- Peak memory: the child's peak RSS (getrusage); on CUDA also torch.cuda.max_memory_allocated.
+- Model FLOP/s = tokens/s x FLOPs/token, FLOPs/token = 6 N (forward + backward) plus 2 N when
+  DPO runs the reference forward every step, N = parameters of the linear layers the tokens go
+  through (attention + MLP, plus the LM head except for RM); attention scores are not counted.
+  The fraction is of the peak torch.matmul rate measured here (2048 x 2048, fp32 or bf16).
+
+TRL settings that differ from its defaults, to match ours: gradient_checkpointing=False,
+bf16 only when asked, disable_dropout=False (TRL turns dropout off for DPO/RM by default),
+lr_scheduler_type=constant, logging/saving/eval off, tqdm off; in fp32 QLoRA runs its trainable
+weights are cast back to fp32 (TRL makes them bf16 for quantized models, which breaks its RM
+without autocast). Everything else (fused AdamW, fused LM head for DPO/SFT log-probs, its
+per-step metrics, bf16 adapters in bf16 QLoRA runs) is TRL's own default behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "rlhf_cli" / "assets"
+# Fixed list (not a glob), so the benchmark models do not change when other data ships.
+CORPUS_FILES = ("sft.jsonl", "preference.jsonl", "chat.jsonl", "hh.jsonl", "prompts.jsonl")
+RESULT_PREFIX = "BENCH_RESULT "
+VERSION = 1
+
+SIZES = {
+    "small": dict(
+        vocab_size=2048,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    "medium": dict(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    ),
+}
+STAGES = ("sft", "rm", "dpo")
+MODES = ("lora", "qlora")
+PRECISIONS = ("fp32", "bf16")
+TOOLS = ("ours", "trl")
+VARIANTS = ("default", "best")
+
+# The shared training settings (both tools).
+BATCH = 4
+MAX_LENGTH = 256
+MAX_PROMPT_LENGTH = 128
+LORA = dict(r=16, alpha=32, dropout=0.05)
+LR = 1e-4
+SEED = 42
+DATA_SEED = 1234
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLHF_CLI_CACHE", Path.home() / ".cache" / "rlhf_cli"))
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# assets: corpus, models, data
+
+
+def corpus() -> list[str]:
+    """Every string of the shipped data files named in CORPUS_FILES, in a fixed order."""
+    texts: list[str] = []
+
+    def walk(value) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for k in sorted(value):
+                walk(value[k])
+
+    for name in CORPUS_FILES:
+        for line in (ASSETS / name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                walk(json.loads(line))
+    return texts
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps([VERSION, *parts]).encode()).hexdigest()[:12]
+
+
+def _build_once(target: Path, builder) -> Path:
+    """Build `target` with `builder(tmp_dir)` unless it is complete; atomic and locked."""
+    marker = target / ".complete"
+    if marker.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".bench.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-bench-", dir=target.parent))
+        try:
+            builder(tmp)
+            (tmp / ".complete").write_text("")
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_dir(size: str) -> Path:
+    """The benchmark model of this size, built on first use."""
+    from rlhf_cli.tiny import SPECIAL_TOKENS
+
+    recipe = SIZES[size]
+    texts = corpus()
+    target = cache_root() / f"bench-{size}-{_digest(recipe, SPECIAL_TOKENS, texts)}"
+    return _build_once(target, lambda out: _build_model(out, recipe, texts))
+
+
+def _build_model(out: Path, recipe: dict, texts: list[str]) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    from rlhf_cli.tiny import SPECIAL_TOKENS
+
+    hf_logging.disable_progress_bar()
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    bos_id = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    # No chat template: both tools treat the data as plain strings (see the module docstring).
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+    )
+    config = LlamaConfig(
+        # The BPE may stop short of the requested size on this small corpus; the embedding keeps
+        # the recipe's size (as real models pad their vocabulary), so the parameter count holds.
+        vocab_size=max(recipe["vocab_size"], len(tokenizer)),
+        hidden_size=recipe["hidden_size"],
+        intermediate_size=recipe["intermediate_size"],
+        num_hidden_layers=recipe["num_hidden_layers"],
+        num_attention_heads=recipe["num_attention_heads"],
+        num_key_value_heads=recipe["num_key_value_heads"],
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        # A fan-in scaled head, as in rlhf_cli/tiny.py (lets adapters fit the data at all).
+        torch.nn.init.normal_(model.lm_head.weight, std=config.hidden_size**-0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def linear_params(size: str, with_lm_head: bool) -> int:
+    """Parameters of the linear layers a token goes through (for the FLOP estimate)."""
+    r = SIZES[size]
+    h, i, layers = r["hidden_size"], r["intermediate_size"], r["num_hidden_layers"]
+    head_dim = h // r["num_attention_heads"]
+    kv = r["num_key_value_heads"] * head_dim
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    return layers * per_layer + (r["vocab_size"] * h if with_lm_head else 0)
+
+
+def total_params(size: str) -> int:
+    r = SIZES[size]
+    h, layers = r["hidden_size"], r["num_hidden_layers"]
+    norms = (2 * layers + 1) * h
+    return linear_params(size, True) + r["vocab_size"] * h + norms
+
+
+def _word_stream(texts: list[str], rng: random.Random):
+    """Words of the texts, in a shuffled (seeded) order of texts, forever."""
+    order = list(texts)
+    while True:
+        rng.shuffle(order)
+        for text in order:
+            yield from text.split()
+
+
+def data_files(n_rows: int) -> dict[str, Path]:
+    """{"pairs": prompt/chosen/rejected JSONL, "sft": prompt/completion JSONL}, built once."""
+    rows = [
+        json.loads(line)
+        for name in ("preference.jsonl", "sft.jsonl")
+        for line in (ASSETS / name).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    prompts = [r["prompt"] for r in rows]
+    good = [r.get("chosen") or r.get("completion") for r in rows]
+    bad = [r["rejected"] for r in rows if "rejected" in r]
+    target = cache_root() / f"bench-data-{_digest(n_rows, DATA_SEED, prompts, good, bad)}"
+
+    def build(out: Path) -> None:
+        rng = random.Random(DATA_SEED)
+        streams = {
+            "prompt": _word_stream(prompts, random.Random(DATA_SEED + 1)),
+            "chosen": _word_stream(good, random.Random(DATA_SEED + 2)),
+            "rejected": _word_stream(bad, random.Random(DATA_SEED + 3)),
+        }
+
+        def words(kind: str, n: int) -> str:
+            return " ".join(next(streams[kind]) for _ in range(n))
+
+        pairs = []
+        for _ in range(n_rows):
+            prompt = words("prompt", rng.randint(45, 55))
+            # The prompt ends on a word, each response starts with a space: no BPE merge across
+            # the boundary, so raw concatenation and joint tokenization agree.
+            chosen = " " + words("chosen", rng.randint(55, 75))
+            rejected = " " + words("rejected", rng.randint(55, 75))
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        with (out / "pairs.jsonl").open("w", encoding="utf-8") as fh:
+            for p in pairs:
+                fh.write(json.dumps(p) + "\n")
+        with (out / "sft.jsonl").open("w", encoding="utf-8") as fh:
+            for p in pairs:
+                fh.write(json.dumps({"prompt": p["prompt"], "completion": p["chosen"]}) + "\n")
+
+    _build_once(target, build)
+    return {"pairs": target / "pairs.jsonl", "sft": target / "sft.jsonl"}
+
+
+def check_same_tokens(model_path: Path, pairs_path: Path) -> dict:
+    """Ours: tok(prompt) + tok(response, no specials) + EOS; TRL: tok(prompt + response + EOS).
+    Raises if any row differs; returns token statistics."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    assert not getattr(tok, "chat_template", None), "benchmark tokenizers must have no template"
+    lengths = {"prompt": [], "chosen": [], "rejected": []}
+    for line in pairs_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        prompt_ids = tok(row["prompt"])["input_ids"]
+        lengths["prompt"].append(len(prompt_ids))
+        for key in ("chosen", "rejected"):
+            ours = prompt_ids + tok(row[key], add_special_tokens=False)["input_ids"]
+            ours.append(tok.eos_token_id)
+            theirs = tok(row["prompt"] + row[key] + tok.eos_token)["input_ids"]
+            if ours != theirs:
+                raise RuntimeError(f"{model_path.name}: tools would see different tokens: {row}")
+            lengths[key].append(len(ours) - len(prompt_ids))
+            if len(ours) > MAX_LENGTH or len(prompt_ids) > MAX_PROMPT_LENGTH:
+                raise RuntimeError(f"{model_path.name}: a row would be truncated: {len(ours)}")
+    return {k: round(statistics.mean(v), 1) for k, v in lengths.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul peak
+
+
+def matmul_peak_gflops(dtype_name: str, device: str, n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        torch.matmul(a, b)
+    sync()
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        sync()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# child: one run
+
+
+def _rate(begins: list[float], ends: list[float], tokens: list[int], warmup: int) -> dict:
+    """Steps/s and tokens/s over the steps after `warmup`, from step begin/end timestamps."""
+    n = len(ends) - warmup
+    if n < 1:
+        raise RuntimeError(f"only {len(ends)} steps ran, fewer than warmup+1")
+    start = ends[warmup - 1] if warmup > 0 else begins[0]
+    span = ends[-1] - start
+    timed_tokens = sum(tokens[warmup : len(ends)])
+    step_times = [e - b for b, e in zip(begins[warmup:], ends[warmup:])]
+    return {
+        "steps": n,
+        "steps_per_s": n / span,
+        "tokens_per_s": timed_tokens / span,
+        "tokens_per_step": timed_tokens / n,
+        "step_time_median_s": statistics.median(step_times),
+    }
+
+
+def _peak_memory(device: str) -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": (rss if sys.platform == "darwin" else rss * 1024) / 2**20}
+    if device.startswith("cuda"):
+        import torch
+
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_ours(spec: dict, run_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    import rlhf_cli.train as train_mod
+    from rlhf_cli.cli import compose_checked
+    from rlhf_cli.loop import Stage
+    from rlhf_cli.progress import Reporter
+
+    begins: list[float] = []
+    ends: list[float] = []
+    tokens: list[int] = []
+    counted: dict = {}
+    # Timing by wrapping, not editing, the loop: a step begins when train_step is called and
+    # ends when the loop reports it (after the update, before eval/checkpoint checks).
+    train_step, report_step = Stage.train_step, Reporter.step
+    count_parameters = train_mod.count_parameters
+
+    def timed_train_step(self, examples, updater):
+        begins.append(time.perf_counter())
+        record, n = train_step(self, examples, updater)
+        tokens.append(int(n))
+        return record, n
+
+    def timed_report_step(self, step, record, log):
+        report_step(self, step, record, log)
+        ends.append(time.perf_counter())
+
+    def counting(model):
+        counted["trainable"], counted["total"] = count_parameters(model)
+        return counted["trainable"], counted["total"]
+
+    Stage.train_step, Reporter.step = timed_train_step, timed_report_step
+    train_mod.count_parameters = counting
+
+    stage = spec["stage"]
+    qlora = spec["mode"] == "qlora"
+    overrides = [
+        f"stage={stage}",
+        f"model.name_or_path={spec['model']}",
+        f"data.path={spec['data']}",
+        "data.eval_size=0",
+        f"data.max_length={MAX_LENGTH}",
+        f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
+        "peft=lora",
+        f"peft.r={LORA['r']}",
+        f"peft.alpha={LORA['alpha']}",
+        f"peft.dropout={LORA['dropout']}",
+        "peft.target_modules=[all-linear]",
+        f"quant={'nf4' if qlora else 'none'}",
+        "optim=adamw",
+        f"optim.lr={LR}",
+        "optim.scheduler=constant",
+        "optim.warmup_ratio=0",
+        "optim.warmup_steps=0",
+        "optim.max_grad_norm=1.0",
+        f"train.precision={spec['precision']}",
+        f"train.micro_batch_size={BATCH}",
+        "train.grad_accum=1",
+        f"train.max_steps={spec['warmup'] + spec['steps']}",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "train.gradient_checkpointing=false",
+        f"train.seed={SEED}",
+        f"device={spec['device']}",
+        f"run_dir={run_dir}",
+    ]
+    if qlora:
+        overrides += [
+            "quant.double_quant=true",
+            f"quant.compute_dtype={'bfloat16' if spec['precision'] == 'bf16' else 'float32'}",
+        ]
+    if stage == "dpo":
+        overrides.append(f"ref.precompute={'true' if spec['precompute'] else 'false'}")
+    cfg = compose_checked(overrides)
+    t0 = time.perf_counter()
+    train_mod.run(cfg, OmegaConf.to_yaml(OmegaConf.structured(cfg)), run_dir)
+    out = _rate(begins, ends, tokens, spec["warmup"])
+    out["setup_s"] = (begins[0] - t0) if begins else None
+    out.update(counted)
+    metrics = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    losses = [m["loss"] for m in metrics if m.get("split") == "train" and "loss" in m]
+    if losses:
+        out["loss_first"], out["loss_last"] = losses[0], losses[-1]
+    return out
+
+
+def run_trl(spec: dict, run_dir: Path) -> dict:
+    import torch
+
+    try:
+        import trl
+    except ImportError as err:
+        raise RuntimeError("TRL is not installed: pip install -e '.[bench]'") from err
+    from datasets import Dataset, disable_progress_bars
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, TrainerCallback
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    stage, precision = spec["stage"], spec["precision"]
+    bf16 = precision == "bf16"
+    device = spec["device"]
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines() if line]
+    dataset = Dataset.from_list(rows)
+
+    begins: list[float] = []
+    ends: list[float] = []
+    tokens: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    common = dict(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        max_steps=spec["warmup"] + spec["steps"],
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device == "cpu",
+        seed=SEED,
+        max_length=MAX_LENGTH,
+        model_init_kwargs={"dtype": "float32", "device_map": {"": device}},
+        dataloader_num_workers=0,
+    )
+    lora = dict(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
+    )
+    quant = None
+    if spec["mode"] == "qlora":
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+        )
+    if stage == "sft":
+        trainer_cls, args = trl.SFTTrainer, trl.SFTConfig(**common, packing=False)
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
+    elif stage == "rm":
+        trainer_cls = trl.RewardTrainer
+        args = trl.RewardConfig(**common, disable_dropout=False)
+        peft_config = LoraConfig(task_type="SEQ_CLS", **lora)
+    else:
+        trainer_cls = trl.DPOTrainer
+        args = trl.DPOConfig(
+            **common,
+            beta=0.1,
+            loss_type=["sigmoid"],
+            disable_dropout=False,
+            precompute_ref_log_probs=bool(spec["precompute"]),
+        )
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
+
+    class Counted(trainer_cls):  # counts the non-padding tokens of every step's batch
+        def training_step(self, model, inputs, *a, **k):
+            mask = inputs.get("attention_mask")
+            if mask is None:
+                mask = inputs["input_ids"] != self.processing_class.pad_token_id
+            tokens.append(int(mask.sum()))
+            return super().training_step(model, inputs, *a, **k)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    t0 = time.perf_counter()
+    trainer = Counted(
+        model=spec["model"],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        quantization_config=quant,
+        callbacks=[Timer()],
+    )
+    model = trainer.model
+    if quant is not None and not bf16:
+        # TRL casts the trainable weights of a quantized model to bf16 (its QLoRA recipe). In an
+        # fp32 run that leaves the RM's score head in bf16 under fp32 activations (a dtype error)
+        # and the adapters in another precision than ours: cast them back to fp32.
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    trainer.train()
+    out = _rate(begins, ends, tokens, spec["warmup"])
+    out["setup_s"] = (begins[0] - t0) if begins else None
+    out.update(trainable=trainable, total=total, trl_version=trl.__version__)
+    return out
+
+
+def child_main(spec: dict) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{spec['tool']}-{spec['stage']}-"))
+    try:
+        result = (run_ours if spec["tool"] == "ours" else run_trl)(spec, run_dir / "run")
+        result.update(_peak_memory(spec["device"]))
+        result["ok"] = True
+    except BaseException as err:  # reported in the table row, never fatal to the benchmark
+        traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        result = {"ok": False, "error": f"{type(err).__name__}: {message}"[:300]}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# parent: the grid, the subprocesses, the table
+
+
+def job_key(job: dict) -> tuple:
+    return (
+        job["tool"],
+        job["stage"],
+        job["size"],
+        job["mode"],
+        job["precision"],
+        job["precompute"],
+    )
+
+
+def plan(args) -> list[dict]:
+    """Every run to make, deduplicated (for sft/rm `best` is just bf16)."""
+    jobs, seen = [], set()
+    for stage in args.stages:
+        for size in args.sizes:
+            for mode in args.modes:
+                configs = []
+                if "default" in args.variants:
+                    configs += [(p, False, "default") for p in args.precisions]
+                if "best" in args.variants:
+                    configs.append(("bf16", stage == "dpo", "best"))
+                for tool in args.tools:
+                    for precision, precompute, variant in configs:
+                        job = dict(
+                            tool=tool,
+                            stage=stage,
+                            size=size,
+                            mode=mode,
+                            precision=precision,
+                            precompute=precompute,
+                            variant=variant,
+                        )
+                        if job_key(job) in seen:
+                            continue
+                        seen.add(job_key(job))
+                        jobs.append(job)
+    return jobs
+
+
+def run_child(job: dict, args, models: dict, data: dict) -> dict:
+    spec = dict(
+        job,
+        model=str(models[job["size"]]),
+        data=str(data["sft" if job["stage"] == "sft" else "pairs"]),
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+            env=env,
+            cwd=str(REPO),
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {args.timeout}s"}
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+    if result is None:
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+        result = {"ok": False, "error": f"exit {proc.returncode}: {tail[0].strip()}"[:300]}
+    if not result.get("ok") and args.verbose:
+        log(proc.stderr[-4000:])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def flops_per_token(job: dict) -> int:
+    n = linear_params(job["size"], with_lm_head=job["stage"] != "rm")
+    reference = job["stage"] == "dpo" and not job["precompute"]
+    return (8 if reference else 6) * n
+
+
+def precision_label(job: dict) -> str:
+    return job["precision"] + ("+pre" if job["precompute"] else "")
+
+
+def build_rows(results: list[tuple[dict, dict]], peaks: dict) -> list[dict]:
+    by_key = {job_key(job): res for job, res in results}
+    rows = []
+    for job, res in results:
+        row = {
+            "tool": job["tool"],
+            "stage": job["stage"],
+            "size": job["size"],
+            "mode": job["mode"],
+            "precision": precision_label(job),
+            "variant": job["variant"],
+            **{k: v for k, v in res.items()},
+        }
+        if res.get("ok"):
+            flops = res["tokens_per_s"] * flops_per_token(job)
+            row["model_gflops"] = flops / 1e9
+            row["peak_fraction"] = flops / 1e9 / peaks[job["precision"]]
+        if job["tool"] == "ours" and res.get("ok"):
+            same = by_key.get(job_key(dict(job, tool="trl")))
+            best = by_key.get(
+                ("trl", job["stage"], job["size"], job["mode"], "bf16", job["stage"] == "dpo")
+            )
+            if same and same.get("ok"):
+                row["vs_trl"] = res["steps_per_s"] / same["steps_per_s"]
+                row["rss_vs_trl"] = res["peak_rss_mb"] / same["peak_rss_mb"]
+            if best and best.get("ok"):
+                row["vs_trl_best"] = res["steps_per_s"] / best["steps_per_s"]
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("tool", "tool"),
+    ("stage", "stage"),
+    ("size", "size"),
+    ("mode", "mode"),
+    ("precision", "precision"),
+    ("steps/s", "steps_per_s"),
+    ("tokens/s", "tokens_per_s"),
+    ("tok/step", "tokens_per_step"),
+    ("peak RSS MB", "peak_rss_mb"),
+    ("model GFLOP/s", "model_gflops"),
+    ("% peak", "peak_fraction"),
+    ("ours/TRL", "vs_trl"),
+    ("ours/TRL best", "vs_trl_best"),
+    ("RSS ours/TRL", "rss_vs_trl"),
+    ("error", "error"),
+]
+
+
+def cell(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key == "peak_fraction":
+        return f"{100 * value:.1f}%"
+    if key in ("vs_trl", "vs_trl_best", "rss_vs_trl"):
+        return f"{value:.2f}x"
+    if key in ("tokens_per_s", "tokens_per_step", "peak_rss_mb"):
+        return f"{value:,.0f}"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def render(rows: list[dict], header: list[str]) -> str:
+    """The table as markdown (also what the terminal shows when rich is missing)."""
+    show = [(title, key) for title, key in COLUMNS if any(r.get(key) is not None for r in rows)]
+    lines = [*header, ""]
+    lines.append("| " + " | ".join(title for title, _ in show) + " |")
+    lines.append("|" + "|".join("---" for _ in show) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(cell(key, r.get(key)) for _, key in show) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict], header: list[str]) -> None:
+    show = [(title, key) for title, key in COLUMNS if any(r.get(key) is not None for r in rows)]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(render(rows, header))
+        return
+    console = Console(width=max(160, shutil.get_terminal_size().columns))
+    for line in header:
+        console.print(line, highlight=False, markup=False)
+    table = Table(show_lines=False)
+    for title, key in show:
+        table.add_column(title, justify="left" if key in ("tool", "stage", "error") else "right")
+    for r in rows:
+        table.add_row(*(cell(key, r.get(key)) for _, key in show))
+    console.print(table)
+
+
+def machine_info(args) -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "device": args.device,
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln), None)
+        info["cpu"] = name or info["cpu"]
+    except OSError:
+        pass
+    info["cores"] = os.cpu_count()
+    if args.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        info["trl"] = None
+    return info
+
+
+def parse_args(argv: list[str] | None = None):
+    def listed(choices):
+        def parse(text: str) -> list[str]:
+            items = [t.strip() for t in text.split(",") if t.strip()]
+            bad = [t for t in items if t not in choices]
+            if bad or not items:
+                raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {text!r}")
+            return items
+
+        return parse
+
+    p = argparse.ArgumentParser(
+        description="rlhf-cli vs TRL: steps/s, tokens/s, peak memory and FLOP/s, side by side.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--stages", type=listed(STAGES), default=list(STAGES), help="comma list")
+    p.add_argument("--sizes", type=listed(tuple(SIZES)), default=list(SIZES), help="comma list")
+    p.add_argument("--modes", type=listed(MODES), default=list(MODES), help="comma list")
+    p.add_argument(
+        "--precisions", type=listed(PRECISIONS), default=list(PRECISIONS), help="comma list"
+    )
+    p.add_argument(
+        "--variants",
+        type=listed(VARIANTS),
+        default=list(VARIANTS),
+        help="default = the --precisions as given; best = bf16 (+ precomputed reference for dpo)",
+    )
+    p.add_argument("--tools", type=listed(TOOLS), default=list(TOOLS), help="comma list")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--out", type=Path, help="write the table to OUT (.md) and OUT's .json")
+    p.add_argument("--verbose", action="store_true", help="show a failing run's stderr")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda":
+        args.device = "cuda:0"
+
+    t0 = time.perf_counter()
+    n_rows = BATCH * (args.steps + args.warmup)  # one epoch, every step full
+    data = data_files(n_rows)
+    models = {size: model_dir(size) for size in args.sizes}
+    lengths = {size: check_same_tokens(models[size], data["pairs"]) for size in args.sizes}
+    log(f"assets ready in {time.perf_counter() - t0:.1f}s under {cache_root()}")
+    peaks = {p: matmul_peak_gflops(p, args.device) for p in PRECISIONS}
+    log("matmul peak: " + ", ".join(f"{p} {v:,.0f} GFLOP/s" for p, v in peaks.items()))
+
+    jobs = plan(args)
+    results = []
+    for i, job in enumerate(jobs, 1):
+        name = " ".join([job["tool"], job["stage"], job["size"], job["mode"], precision_label(job)])
+        log(f"[{i}/{len(jobs)}] {name} ...")
+        res = run_child(job, args, models, data)
+        if res.get("ok"):
+            log(
+                f"[{i}/{len(jobs)}] {name}: {res['steps_per_s']:.2f} steps/s, "
+                f"{res['tokens_per_s']:,.0f} tok/s, {res['peak_rss_mb']:,.0f} MB RSS "
+                f"({res['wall_s']:.0f}s)"
+            )
+        else:
+            log(f"[{i}/{len(jobs)}] {name}: FAILED {res.get('error')}")
+        results.append((job, res))
+
+    info = machine_info(args)
+    rows = build_rows(results, peaks)
+    command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = [
+        f"command: {command.strip()}",
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+        f"({info['threads']} threads), device {info['device']}"
+        + (f" ({info['gpu']})" if info.get("gpu") else "")
+        + f", TRL {info['trl']}",
+        f"matmul peak (torch.matmul 2048x2048): fp32 {peaks['fp32']:,.0f} GFLOP/s, "
+        f"bf16 {peaks['bf16']:,.0f} GFLOP/s",
+        f"settings: {args.warmup} warmup + {args.steps} timed steps, batch {BATCH} "
+        f"(pairs for rm/dpo), max_length {MAX_LENGTH}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
+        f"dropout={LORA['dropout']} all-linear, AdamW lr {LR}, no grad checkpointing",
+        "data: mean tokens per row "
+        + "; ".join(
+            f"{size}: prompt {v['prompt']}, chosen {v['chosen']}, rejected {v['rejected']}"
+            for size, v in lengths.items()
+        )
+        + " (identical token sequences for both tools: checked on every row)",
+        "model FLOP/s = tokens/s x (6 N, or 8 N when DPO runs the reference forward each step),"
+        " N = linear-layer parameters ("
+        + ", ".join(
+            f"{s}: {linear_params(s, True) / 1e6:.1f}M of {total_params(s) / 1e6:.1f}M"
+            for s in args.sizes
+        )
+        + "; RM without the LM head); % peak = of the matmul peak at the run's precision",
+        "+pre = reference log-probs precomputed (ours: ref.precompute=true, TRL:"
+        " precompute_ref_log_probs=True); ours/TRL = steps/s ratio at the same settings;"
+        " ours/TRL best = vs TRL bf16 (+pre for dpo); RSS ours/TRL = peak RSS ratio, same settings",
+    ]
+    print()
+    print_table(rows, header)
+    if args.out:
+        md = args.out if args.out.suffix != ".json" else args.out.with_suffix(".md")
+        js = args.out.with_suffix(".json")
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(render(rows, header))
+        js.write_text(
+            json.dumps(
+                {
+                    "command": command.strip(),
+                    "machine": info,
+                    "matmul_peak_gflops": peaks,
+                    "header": header,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
+        log(f"wrote {md} and {js}")
+    return 0 if all(res.get("ok") for _, res in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
