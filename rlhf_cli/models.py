@@ -318,6 +318,31 @@ def decoder(model):
     return getattr(lm, lm.base_model_prefix)
 
 
+def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the labelled tokens only, and the row each comes from: (n,), (n,).
+
+    The LM head runs only at the positions that predict a label (never on prompt or padding)
+    and the log-softmax is one fused cross-entropy, so no (B, T, V) logits exist. Models whose
+    forward reshapes the logits (soft-capping, logit scales) take the plain forward instead.
+    """
+    import torch.nn.functional as F
+
+    from rlhf_cli.losses import IGNORE_INDEX, token_logps
+
+    targets = batch["labels"][:, 1:]
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps, mask = token_logps(logits, batch["labels"], IGNORE_INDEX)
+        return logps[mask], mask.nonzero()[:, 0]
+    hidden = decoder(model)(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return -F.cross_entropy(logits, targets[keep], reduction="none"), keep.nonzero()[:, 0]
+
+
 class ScalarHead(torch.nn.Module):
     """A linear map from the hidden state of each sequence's last real token to one number (a
     reward or a value); kept in fp32 outside the adapter and saved beside it."""

@@ -22,19 +22,28 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import distributed as dist
-from rlhf_cli.data import IGNORE_INDEX, PreferenceBatch, collate_preference
+from rlhf_cli.data import PreferenceBatch, collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, move
-from rlhf_cli.losses import dpo_loss, plackett_luce_loss, token_logps
-from rlhf_cli.models import adapter_switched, autocast, eval_mode, setup_reference
+from rlhf_cli.losses import dpo_loss, plackett_luce_loss
+from rlhf_cli.models import (
+    adapter_switched,
+    autocast,
+    eval_mode,
+    labelled_logps,
+    setup_reference,
+)
 from rlhf_cli.progress import console
 
 
 def response_logps(model, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs, response token counts) of every row: shapes (N,), (N,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, mask = token_logps(logits, batch["labels"], IGNORE_INDEX)
-    return logps.sum(-1), mask.sum(-1).clamp(min=1)
+    """(summed log-probs, response token counts) of every row: shapes (N,), (N,). The same as
+    losses.sequence_logps on the full logits, with the LM head on response positions only."""
+    logps, rows = labelled_logps(model, batch)
+    n = batch["input_ids"].shape[0]
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+    counts = torch.bincount(rows, minlength=n).clamp(min=1)
+    return sums, counts
 
 
 def by_rank(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

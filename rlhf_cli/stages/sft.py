@@ -10,7 +10,7 @@ import torch
 
 from rlhf_cli.data import IGNORE_INDEX, SFTBatch, collate_sft
 from rlhf_cli.loop import Stage
-from rlhf_cli.losses import nll_sum
+from rlhf_cli.models import labelled_logps
 
 
 class SFTStage(Stage):
@@ -25,8 +25,6 @@ class SFTStage(Stage):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits
-        loss_sum, _ = nll_sum(logits, batch["labels"])
-        return loss_sum, {}
+        # = losses.nll_sum on the full logits, with the LM head run on response positions only.
+        logps, _ = labelled_logps(self.model, batch)
+        return -logps.sum(), {}
