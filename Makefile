@@ -20,8 +20,11 @@ $(BIN)/rlhf: pyproject.toml
 run: install
 	$(BIN)/rlhf train stage=sft
 
+# The DPO paper's controlled-sentiment experiment in miniature (README: "The demo"), offline on a
+# CPU in about 7 minutes: writes runs/demo/ (results.md, frontier.png). SEEDS=1 for one seed.
+SEEDS ?= 1 2 3
 demo: install
-	$(BIN)/rlhf train stage=sft train.max_steps=120 optim.lr=2e-3
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo.py --seeds $(SEEDS)
 
 # A Hydra multirun over the learning rate on the tiny model; each job gets runs/sft/multirun_<time>/<n>.
 LRS ?= 5e-4,1e-3,2e-3

@@ -1,0 +1,219 @@
+"""The tool commands beside `rlhf train`: sample, eval, merge, plot.
+
+Each takes positional paths and `key=value` options; a user mistake (an unknown option, a bad
+value, a missing file, an output that exists) exits with one line on stderr and status 2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_cli.cli import fail
+
+SAMPLE_USAGE = (
+    "usage: rlhf sample RUN (prompts=FILE | prompt=TEXT) [out=PATH] [n=1] [max_new_tokens=N] "
+    "[temperature=0 (greedy)] [top_p=1.0] [batch_size=16] [seed=0] [quant=nf4|none|...] "
+    "[device=auto] [force=true]"
+)
+EVAL_USAGE = (
+    "usage: rlhf eval RUN prompts=FILE [reward.fn=module:fn [reward.kwargs.KEY=VALUE ...] | "
+    "reward.model=RM_RUN] [pairs=PREFERENCE_FILE] [out=JSON] [ref=RUN_OR_MODEL] [label=NAME] "
+    "[beta=B] [n=1] [max_new_tokens=N] [temperature=1.0] [top_p=1.0] [batch_size=16] [seed=0] "
+    "[quant=...] [device=auto] [force=true]"
+)
+MERGE_USAGE = (
+    "usage: rlhf merge RUN out=DIR [dtype=auto|float32|bfloat16|float16] [device=cpu] [force=true]"
+)
+PLOT_USAGE = (
+    "usage: rlhf plot RUN [RUN ...] out=PNG [metrics=loss,rewards/margins,...]\n"
+    "       rlhf plot EVAL.json [EVAL.json ...] out=PNG     (reward-vs-KL frontier)"
+)
+
+
+def whole(minimum: int) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        number = int(value)
+        if number < minimum:
+            raise ValueError
+        return number
+
+    convert.__doc__ = f"a whole number >= {minimum}"
+    return convert
+
+
+def non_negative(value: str) -> float:
+    """a number >= 0"""
+    number = float(value)
+    if not number >= 0:
+        raise ValueError
+    return number
+
+
+def probability(value: str) -> float:
+    """a number in (0, 1]"""
+    number = float(value)
+    if not 0 < number <= 1:
+        raise ValueError
+    return number
+
+
+def boolean(value: str) -> bool:
+    """true or false"""
+    if value.lower() not in ("true", "false"):
+        raise ValueError
+    return value.lower() == "true"
+
+
+def text(value: str) -> str:
+    """text"""
+    return value
+
+
+def names(value: str) -> list[str]:
+    """a comma-separated list"""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError
+    return items
+
+
+COMMON = {"device": text, "force": boolean}
+GENERATION = {
+    "n": whole(1),
+    "max_new_tokens": whole(1),
+    "temperature": non_negative,
+    "top_p": probability,
+    "batch_size": whole(1),
+    "seed": whole(0),
+    "quant": text,
+}
+
+
+def parse(
+    args: list[str], usage: str, options: dict[str, Callable[[str], Any]], extra_prefix: str = ""
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """(positional arguments, converted options, options under `extra_prefix` as YAML values)."""
+    positional = [a for a in args if "=" not in a]
+    given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a)
+    extra = {
+        k[len(extra_prefix) :]: yaml.safe_load(v)
+        for k, v in given.items()
+        if extra_prefix and k.startswith(extra_prefix) and len(k) > len(extra_prefix)
+    }
+    unknown = sorted(
+        k for k in given if k not in options and not (extra_prefix and k.startswith(extra_prefix))
+    )
+    if unknown:
+        fail(f"unknown option {', '.join(unknown)}; {usage}")
+    values = {}
+    for key, value in given.items():
+        if key in options:
+            try:
+                values[key] = options[key](value)
+            except ValueError:
+                fail(f"{key}={value!r} must be {options[key].__doc__}")
+    return positional, values, extra
+
+
+def refuse_overwrite(out: str | None, force: bool) -> None:
+    if out and Path(out).exists() and not force:
+        fail(f"out={out} exists; choose another path or add force=true to overwrite it")
+
+
+def guarded(call: Callable[[], Any]) -> Any:
+    """Run a command; a UserError (bad path, bad data, bad value) becomes one line."""
+    from rlhf_cli.errors import UserError
+
+    try:
+        return call()
+    except UserError as err:
+        fail(str(err))
+
+
+def wants_help(args: list[str], usage: str) -> bool:
+    if any(a in ("-h", "--help") for a in args):
+        print(usage)
+        return True
+    return False
+
+
+def sample_command(args: list[str]) -> None:
+    if wants_help(args, SAMPLE_USAGE):
+        return
+    options = {**COMMON, **GENERATION, "prompts": text, "prompt": text, "out": text}
+    positional, o, _ = parse(args, SAMPLE_USAGE, options)
+    if len(positional) != 1:
+        fail(f"name one run or model directory; {SAMPLE_USAGE}")
+    refuse_overwrite(o.get("out"), o.pop("force", False))
+    from rlhf_cli.sample import sample
+
+    guarded(lambda: sample(positional[0], **o))
+
+
+def eval_command(args: list[str]) -> None:
+    if wants_help(args, EVAL_USAGE):
+        return
+    options = {
+        **COMMON,
+        **GENERATION,
+        "prompts": text,
+        "pairs": text,
+        "out": text,
+        "ref": text,
+        "label": text,
+        "beta": non_negative,
+        "reward.fn": text,
+        "reward.model": text,
+    }
+    positional, o, kwargs = parse(args, EVAL_USAGE, options, extra_prefix="reward.kwargs.")
+    if len(positional) != 1:
+        fail(f"name one run or model directory; {EVAL_USAGE}")
+    refuse_overwrite(o.get("out"), o.pop("force", False))
+    if kwargs and "reward.fn" not in o:
+        fail("reward.kwargs.* are arguments of reward.fn: name the function too")
+    o["reward_fn"], o["reward_model"] = o.pop("reward.fn", None), o.pop("reward.model", None)
+    from rlhf_cli.evaluate import evaluate
+
+    guarded(lambda: evaluate(positional[0], reward_kwargs=kwargs, **o))
+
+
+def merge_command(args: list[str]) -> None:
+    if wants_help(args, MERGE_USAGE):
+        return
+    positional, o, _ = parse(args, MERGE_USAGE, {**COMMON, "out": text, "dtype": text})
+    if len(positional) != 1 or "out" not in o:
+        fail(f"name one run and out=DIR; {MERGE_USAGE}")
+    from rlhf_cli.merge import merge
+
+    guarded(lambda: merge(positional[0], **o))
+
+
+def plot_command(args: list[str]) -> None:
+    if wants_help(args, PLOT_USAGE):
+        return
+    positional, o, _ = parse(args, PLOT_USAGE, {"out": text, "metrics": names, "force": boolean})
+    if not positional or "out" not in o:
+        fail(f"name runs (or eval JSON files) and out=PNG; {PLOT_USAGE}")
+    refuse_overwrite(o["out"], o.pop("force", False))
+    from rlhf_cli import plot
+
+    frontier = [p.endswith(".json") for p in positional]
+    if any(frontier) and not all(frontier):
+        fail("plot either runs (metrics) or eval JSON files (frontier), not both at once")
+    if all(frontier):
+        if "metrics" in o:
+            fail("metrics=... applies to runs; eval JSON files make a reward-vs-KL frontier")
+        guarded(lambda: plot.plot_frontier(positional, o["out"]))
+    else:
+        guarded(lambda: plot.plot_metrics(positional, o["out"], o.get("metrics")))
+
+
+COMMANDS = {
+    "sample": sample_command,
+    "eval": eval_command,
+    "merge": merge_command,
+    "plot": plot_command,
+}

@@ -1,0 +1,281 @@
+"""`rlhf eval RUN`: how good a policy is, and how far it moved.
+
+- reward: sample responses to a prompt set and score them with a reward function or a reward
+  model (mean and spread);
+- KL to the reference: for each sample y ~ pi(.|x), sum over its tokens of log pi - log pi_ref,
+  averaged over samples: a Monte-Carlo estimate of KL(pi || pi_ref) per sequence (exact in
+  expectation at temperature 1, the policy's own distribution), the x-axis of the DPO paper's
+  reward-vs-KL frontier (Rafailov et al. 2023, figure 2);
+- on preference pairs: the implicit-reward accuracy, P[beta log pi/pi_ref (chosen) > the same
+  for rejected] (DPO's `rewards/accuracies`), and the policy's own preference accuracy,
+  P[log pi(chosen) > log pi(rejected)].
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_cli.data import build_examples, collate_preference, load_rows
+from rlhf_cli.errors import UserError
+from rlhf_cli.models import autocast, autocast_dtype
+from rlhf_cli.policy import Policy, generate, generation_config, load_policy, prompt_examples
+from rlhf_cli.progress import console, summary_table
+from rlhf_cli.rewards import load_reward_fn
+from rlhf_cli.sample import default_max_new_tokens
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class RewardModelScorer:
+    """Scores (prompt ids, response ids) of the policy's tokenizer with a reward model trained
+    by stage=rm; text is re-encoded when the reward model has another vocabulary."""
+
+    def __init__(self, path: str, policy: Policy, batch_size: int):
+        from rlhf_cli.stages.rm import load_reward_model
+
+        self.model, self.head, self.tokenizer, cfg = load_reward_model(path, policy.device)
+        self.amp = autocast_dtype(cfg.train.precision, policy.device)
+        self.policy, self.batch_size = policy, batch_size
+        self.same_vocab = self.tokenizer.get_vocab() == policy.tokenizer.get_vocab()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+        from rlhf_cli.stages.rm import sequence_scores
+
+        eos = self.tokenizer.eos_token_id
+        decode = self.policy.tokenizer.decode
+        examples = []
+        for p, r in zip(prompts, responses):
+            if self.same_vocab:
+                ids, p_ids = r if r and r[-1] == eos else [*r, eos], p
+            else:
+                text = decode(p + r, skip_special_tokens=False)
+                ids, p_ids = [*self.tokenizer(text)["input_ids"], eos], []
+            # The reward model scores the hidden state at EOS (as in training).
+            examples.append({"prompt_ids": p_ids, "responses_ids": [ids], "margin": None})
+        scores: list[float] = []
+        device = self.policy.device
+        for chunk in batches(examples, self.batch_size):
+            batch = collate_preference(chunk, self.tokenizer.pad_token_id, eos)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(self.amp, device):
+                scores += sequence_scores(self.model, self.head, batch).float().tolist()
+        return scores
+
+
+def sequence_logps(
+    policy: Policy, prompts: list[list[int]], responses: list[list[int]], batch_size: int
+) -> tuple[list[float], list[float] | None]:
+    """(log pi(y|x), log pi_ref(y|x) or None without a reference) of each (prompt, response)."""
+    pi: list[float] = []
+    ref: list[float] | None = [] if policy.reference is not None else None
+    examples = [
+        {"prompt_ids": p, "responses_ids": [r], "margin": None} for p, r in zip(prompts, responses)
+    ]
+    for chunk in batches(examples, batch_size):
+        batch = collate_preference(chunk, policy.tokenizer.pad_token_id)
+        pi += policy.logps(batch).tolist()
+        if ref is not None:
+            ref += policy.logps(batch, reference=True).tolist()
+    return pi, ref
+
+
+def pair_metrics(policy: Policy, path: str, beta: float, batch_size: int) -> dict[str, Any]:
+    """Implicit-reward and policy preference accuracies on preference data (best vs worst of a
+    ranked list)."""
+    stats: Counter = Counter()
+    rows = load_rows(path, name=None, split="train", on_bad_row="drop", stats=stats)
+    data_cfg = replace(policy.cfg.data, path=path, format="auto", eval_size=0.0)
+    examples, report = build_examples(rows, path, data_cfg, policy.renderer(), "preference", stats)
+    console.print("pairs: " + report.line())
+    chosen_pi, rejected_pi, margins = [], [], []
+    for chunk in batches(examples, batch_size):
+        batch = collate_preference(chunk, policy.tokenizer.pad_token_id)
+        index = batch["index"]
+        last = (index >= 0).sum(1) - 1
+        rows_ = torch.arange(index.shape[0])
+        best, worst = index[:, 0], index[rows_, last]
+        pi = policy.logps(batch).cpu()
+        chosen_pi += pi[best].tolist()
+        rejected_pi += pi[worst].tolist()
+        if policy.reference is not None:
+            ref = policy.logps(batch, reference=True).cpu()
+            margins += (beta * ((pi[best] - ref[best]) - (pi[worst] - ref[worst]))).tolist()
+    n = len(examples)
+    out: dict[str, Any] = {
+        "path": path,
+        "pairs": n,
+        "preference_accuracy": sum(c > r for c, r in zip(chosen_pi, rejected_pi)) / n,
+        "beta": beta,
+        "implicit_accuracy": sum(m > 0 for m in margins) / n if margins else None,
+        "implicit_margin": statistics.fmean(margins) if margins else None,
+    }
+    return out
+
+
+def evaluate(
+    run: str,
+    prompts: str | None = None,
+    *,
+    reward_model: str | None = None,
+    reward_fn: str | None = None,
+    reward_kwargs: dict | None = None,
+    pairs: str | None = None,
+    out: str | None = None,
+    ref: str | None = None,
+    label: str | None = None,
+    beta: float | None = None,
+    n: int = 1,
+    max_new_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    device: str = "auto",
+    seed: int = 0,
+    quant: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate `run` (see the module docstring); returns the JSON it writes to `out`."""
+    if prompts is None and pairs is None:
+        raise UserError("nothing to evaluate: name prompts=FILE (and/or pairs=PREFERENCE_FILE)")
+    if reward_model and reward_fn:
+        raise UserError("name one reward source: reward.model=<rm run> or reward.fn=module:fn")
+    fn = load_reward_fn(reward_fn) if reward_fn else None  # a typo fails before loading
+    policy = load_policy(run, device, quant, with_reference=ref is None)
+    if ref is not None:
+        other = load_policy(ref, device, quant)
+        if other.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+            raise UserError(f"ref={ref}: another tokenizer than {run}'s; KL needs the same one")
+        policy.ref_model, policy.reference = other.model, other.description
+    result: dict[str, Any] = {
+        "run": str(run),
+        "label": label or Path(run).name,
+        "policy": policy.description,
+        "reference": policy.reference,
+    }
+    table: dict[str, Any] = {"policy": policy.description, "reference": policy.reference or "none"}
+    if prompts is not None:
+        result.update(
+            _sample_and_score(
+                policy,
+                prompts,
+                reward_model,
+                fn,
+                reward_kwargs or {},
+                n=n,
+                max_new_tokens=max_new_tokens or default_max_new_tokens(policy.cfg),
+                temperature=temperature,
+                top_p=top_p,
+                batch_size=batch_size,
+                seed=seed,
+            )
+        )
+        result["reward_source"] = (
+            f"reward.model={reward_model}"
+            if reward_model
+            else f"reward.fn={reward_fn}"
+            if fn
+            else None
+        )
+        table["samples"] = f"{result['samples']} ({prompts}, temperature {temperature})"
+        if result["reward_source"]:
+            table["reward"] = f"{result['reward']:.4f} ± {result['reward_std']:.4f} (mean ± std)"
+            table["reward source"] = result["reward_source"]
+        if result["kl"] is not None:
+            table["KL to reference"] = f"{result['kl']:.4f} ± {result['kl_std']:.4f} nats/sequence"
+        table["response tokens"] = result["response_length"]
+        table["ended with EOS"] = result["eos_fraction"]
+    if pairs is not None:
+        if beta is None:
+            beta = float(getattr(policy.cfg.stage, "beta", 0.1))
+        result["pairs"] = pair_metrics(policy, pairs, beta, batch_size)
+        p = result["pairs"]
+        table["preference accuracy"] = f"{p['preference_accuracy']:.4f} ({p['pairs']} pairs)"
+        if p["implicit_accuracy"] is not None:
+            table["implicit-reward accuracy"] = f"{p['implicit_accuracy']:.4f} (beta {beta})"
+            table["implicit-reward margin"] = p["implicit_margin"]
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        table["written to"] = out
+    summary_table(f"rlhf eval {run}", table)
+    return result
+
+
+def _sample_and_score(
+    policy: Policy,
+    prompts: str,
+    reward_model: str | None,
+    fn,
+    reward_kwargs: dict,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    examples = [ex for ex in prompt_examples(policy, prompts) for _ in range(n)]
+    prompt_ids = [ex["prompt_ids"] for ex in examples]
+    generation = generation_config(policy.tokenizer, max_new_tokens, temperature, top_p)
+    torch.manual_seed(seed)
+    responses = generate(policy, prompt_ids, generation, batch_size)
+    texts = [policy.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    scores: list[float] | None = None
+    if fn is not None:
+        scores = [
+            float(s) for s in fn([ex["prompt_text"] for ex in examples], texts, **reward_kwargs)
+        ]
+        if len(scores) != len(texts):
+            raise UserError(f"the reward function returned {len(scores)} scores for {len(texts)}")
+    elif reward_model:
+        scores = RewardModelScorer(reward_model, policy, batch_size)(prompt_ids, responses)
+    pi, ref = sequence_logps(policy, prompt_ids, responses, batch_size)
+    kls = [a - b for a, b in zip(pi, ref)] if ref is not None else None
+    reward, reward_std = mean_std(scores) if scores is not None else (None, None)
+    kl, kl_std = mean_std(kls) if kls is not None else (None, None)
+    eos = policy.tokenizer.eos_token_id
+    return {
+        "prompts": prompts,
+        "samples": len(responses),
+        "reward": reward,
+        "reward_std": reward_std,
+        "kl": kl,
+        "kl_std": kl_std,
+        "logp": statistics.fmean(pi),
+        "response_length": statistics.fmean(len(r) for r in responses),
+        "eos_fraction": statistics.fmean(bool(r) and r[-1] == eos for r in responses),
+        "settings": {
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+            "quant": policy.cfg.quant.mode,
+        },
+        "responses": [
+            {
+                "prompt": ex["prompt_text"],
+                "response": text.strip(),
+                "score": None if scores is None else scores[i],
+                "kl": None if kls is None else kls[i],
+            }
+            for i, (ex, text) in enumerate(zip(examples, texts))
+        ],
+    }

@@ -1,0 +1,67 @@
+"""`rlhf merge RUN out=DIR`: fold a run's LoRA adapter into its base and save a plain
+transformers model directory (+ tokenizer) that AutoModelForCausalLM.from_pretrained loads
+without peft or bitsandbytes.
+
+The base is loaded unquantized (fp32, or `dtype`) for merging: W' = W + (alpha / r) B A cannot be
+stored in 4 bits without rounding the update away. A QLoRA adapter was trained against the
+NF4-rounded W, so the merged model equals the run sampled with `quant=none`, which is close to,
+but not bit-identical with, the run as trained on its 4-bit base.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.models import DTYPES
+from rlhf_cli.policy import load_policy, locate
+from rlhf_cli.progress import summary_table
+
+
+def merge(
+    run: str, out: str, force: bool = False, dtype: str = "auto", device: str = "cpu"
+) -> Path:
+    """Merge `run` into a plain model directory `out` (replacing it only when `force`)."""
+    target = Path(out)
+    if target.exists() and not force:
+        raise UserError(
+            f"out={out} exists; choose another directory or add force=true to replace it"
+        )
+    if dtype not in ("auto", *DTYPES):
+        raise UserError(f"dtype={dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+    found = locate(run)
+    if found.cfg is None:
+        raise UserError(f"{run}: a plain model directory already; nothing to merge")
+    if dtype == "auto":  # the run's own dtype; `auto` meant fp32 masters for the update
+        dtype = "float32" if found.cfg.model.dtype == "auto" else found.cfg.model.dtype
+    policy = load_policy(run, device, quant="none", dtype=dtype)
+    model = policy.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # training turned it off; generation wants it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        policy.tokenizer.save_pretrained(tmp)
+        # Written beside the target, then renamed: a half-written model is never loaded.
+        if target.is_dir():  # force=true
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary_table(
+        f"rlhf merge {run}",
+        {
+            "merged": policy.description,
+            "dtype": dtype,
+            "written to": str(target),
+            "load with": f"AutoModelForCausalLM.from_pretrained({str(target)!r})",
+        },
+    )
+    return target
