@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run demo sweep test lint clean
+.PHONY: install run demo sweep test lint clean bench
 
 install: $(BIN)/rlhf
 
@@ -30,6 +30,14 @@ demo: install
 LRS ?= 5e-4,1e-3,2e-3
 sweep: install
 	$(BIN)/rlhf train -m stage=sft optim.lr=$(LRS) train.max_steps=30
+
+# rlhf-cli vs TRL side by side (scripts/bench.py; installs the `bench` extra, TRL, first). The full
+# grid takes long; a quick subset:
+#   make bench BENCH_ARGS="--stages dpo --sizes small --modes lora --precisions fp32 --steps 3"
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
