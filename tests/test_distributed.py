@@ -163,8 +163,9 @@ def test_fsdp_shards_matches_one_rank_and_resumes(tmp_path):
     train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
     fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
-    # Gathered from the shards into the single-device format, key for key.
-    assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-5
+    # Gathered from the shards into the single-device format, key for key (summation-order
+    # noise only, amplified by Adam as in the DDP test above).
+    assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-4
 
     stopped_copy(tmp_path / "fsdp", tmp_path / "resumed", last_step=2)
     assert_ok(
