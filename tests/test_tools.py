@@ -146,6 +146,26 @@ def test_eval_reward_kl_and_pair_accuracies(work):
     assert "kl" not in plain and plain["pairs"]["implicit_accuracy"] is None
 
 
+def test_eval_reference_of_a_run_trained_from_an_adapter(work, tmp_path):
+    """DPO that continues the SFT adapter: its reference is that adapter, frozen (as in
+    training), not the bare base; one small step away, the KL is small but not 0."""
+    train_in_process(
+        tmp_path / "dpo",
+        "stage=dpo",
+        f"model.adapter={work / 'run'}",
+        f"data.path={work / 'pairs.jsonl'}",
+        "data.eval_size=0",
+        "train.max_steps=1",
+        "train.micro_batch_size=8",
+        "train.save_every=0",
+        "peft.dropout=0",
+    )
+    result = evaluate(str(tmp_path / "dpo"), str(work / "prompts.jsonl"), max_new_tokens=8)
+    assert result["reference"].startswith("frozen copy of model.adapter=")
+    sft = evaluate(str(work / "run"), str(work / "prompts.jsonl"), max_new_tokens=8)
+    assert 0 < abs(result["kl"]) < sft["kl"]
+
+
 def test_eval_with_a_reward_model(work, tmp_path):
     train_in_process(
         tmp_path / "rm",
