@@ -279,8 +279,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust its author."""
     dtype: str = "auto"
-    """Dtype of the non-quantized weights: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16,
-    float16."""
+    """Dtype of the non-quantized weights: auto (bf16 for a frozen LoRA base when the run
+    computes in bf16, i.e. train.precision=bf16, or auto on CUDA; fp32 otherwise), float32,
+    bfloat16, float16."""
     adapter: str | None = None
     """A LoRA adapter directory (e.g. runs/sft/<time>/final) to start from instead of a fresh one."""
     chat_template: str | None = None
@@ -488,6 +489,9 @@ class TrainConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 (autocast on any device) or fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% slower."""
+    shared_prompt: bool = True
+    """rm/dpo: run each prompt once for all its responses (they attend to its KV cache) instead
+    of once per response; same numbers, fewer tokens. Off under gradient checkpointing."""
     max_nonfinite: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
     shuffle: bool = True

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
@@ -670,11 +670,13 @@ class SFTBatch(TypedDict):
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX on prompt and padding
 
 
-def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """(len(seqs), longest) padded on the right, or on the left with `left`."""
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        start = width - len(s) if left else 0
+        out[i, start : start + len(s)] = torch.tensor(s, dtype=torch.long)
     return out
 
 
@@ -696,16 +698,26 @@ class PreferenceBatch(TypedDict):
     labels: torch.Tensor  # (N, T): response tokens; IGNORE_INDEX on prompt and padding
     index: torch.Tensor  # (B, K) row of each (example, rank) in the N rows; -1 where absent
     margin: torch.Tensor  # (B,) per-pair margin, NaN where the data has none
+    # With shared_prompt: each prompt once, for models.shared_prompt_hidden.
+    prompt_ids: NotRequired[torch.Tensor]  # (B, P) left-padded
+    prompt_mask: NotRequired[torch.Tensor]  # (B, P)
+    response_ids: NotRequired[torch.Tensor]  # (N, R) right-padded, rows as in input_ids
+    response_mask: NotRequired[torch.Tensor]  # (N, R)
+    row_example: NotRequired[torch.Tensor]  # (N,) the example (prompt) of each row
 
 
 def collate_preference(
-    examples: list[PreferenceExample], pad_id: int, eos_id: int | None = None
+    examples: list[PreferenceExample],
+    pad_id: int,
+    eos_id: int | None = None,
+    shared_prompt: bool = False,
 ) -> PreferenceBatch:
     """Rows ordered rank-major (all rank-0 responses, then rank 1, ...). With `eos_id`, each
-    row ends with EOS even when truncation cut it off (reward models score that position)."""
+    row ends with EOS even when truncation cut it off (reward models score that position).
+    With `shared_prompt`, also the prompts (once each) and the responses apart."""
     k_max = max(len(ex["responses_ids"]) for ex in examples)
     index = torch.full((len(examples), k_max), -1, dtype=torch.long)
-    ids, labels = [], []
+    ids, labels, responses, row_example = [], [], [], []
     for k in range(k_max):
         for b, ex in enumerate(examples):
             if k >= len(ex["responses_ids"]):
@@ -716,11 +728,21 @@ def collate_preference(
             index[b, k] = len(ids)
             ids.append(ex["prompt_ids"] + response)
             labels.append([IGNORE_INDEX] * len(ex["prompt_ids"]) + response)
+            responses.append(response)
+            row_example.append(b)
     margins = [ex.get("margin") for ex in examples]
-    return PreferenceBatch(
+    batch = PreferenceBatch(
         input_ids=pad(ids, pad_id),
         attention_mask=pad([[1] * len(s) for s in ids], 0),
         labels=pad(labels, IGNORE_INDEX),
         index=index,
         margin=torch.tensor([float("nan") if m is None else m for m in margins]),
     )
+    if shared_prompt:
+        prompts = [ex["prompt_ids"] for ex in examples]
+        batch["prompt_ids"] = pad(prompts, pad_id, left=True)
+        batch["prompt_mask"] = pad([[1] * len(p) for p in prompts], 0, left=True)
+        batch["response_ids"] = pad(responses, pad_id)
+        batch["response_mask"] = pad([[1] * len(r) for r in responses], 0)
+        batch["row_example"] = torch.tensor(row_example, dtype=torch.long)
+    return batch

@@ -110,8 +110,11 @@ def load_tokenizer(model_cfg: ModelConfig):
 def base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.model.dtype != "auto":
         return DTYPES[cfg.model.dtype]
-    # A frozen base can sit in bf16 on a GPU; weights that train (full) keep fp32 masters.
-    if device.type == "cuda" and cfg.peft.method == "lora":
+    # A frozen base (LoRA) in a run that computes in bf16 is stored in bf16: half the memory,
+    # and autocast does not re-cast every weight in every forward. Weights that train (full)
+    # keep fp32 masters, and an fp32 run stays fp32 throughout.
+    computes_bf16 = autocast_dtype(cfg.train.precision, device) == torch.bfloat16
+    if cfg.peft.method == "lora" and computes_bf16:
         return torch.bfloat16
     return torch.float32
 
@@ -186,7 +189,8 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         # The adapter fixes r, alpha and the target modules; dropout is this run's choice.
         saved = PeftConfig.from_pretrained(str(adapter))
         saved.lora_dropout = cfg.peft.dropout
-        return PeftModel.from_pretrained(model, str(adapter), config=saved, is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(adapter), config=saved, is_trainable=True)
+        return with_fast_dropout(model)
     targets = list(cfg.peft.target_modules)
     lora = LoraConfig(
         r=cfg.peft.r,
@@ -197,9 +201,66 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"peft.target_modules={targets}: {err}") from err
+    return with_fast_dropout(model)
+
+
+class _Masked(torch.autograd.Function):
+    """x * keep * scale, saving only the boolean mask for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(keep mask, 1 / keep probability): each element kept with probability 1 - p, p rounded
+    to a multiple of 2^-16. Four 16-bit draws come from each 64-bit random word: a quarter of
+    the generator calls of torch's dropout, whose per-element Bernoulli draw is the slowest part
+    of a LoRA step on a CPU (a quarter of the whole step with dropout on 7 linears per layer)."""
+    k = round(p * 65536)
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    keep = words.view(torch.int16)[:n].view(shape) >= k - 32768
+    return keep, 65536 / (65536 - k)
+
+
+class FastDropout(torch.nn.Module):
+    """Inverted dropout like torch.nn.Dropout (same expectation, independent per element),
+    with the mask from dropout_mask: the LoRA input dropout of every adapted layer."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep, scale = dropout_mask(x.shape, self.p, x.device)
+        return _Masked.apply(x, keep, scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def with_fast_dropout(model):
+    """Swap peft's LoRA dropout modules (torch.nn.Dropout) for FastDropout, same p."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, layer in list(dropouts.items()):
+                if isinstance(layer, torch.nn.Dropout) and layer.p > 0:
+                    dropouts[name] = FastDropout(layer.p)
+    return model
 
 
 def set_eval(model):
@@ -318,6 +379,46 @@ def decoder(model):
     return getattr(lm, lm.base_model_prefix)
 
 
+def shares_prompt(model, batch) -> bool:
+    """Whether `batch` carries the shared-prompt layout and the model can run it (the prompt's
+    KV cache must come back, which gradient checkpointing turns off)."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:  # transformers < 5.x: the old name
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return "prompt_ids" in batch and not checkpointing
+
+
+def shared_prompt_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of every response row with its prompt run once: the prompts (left-padded)
+    go through the decoder, their KV cache is gathered row by row, and the responses attend to
+    it at positions that continue each prompt. Returns the last prompt token's hidden state per
+    row (N, H) and the responses' (N, R, H): what one forward over prompt + response gives at
+    those positions, without running the prompt once per response."""
+    dec = decoder(model)
+    prompt_mask = batch["prompt_mask"]
+    prompt = dec(
+        input_ids=batch["prompt_ids"],
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+    )
+    cache, rows = prompt.past_key_values, batch["row_example"]
+    if cache is None:
+        raise RuntimeError("the model returned no KV cache: set train.shared_prompt=false")
+    cache.reorder_cache(rows)  # (B, ...) -> (N, ...), differentiable
+    response_mask = batch["response_mask"]
+    start = prompt_mask.sum(1)[rows]
+    positions = start[:, None] + torch.arange(response_mask.shape[1], device=start.device)
+    out = dec(
+        input_ids=batch["response_ids"],
+        attention_mask=torch.cat([prompt_mask[rows], response_mask], dim=1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return prompt.last_hidden_state[:, -1][rows], out.last_hidden_state
+
+
 def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled tokens only, and the row each comes from: (n,), (n,).
 
@@ -335,11 +436,18 @@ def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps, mask = token_logps(logits, batch["labels"], IGNORE_INDEX)
         return logps[mask], mask.nonzero()[:, 0]
-    hidden = decoder(model)(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    if shares_prompt(model, batch):
+        # Response token j is predicted by response position j - 1, the first by the prompt's
+        # last position; every response token is a label.
+        last_prompt, hidden = shared_prompt_hidden(model, batch)
+        hidden = torch.cat([last_prompt[:, None], hidden[:, :-1]], dim=1)
+        targets, keep = batch["response_ids"], batch["response_mask"].bool()
+    else:
+        hidden = decoder(model)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state[:, :-1]
+        keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[keep]).float()
     return -F.cross_entropy(logits, targets[keep], reduction="none"), keep.nonzero()[:, 0]
 
 

@@ -297,3 +297,38 @@ def test_evaluation_does_not_change_training(tmp_path):
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-5)
+
+
+def test_lora_dropout_is_fast_inverted_dropout():
+    """FastDropout (swapped in for peft's nn.Dropout on every LoRA input) keeps each element
+    with probability 1 - p, scales kept ones by 1 / (1 - p), routes gradients through the same
+    mask, is seeded by torch's generator, and is the identity in eval mode or at p = 0."""
+    import torch
+    from conftest import compose
+
+    from rlhf_cli.models import FastDropout, load_model, load_tokenizer, resolve_device
+
+    torch.manual_seed(0)
+    x = torch.randn(1000, 1000, requires_grad=True)
+    layer = FastDropout(0.1)
+    y = layer(x)
+    kept = y != 0
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    assert abs(1 - kept.float().mean().item() - 0.1) < 2e-3  # 1e6 draws: std 3e-4
+    torch.testing.assert_close(y[kept], x[kept] * scale)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * scale)
+    # independent per element: the keep rates of neighbouring positions are uncorrelated
+    k = kept.float()
+    both = (k[:, 1:] * k[:, :-1]).mean().item()
+    assert abs(both - 0.9 * 0.9) < 3e-3
+    torch.manual_seed(1)
+    a = layer(x.detach())
+    torch.manual_seed(1)
+    assert torch.equal(a, layer(x.detach()))
+    assert torch.equal(layer.eval()(x), x) and torch.equal(FastDropout(0.0)(x), x)
+
+    cfg = compose("quant=none", "peft.dropout=0.1")
+    model = load_model(cfg, resolve_device("cpu"), load_tokenizer(cfg.model))
+    dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n]
+    assert dropouts and all(isinstance(m, FastDropout) and m.p == 0.1 for m in dropouts)

@@ -63,7 +63,9 @@ class DPOStage(Stage):
     # -- data ------------------------------------------------------------------------------
 
     def collate(self, examples) -> PreferenceBatch:
-        batch = collate_preference(examples, self.tokenizer.pad_token_id)
+        batch = collate_preference(
+            examples, self.tokenizer.pad_token_id, shared_prompt=self.cfg.train.shared_prompt
+        )
         if all("ref_logps" in ex for ex in examples):
             rows = [0.0] * batch["input_ids"].shape[0]
             for b, ex in enumerate(examples):

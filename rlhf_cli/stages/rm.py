@@ -18,13 +18,16 @@ from rlhf_cli.data import PreferenceBatch, collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage
 from rlhf_cli.losses import plackett_luce_loss, reward_loss
-from rlhf_cli.models import ScalarHead, decoder, set_eval
+from rlhf_cli.models import ScalarHead, decoder, set_eval, shared_prompt_hidden, shares_prompt
 
 HEAD = "reward_head"
 
 
 def sequence_scores(model, head: ScalarHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(N,) the reward of every row of a right-padded batch."""
+    if shares_prompt(model, batch):
+        _, hidden = shared_prompt_hidden(model, batch)
+        return head.last_token(hidden, batch["response_mask"])
     hidden = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return head.last_token(hidden.last_hidden_state, batch["attention_mask"])
 
@@ -42,7 +45,10 @@ class RMStage(Stage):
 
     def collate(self, examples) -> PreferenceBatch:
         return collate_preference(
-            examples, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+            examples,
+            self.tokenizer.pad_token_id,
+            self.tokenizer.eos_token_id,
+            shared_prompt=self.cfg.train.shared_prompt,
         )
 
     def weight(self, batch: PreferenceBatch) -> int:
