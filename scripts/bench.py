@@ -25,6 +25,10 @@ What it does:
   compute dtype follows the precision (float32 or bfloat16), for both tools.
   Variant `best` (both tools): bf16 autocast, and for DPO reference log-probs precomputed once
   (ours: ref.precompute=true; TRL: precompute_ref_log_probs=True).
+- Rollout speed (stage grpo, ours only): our GRPO with BATCH prompts x 4 samples of up to 64
+  new tokens per step (reward: rlhf_cli.rewards:length_target), KV-cache sampling with
+  model.generate; the row shows generation tokens/s (sampled tokens over the generate() time,
+  median over the timed steps) and the share of the step spent generating.
 - Step time = time between the ends of consecutive optimizer steps (everything the loop does per
   step: data, forward, backward, optimizer, logging), over the timed steps. Tokens = non-padding
   tokens (attention mask) of the step's batch (chosen + rejected rows for RM/DPO).
@@ -35,7 +39,8 @@ What it does:
   The fraction is of the peak torch.matmul rate measured here (2048 x 2048, fp32 or bf16).
 
 TRL settings that differ from its defaults, to match ours: gradient_checkpointing=False,
-bf16 only when asked, disable_dropout=False (TRL turns dropout off for DPO/RM by default),
+bf16 only when asked (and then the base loaded in bf16, as ours stores a frozen base in a bf16
+run; fp32 otherwise), disable_dropout=False (TRL turns dropout off for DPO/RM by default),
 lr_scheduler_type=constant, logging/saving/eval off, tqdm off; in fp32 QLoRA runs its trainable
 weights are cast back to fp32 (TRL makes them bf16 for quantized models, which breaks its RM
 without autocast). Everything else (fused AdamW, fused LM head for DPO/SFT log-probs, its
@@ -66,7 +71,7 @@ ASSETS = REPO / "rlhf_cli" / "assets"
 # Fixed list (not a glob), so the benchmark models do not change when other data ships.
 CORPUS_FILES = ("sft.jsonl", "preference.jsonl", "chat.jsonl", "hh.jsonl", "prompts.jsonl")
 RESULT_PREFIX = "BENCH_RESULT "
-VERSION = 1
+VERSION = 2
 
 SIZES = {
     "small": dict(
@@ -86,7 +91,8 @@ SIZES = {
         num_key_value_heads=8,
     ),
 }
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "grpo")
+OURS_ONLY = ("grpo",)  # rollout speed: generation tokens/s of our online stages
 MODES = ("lora", "qlora")
 PRECISIONS = ("fp32", "bf16")
 TOOLS = ("ours", "trl")
@@ -98,6 +104,8 @@ MAX_LENGTH = 256
 MAX_PROMPT_LENGTH = 128
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 1e-4
+GROUP = 4  # grpo: samples per prompt
+ROLLOUT_TOKENS = 64  # grpo: longest sampled response
 SEED = 42
 DATA_SEED = 1234
 
@@ -291,9 +299,12 @@ def data_files(n_rows: int) -> dict[str, Path]:
         with (out / "sft.jsonl").open("w", encoding="utf-8") as fh:
             for p in pairs:
                 fh.write(json.dumps({"prompt": p["prompt"], "completion": p["chosen"]}) + "\n")
+        with (out / "prompts.jsonl").open("w", encoding="utf-8") as fh:
+            for p in pairs:
+                fh.write(json.dumps({"prompt": p["prompt"]}) + "\n")
 
     _build_once(target, build)
-    return {"pairs": target / "pairs.jsonl", "sft": target / "sft.jsonl"}
+    return {name: target / f"{name}.jsonl" for name in ("pairs", "sft", "prompts")}
 
 
 def check_same_tokens(model_path: Path, pairs_path: Path) -> dict:
@@ -411,13 +422,35 @@ def run_ours(spec: dict, run_dir: Path) -> dict:
         counted["trainable"], counted["total"] = count_parameters(model)
         return counted["trainable"], counted["total"]
 
+    from rlhf_cli.online import OnlineStage
+
+    online_step = OnlineStage.train_step
+
+    def timed_online_step(self, examples, updater):
+        begins.append(time.perf_counter())
+        record, n = online_step(self, examples, updater)
+        tokens.append(int(n))
+        return record, n
+
     Stage.train_step, Reporter.step = timed_train_step, timed_report_step
+    OnlineStage.train_step = timed_online_step
     train_mod.count_parameters = counting
 
     stage = spec["stage"]
     qlora = spec["mode"] == "qlora"
+    online = []
+    if stage == "grpo":
+        # BATCH prompts x GROUP samples of up to ROLLOUT_TOKENS tokens, one update per step.
+        online = [
+            f"stage.rollout_batch_size={BATCH}",
+            f"stage.group_size={GROUP}",
+            f"stage.max_new_tokens={ROLLOUT_TOKENS}",
+            f"stage.minibatch_size={BATCH * GROUP}",
+            "reward.fn=rlhf_cli.rewards:length_target",
+        ]
     overrides = [
         f"stage={stage}",
+        *online,
         f"model.name_or_path={spec['model']}",
         f"data.path={spec['data']}",
         "data.eval_size=0",
@@ -464,9 +497,15 @@ def run_ours(spec: dict, run_dir: Path) -> dict:
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
         if line.strip()
     ]
-    losses = [m["loss"] for m in metrics if m.get("split") == "train" and "loss" in m]
+    train_rows = [m for m in metrics if m.get("split") == "train"]
+    losses = [m["loss"] for m in train_rows if "loss" in m]
     if losses:
         out["loss_first"], out["loss_last"] = losses[0], losses[-1]
+    rates = [m["gen_tokens_per_s"] for m in train_rows[spec["warmup"] :] if "gen_tokens_per_s" in m]
+    if rates:
+        out["gen_tokens_per_s"] = statistics.median(rates)
+        rollout_s = [m["rollout_s"] for m in train_rows[spec["warmup"] :]]
+        out["rollout_fraction"] = statistics.median(rollout_s) * out["steps_per_s"]
     return out
 
 
@@ -522,7 +561,8 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
         use_cpu=device == "cpu",
         seed=SEED,
         max_length=MAX_LENGTH,
-        model_init_kwargs={"dtype": "float32", "device_map": {"": device}},
+        # As ours: a bf16 run stores the frozen base in bf16 (adapters stay fp32).
+        model_init_kwargs={"dtype": "bfloat16" if bf16 else "float32", "device_map": {"": device}},
         dataloader_num_workers=0,
     )
     lora = dict(
@@ -646,7 +686,8 @@ def plan(args) -> list[dict]:
                     configs += [(p, False, "default") for p in args.precisions]
                 if "best" in args.variants:
                     configs.append(("bf16", stage == "dpo", "best"))
-                for tool in args.tools:
+                tools = [t for t in args.tools if t == "ours" or stage not in OURS_ONLY]
+                for tool in tools:
                     for precision, precompute, variant in configs:
                         job = dict(
                             tool=tool,
@@ -668,7 +709,7 @@ def run_child(job: dict, args, models: dict, data: dict) -> dict:
     spec = dict(
         job,
         model=str(models[job["size"]]),
-        data=str(data["sft" if job["stage"] == "sft" else "pairs"]),
+        data=str(data[{"sft": "sft", "grpo": "prompts"}.get(job["stage"], "pairs")]),
         steps=args.steps,
         warmup=args.warmup,
         device=args.device,
@@ -701,6 +742,21 @@ def run_child(job: dict, args, models: dict, data: dict) -> dict:
     return result
 
 
+def combine(repeats: list[dict]) -> dict:
+    """One result from the repeats of a run: the median run by steps/s (its rates), the
+    highest peak memory of all, and every run's steps/s. Any failure fails the row."""
+    failed = [r for r in repeats if not r.get("ok")]
+    if failed:
+        return failed[0]
+    ordered = sorted(repeats, key=lambda r: r["steps_per_s"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    for key in ("peak_rss_mb", "cuda_peak_mb"):
+        if key in out:
+            out[key] = max(r[key] for r in repeats)
+    out["steps_per_s_runs"] = [round(r["steps_per_s"], 3) for r in repeats]
+    return out
+
+
 def flops_per_token(job: dict) -> int:
     n = linear_params(job["size"], with_lm_head=job["stage"] != "rm")
     reference = job["stage"] == "dpo" and not job["precompute"]
@@ -724,7 +780,7 @@ def build_rows(results: list[tuple[dict, dict]], peaks: dict) -> list[dict]:
             "variant": job["variant"],
             **{k: v for k, v in res.items()},
         }
-        if res.get("ok"):
+        if res.get("ok") and job["stage"] not in OURS_ONLY:
             flops = res["tokens_per_s"] * flops_per_token(job)
             row["model_gflops"] = flops / 1e9
             row["peak_fraction"] = flops / 1e9 / peaks[job["precision"]]
@@ -754,6 +810,8 @@ COLUMNS = [
     ("peak RSS MB", "peak_rss_mb"),
     ("model GFLOP/s", "model_gflops"),
     ("% peak", "peak_fraction"),
+    ("gen tok/s", "gen_tokens_per_s"),
+    ("rollout share", "rollout_fraction"),
     ("ours/TRL", "vs_trl"),
     ("ours/TRL best", "vs_trl_best"),
     ("RSS ours/TRL", "rss_vs_trl"),
@@ -764,11 +822,11 @@ COLUMNS = [
 def cell(key: str, value) -> str:
     if value is None:
         return ""
-    if key == "peak_fraction":
+    if key in ("peak_fraction", "rollout_fraction"):
         return f"{100 * value:.1f}%"
     if key in ("vs_trl", "vs_trl_best", "rss_vs_trl"):
         return f"{value:.2f}x"
-    if key in ("tokens_per_s", "tokens_per_step", "peak_rss_mb"):
+    if key in ("tokens_per_s", "tokens_per_step", "peak_rss_mb", "gen_tokens_per_s"):
         return f"{value:,.0f}"
     if isinstance(value, float):
         return f"{value:.2f}"
@@ -863,14 +921,20 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--tools", type=listed(TOOLS), default=list(TOOLS), help="comma list")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the grid this many times; each row is the median run (peak memory: the max)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--out", type=Path, help="write the table to OUT (.md) and OUT's .json")
     p.add_argument("--verbose", action="store_true", help="show a failing run's stderr")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
     return args
 
 
@@ -898,20 +962,29 @@ def main(argv: list[str] | None = None) -> int:
     log("matmul peak: " + ", ".join(f"{p} {v:,.0f} GFLOP/s" for p, v in peaks.items()))
 
     jobs = plan(args)
-    results = []
-    for i, job in enumerate(jobs, 1):
-        name = " ".join([job["tool"], job["stage"], job["size"], job["mode"], precision_label(job)])
-        log(f"[{i}/{len(jobs)}] {name} ...")
-        res = run_child(job, args, models, data)
-        if res.get("ok"):
-            log(
-                f"[{i}/{len(jobs)}] {name}: {res['steps_per_s']:.2f} steps/s, "
-                f"{res['tokens_per_s']:,.0f} tok/s, {res['peak_rss_mb']:,.0f} MB RSS "
-                f"({res['wall_s']:.0f}s)"
+    runs: dict[tuple, list[dict]] = {job_key(job): [] for job in jobs}
+    total = len(jobs) * args.repeats
+    i = 0
+    # Each repeat sweeps the whole grid, so a slow spell of a shared machine hits every
+    # configuration and both tools alike rather than one of them.
+    for _ in range(args.repeats):
+        for job in jobs:
+            i += 1
+            name = " ".join(
+                [job["tool"], job["stage"], job["size"], job["mode"], precision_label(job)]
             )
-        else:
-            log(f"[{i}/{len(jobs)}] {name}: FAILED {res.get('error')}")
-        results.append((job, res))
+            log(f"[{i}/{total}] {name} ...")
+            res = run_child(job, args, models, data)
+            if res.get("ok"):
+                log(
+                    f"[{i}/{total}] {name}: {res['steps_per_s']:.2f} steps/s, "
+                    f"{res['tokens_per_s']:,.0f} tok/s, {res['peak_rss_mb']:,.0f} MB RSS "
+                    f"({res['wall_s']:.0f}s)"
+                )
+            else:
+                log(f"[{i}/{total}] {name}: FAILED {res.get('error')}")
+            runs[job_key(job)].append(res)
+    results = [(job, combine(runs[job_key(job)])) for job in jobs]
 
     info = machine_info(args)
     rows = build_rows(results, peaks)
@@ -924,7 +997,8 @@ def main(argv: list[str] | None = None) -> int:
         + f", TRL {info['trl']}",
         f"matmul peak (torch.matmul 2048x2048): fp32 {peaks['fp32']:,.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:,.0f} GFLOP/s",
-        f"settings: {args.warmup} warmup + {args.steps} timed steps, batch {BATCH} "
+        f"settings: {args.warmup} warmup + {args.steps} timed steps, median of {args.repeats} "
+        f"run(s) (peak memory: the highest), batch {BATCH} "
         f"(pairs for rm/dpo), max_length {MAX_LENGTH}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
         f"dropout={LORA['dropout']} all-linear, AdamW lr {LR}, no grad checkpointing",
         "data: mean tokens per row "
