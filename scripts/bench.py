@@ -997,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         + f", TRL {info['trl']}",
         f"matmul peak (torch.matmul 2048x2048): fp32 {peaks['fp32']:,.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:,.0f} GFLOP/s",
-        f"settings: {args.warmup} warmup + {args.steps} timed steps, median of {args.repeats} "
+        f"settings: {args.warmup} warmup + {args.steps} timed steps, (lower) median of {args.repeats} "
         f"run(s) (peak memory: the highest), batch {BATCH} "
         f"(pairs for rm/dpo), max_length {MAX_LENGTH}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
         f"dropout={LORA['dropout']} all-linear, AdamW lr {LR}, no grad checkpointing",
