@@ -81,7 +81,7 @@ def tiny_model_dir() -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=target.parent))
         try:
-            _build(tmp, corpus)
+            build_llama(tmp, corpus, TINY_RECIPE, TINY_CHAT_TEMPLATE)
             if target.exists():  # left incomplete by an older version: replace it
                 shutil.rmtree(target)
             os.rename(tmp, target)
@@ -94,7 +94,9 @@ def _complete(path: Path) -> bool:
     return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def _build(out: Path, corpus: list[str]) -> None:
+def build_llama(out: Path, corpus: list[str], recipe: dict, chat_template: str | None) -> None:
+    """A ByteLevel BPE tokenizer trained on `corpus` and a random-init Llama of `recipe`'s sizes
+    (seeded), saved to `out`: the tiny model, and scripts/bench.py's benchmark models."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -103,7 +105,7 @@ def _build(out: Path, corpus: list[str]) -> None:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_RECIPE["vocab_size"],
+        vocab_size=recipe["vocab_size"],
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -122,23 +124,26 @@ def _build(out: Path, corpus: list[str]) -> None:
         unk_token="<unk>",
         additional_special_tokens=SPECIAL_TOKENS[4:],
     )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TINY_RECIPE["hidden_size"],
-        intermediate_size=TINY_RECIPE["intermediate_size"],
-        num_hidden_layers=TINY_RECIPE["num_hidden_layers"],
-        num_attention_heads=TINY_RECIPE["num_attention_heads"],
-        num_key_value_heads=TINY_RECIPE["num_key_value_heads"],
-        max_position_embeddings=TINY_RECIPE["max_position_embeddings"],
+        # The BPE may stop short of the requested size on a small corpus; the embedding keeps the
+        # recipe's size (as real models pad their vocabulary), so the parameter count holds.
+        vocab_size=max(recipe["vocab_size"], len(tokenizer)),
+        hidden_size=recipe["hidden_size"],
+        intermediate_size=recipe["intermediate_size"],
+        num_hidden_layers=recipe["num_hidden_layers"],
+        num_attention_heads=recipe["num_attention_heads"],
+        num_key_value_heads=recipe["num_key_value_heads"],
+        max_position_embeddings=recipe["max_position_embeddings"],
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_RECIPE["seed"])
+        torch.manual_seed(recipe["seed"])
         model = LlamaForCausalLM(config)
         # With initializer_range=0.02 a frozen head caps |logit| near 2.5 (RMS-normed hidden of
         # norm sqrt(d) times columns of norm 0.02 sqrt(d)), so adapters could never fit the data.

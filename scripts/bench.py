@@ -180,59 +180,13 @@ def model_dir(size: str) -> Path:
 
 
 def _build_model(out: Path, recipe: dict, texts: list[str]) -> None:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
-    from rlhf_cli.tiny import SPECIAL_TOKENS
+    from rlhf_cli.tiny import build_llama
 
     hf_logging.disable_progress_bar()
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=recipe["vocab_size"],
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
-    bos_id = bpe.token_to_id("<s>")
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
     # No chat template: both tools treat the data as plain strings (see the module docstring).
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
-    )
-    config = LlamaConfig(
-        # The BPE may stop short of the requested size on this small corpus; the embedding keeps
-        # the recipe's size (as real models pad their vocabulary), so the parameter count holds.
-        vocab_size=max(recipe["vocab_size"], len(tokenizer)),
-        hidden_size=recipe["hidden_size"],
-        intermediate_size=recipe["intermediate_size"],
-        num_hidden_layers=recipe["num_hidden_layers"],
-        num_attention_heads=recipe["num_attention_heads"],
-        num_key_value_heads=recipe["num_key_value_heads"],
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-        # A fan-in scaled head, as in rlhf_cli/tiny.py (lets adapters fit the data at all).
-        torch.nn.init.normal_(model.lm_head.weight, std=config.hidden_size**-0.5)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    build_llama(out, texts, dict(recipe, max_position_embeddings=1024, seed=0), None)
 
 
 def linear_params(size: str, with_lm_head: bool) -> int:
