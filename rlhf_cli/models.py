@@ -404,7 +404,7 @@ def shared_prompt_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     )
     cache, rows = prompt.past_key_values, batch["row_example"]
     if cache is None:
-        raise RuntimeError("the model returned no KV cache: set train.shared_prompt=false")
+        raise UserError("the model returned no KV cache: set train.shared_prompt=false")
     cache.reorder_cache(rows)  # (B, ...) -> (N, ...), differentiable
     response_mask = batch["response_mask"]
     start = prompt_mask.sum(1)[rows]
