@@ -32,7 +32,7 @@ sweep: install
 	$(BIN)/rlhf train -m stage=sft optim.lr=$(LRS) train.max_steps=30
 
 # rlhf-cli vs TRL side by side (scripts/bench.py; installs the `bench` extra, TRL, first). The full
-# grid, as in the README (about 90 minutes on 2 CPU cores), writes runs/bench.md and .json; a
+# grid, as in the README (about 65 minutes on 2 CPU cores), writes runs/bench.md and .json; a
 # quick subset:
 #   make bench BENCH_ARGS="--stages dpo --sizes small --modes lora --precisions fp32 --steps 3"
 BENCH_ARGS ?= --steps 12 --warmup 3 --repeats 2 --out runs/bench.md
