@@ -158,7 +158,7 @@ def load_base_model(cfg: Config, device: torch.device):
 
 def load_model(cfg: Config, device: torch.device, tokenizer):
     """Base (quantized or not) + LoRA adapters (fresh, or model.adapter), ready to train."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     model = load_base_model(cfg, device)
     model.config.use_cache = False  # the KV cache only helps generation
@@ -166,13 +166,14 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         model.config.pad_token_id = tokenizer.pad_token_id
     gc_kwargs = {"use_reentrant": False}
     if cfg.quant.mode != "none":
-        # Casts norms/embeddings to fp32 and freezes the base: the QLoRA recipe.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs=gc_kwargs,
-        )
-    elif cfg.train.gradient_checkpointing:
+        # The base is frozen; its unquantized weights (embeddings, norms, LM head) keep the
+        # dtype the base was loaded in (base_dtype: bf16 in a bf16 run, fp32 in an fp32 one),
+        # so a bf16 QLoRA run has a bf16 residual stream like a bf16 LoRA run. peft's
+        # prepare_model_for_kbit_training casts them to fp32: then every 4-bit layer casts its
+        # input to bf16 and its output back to fp32, which measured 12-17% of a bf16 QLoRA step
+        # on CPU. model.dtype=float32 keeps them fp32 (the fp32 residual of that recipe).
+        model.requires_grad_(False)
+    if cfg.train.gradient_checkpointing:
         # transformers 5 renamed it; the old name still works with a deprecation warning.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
@@ -252,9 +253,24 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
+class _OutsideAutocast:
+    """True outside torch.autocast, false inside: the value of a LoRA layer's
+    `cast_input_dtype_enabled`, which peft reads as a bool before each adapter forward."""
+
+    def __bool__(self) -> bool:
+        return not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+
+
 def with_fast_dropout(model):
-    """Swap peft's LoRA dropout modules (torch.nn.Dropout) for FastDropout, same p."""
+    """Swap peft's LoRA dropout modules (torch.nn.Dropout) for FastDropout, same p, and keep
+    a LoRA layer's input in its own dtype under autocast. peft casts the (bf16) input to the
+    adapter's fp32 before dropout and lora_A, where autocast casts it straight back to bf16: two
+    copies of every adapted activation and a dropout at twice the bytes, for the same numbers.
+    Outside autocast the cast stays (an fp32 adapter on a bf16 base needs it)."""
+    outside = _OutsideAutocast()
     for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = outside
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name, layer in list(dropouts.items()):

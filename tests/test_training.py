@@ -332,3 +332,61 @@ def test_lora_dropout_is_fast_inverted_dropout():
     model = load_model(cfg, resolve_device("cpu"), load_tokenizer(cfg.model))
     dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n]
     assert dropouts and all(isinstance(m, FastDropout) and m.p == 0.1 for m in dropouts)
+
+
+def test_lora_input_keeps_its_dtype_under_autocast_only():
+    """Under bf16 autocast a LoRA layer's dropout and lora_A get the bf16 input as it is (peft
+    would cast it to the adapter's fp32 first, and autocast straight back), with the same
+    output as peft's cast; outside autocast an fp32 adapter on a bf16 base still gets fp32."""
+    import torch
+    from conftest import compose
+
+    from rlhf_cli.models import load_model, load_tokenizer, resolve_device
+
+    cfg = compose("quant=none", "train.precision=bf16", "peft.dropout=0.1")
+    model = load_model(cfg, resolve_device("cpu"), load_tokenizer(cfg.model))
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # a fresh B is zero: no LoRA output
+    seen = []
+    layer.lora_dropout["default"].register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    x = torch.randn(2, 5, layer.in_features).bfloat16()
+    ours = layer.cast_input_dtype_enabled
+
+    def out(cast: bool):
+        layer.cast_input_dtype_enabled = True if cast else ours  # True: peft's default
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layer(x)
+
+    with torch.no_grad():
+        layer.eval()  # dropout off: both paths compute the same bf16 products
+        lean, cast = out(False), out(True)
+        assert seen == [torch.bfloat16, torch.float32]
+        assert torch.equal(lean, cast)
+        layer.train()
+        out(False)
+        assert seen[-1] == torch.bfloat16  # dropout runs on the bf16 input, half the bytes
+        seen.clear()
+        assert layer(x).dtype == torch.bfloat16 and seen == [torch.float32]  # no autocast
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_qlora_unquantized_weights_follow_the_run_dtype(precision, dtype):
+    """A 4-bit base keeps its embeddings, norms and LM head in the dtype of the run (bf16 in a
+    bf16 run: a bf16 residual stream, no cast in and out of every 4-bit layer; fp32 in an fp32
+    run), all frozen, and only the LoRA weights train."""
+    import torch
+    from conftest import compose
+
+    from rlhf_cli.models import load_model, load_tokenizer, resolve_device
+
+    cfg = compose("quant=nf4", f"train.precision={precision}")
+    model = load_model(cfg, resolve_device("cpu"), load_tokenizer(cfg.model))
+    want = getattr(torch, dtype)
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == want
+    assert base.model.norm.weight.dtype == want and base.lm_head.weight.dtype == want
+    assert any(p.__class__.__name__ == "Params4bit" for p in base.parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
