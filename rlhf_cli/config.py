@@ -492,6 +492,11 @@ class TrainConfig:
     shared_prompt: bool = True
     """rm/dpo: run each prompt once for all its responses (they attend to its KV cache) instead
     of once per response; same numbers, fewer tokens. Off under gradient checkpointing."""
+    pad_to_multiple_of: int = 8
+    """Pad each batch to its longest row rounded up to a multiple of this (1 = the longest row).
+    Fewer distinct shapes: CPU bf16 kernels (oneDNN) compile and keep one kernel per shape, and
+    memory grew with every new length (1.19 -> 0.74 GB peak on the small benchmark model);
+    GPU tensor cores prefer multiples of 8. Padding is masked: the numbers do not change."""
     max_nonfinite: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
     shuffle: bool = True
@@ -513,6 +518,10 @@ class TrainConfig:
         _non_negative("train.save_every", self.save_every)
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _check(
+            self.pad_to_multiple_of >= 1,
+            f"train.pad_to_multiple_of must be >= 1 (1 = no rounding), got {self.pad_to_multiple_of}",
+        )
         _check(
             self.max_nonfinite >= 1, f"train.max_nonfinite must be >= 1, got {self.max_nonfinite}"
         )

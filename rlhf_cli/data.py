@@ -670,9 +670,10 @@ class SFTBatch(TypedDict):
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX on prompt and padding
 
 
-def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    """(len(seqs), longest) padded on the right, or on the left with `left`."""
-    width = max(len(s) for s in seqs)
+def pad(seqs: list[list[int]], value: int, left: bool = False, multiple: int = 1) -> torch.Tensor:
+    """(len(seqs), width) padded on the right, or on the left with `left`: width = the longest
+    row rounded up to a multiple of `multiple`."""
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         start = width - len(s) if left else 0
@@ -680,12 +681,13 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return out
 
 
-def collate_sft(examples: list[SFTExample], pad_id: int) -> SFTBatch:
+def collate_sft(examples: list[SFTExample], pad_id: int, multiple: int = 1) -> SFTBatch:
+    """Right-padded to the longest row rounded up to `multiple` (train.pad_to_multiple_of)."""
     ids = [ex["input_ids"] for ex in examples]
     return SFTBatch(
-        input_ids=pad(ids, pad_id),
-        attention_mask=pad([[1] * len(s) for s in ids], 0),
-        labels=pad([ex["labels"] for ex in examples], IGNORE_INDEX),
+        input_ids=pad(ids, pad_id, multiple=multiple),
+        attention_mask=pad([[1] * len(s) for s in ids], 0, multiple=multiple),
+        labels=pad([ex["labels"] for ex in examples], IGNORE_INDEX, multiple=multiple),
     )
 
 
@@ -711,10 +713,12 @@ def collate_preference(
     pad_id: int,
     eos_id: int | None = None,
     shared_prompt: bool = False,
+    multiple: int = 1,
 ) -> PreferenceBatch:
     """Rows ordered rank-major (all rank-0 responses, then rank 1, ...). With `eos_id`, each
     row ends with EOS even when truncation cut it off (reward models score that position).
-    With `shared_prompt`, also the prompts (once each) and the responses apart."""
+    With `shared_prompt`, also the prompts (once each) and the responses apart. Every padded
+    width is rounded up to a multiple of `multiple`."""
     k_max = max(len(ex["responses_ids"]) for ex in examples)
     index = torch.full((len(examples), k_max), -1, dtype=torch.long)
     ids, labels, responses, row_example = [], [], [], []
@@ -732,17 +736,17 @@ def collate_preference(
             row_example.append(b)
     margins = [ex.get("margin") for ex in examples]
     batch = PreferenceBatch(
-        input_ids=pad(ids, pad_id),
-        attention_mask=pad([[1] * len(s) for s in ids], 0),
-        labels=pad(labels, IGNORE_INDEX),
+        input_ids=pad(ids, pad_id, multiple=multiple),
+        attention_mask=pad([[1] * len(s) for s in ids], 0, multiple=multiple),
+        labels=pad(labels, IGNORE_INDEX, multiple=multiple),
         index=index,
         margin=torch.tensor([float("nan") if m is None else m for m in margins]),
     )
     if shared_prompt:
         prompts = [ex["prompt_ids"] for ex in examples]
-        batch["prompt_ids"] = pad(prompts, pad_id, left=True)
-        batch["prompt_mask"] = pad([[1] * len(p) for p in prompts], 0, left=True)
-        batch["response_ids"] = pad(responses, pad_id)
-        batch["response_mask"] = pad([[1] * len(r) for r in responses], 0)
+        batch["prompt_ids"] = pad(prompts, pad_id, left=True, multiple=multiple)
+        batch["prompt_mask"] = pad([[1] * len(p) for p in prompts], 0, left=True, multiple=multiple)
+        batch["response_ids"] = pad(responses, pad_id, multiple=multiple)
+        batch["response_mask"] = pad([[1] * len(r) for r in responses], 0, multiple=multiple)
         batch["row_example"] = torch.tensor(row_example, dtype=torch.long)
     return batch

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose
 
 from rlhf_cli import data as D
@@ -691,6 +692,44 @@ def test_collate_pads_to_longest_in_batch(tok):
         assert batch["attention_mask"][i, n:].tolist() == [0] * (width - n)
         assert batch["labels"][i, n:].tolist() == [IGNORE_INDEX] * (width - n)
         assert batch["input_ids"][i, n:].tolist() == [pad_id] * (width - n)
+
+
+def test_collate_pads_to_a_multiple(tok):
+    """train.pad_to_multiple_of: every padded width (one-forward rows, left-padded prompts,
+    responses) is the longest row rounded up to the multiple; the rows and masks are as
+    without it, followed (or, for prompts, preceded) by more padding."""
+    examples, _ = build(PC_ROWS, tok, max_length=512)
+    plain, padded = (
+        D.collate_sft(examples, tok.pad_token_id),
+        D.collate_sft(examples, tok.pad_token_id, 16),
+    )
+    width = plain["input_ids"].shape[1]
+    assert padded["input_ids"].shape[1] == -(-width // 16) * 16 > width
+    for name, value in (
+        ("input_ids", tok.pad_token_id),
+        ("attention_mask", 0),
+        ("labels", IGNORE_INDEX),
+    ):
+        assert torch.equal(padded[name][:, :width], plain[name])
+        assert (padded[name][:, width:] == value).all()
+
+    pairs = [
+        {"prompt_ids": [5] * p, "responses_ids": [[6] * r, [7] * (r + 3)], "margin": None}
+        for p, r in ((3, 6), (9, 2))
+    ]
+    plain = D.collate_preference(pairs, 0, shared_prompt=True)
+    padded = D.collate_preference(pairs, 0, shared_prompt=True, multiple=8)
+    for name in ("input_ids", "attention_mask", "labels", "response_ids", "response_mask"):
+        n = plain[name].shape[1]
+        assert padded[name].shape[1] == -(-n // 8) * 8 > n, name
+        assert torch.equal(padded[name][:, :n], plain[name]), name
+    n = plain["prompt_ids"].shape[1]
+    assert padded["prompt_ids"].shape[1] == 16 and n == 9
+    assert torch.equal(padded["prompt_ids"][:, -n:], plain["prompt_ids"])
+    assert torch.equal(padded["prompt_mask"][:, -n:], plain["prompt_mask"])
+    assert not padded["prompt_mask"][:, :-n].any()
+    for name in ("index", "row_example"):
+        assert torch.equal(padded[name], plain[name])
 
 
 def test_preference_message_lists_without_prompt_column(tok):

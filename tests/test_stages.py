@@ -295,6 +295,21 @@ def test_shared_prompt_forward_equals_one_forward_per_response():
     torch.testing.assert_close(response_logps(model, batch)[0].detach(), logps, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+def test_padding_to_a_multiple_does_not_change_training(tmp_path, stage):
+    """train.pad_to_multiple_of only adds masked padding: the same losses and adapter as
+    padding to the longest row (64 here, so most batches get dozens of extra positions)."""
+    common = (f"stage={stage}", *PAIRS, "train.max_steps=3", "optim.lr=2e-3", "quant=none")
+    common += ("peft.dropout=0",)
+    train_in_process(tmp_path / "one", *common, "train.pad_to_multiple_of=1")
+    train_in_process(tmp_path / "many", *common, "train.pad_to_multiple_of=64")
+    one, many = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "many")
+    assert len(one) == 3
+    for a, b in zip(one, many, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert max_diff(adapter(tmp_path / "one"), adapter(tmp_path / "many")) < 1e-4
+
+
 @pytest.mark.parametrize("stage", ["dpo", "rm"])
 def test_shared_prompt_training_equals_unshared(tmp_path, stage):
     common = (f"stage={stage}", *PAIRS, "train.max_steps=3", "optim.lr=2e-3", "quant=none")

@@ -64,7 +64,10 @@ class DPOStage(Stage):
 
     def collate(self, examples) -> PreferenceBatch:
         batch = collate_preference(
-            examples, self.tokenizer.pad_token_id, shared_prompt=self.cfg.train.shared_prompt
+            examples,
+            self.tokenizer.pad_token_id,
+            shared_prompt=self.cfg.train.shared_prompt,
+            multiple=self.cfg.train.pad_to_multiple_of,
         )
         if all("ref_logps" in ex for ex in examples):
             rows = [0.0] * batch["input_ids"].shape[0]

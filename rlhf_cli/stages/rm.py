@@ -49,6 +49,7 @@ class RMStage(Stage):
             self.tokenizer.pad_token_id,
             self.tokenizer.eos_token_id,
             shared_prompt=self.cfg.train.shared_prompt,
+            multiple=self.cfg.train.pad_to_multiple_of,
         )
 
     def weight(self, batch: PreferenceBatch) -> int:
