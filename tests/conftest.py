@@ -64,6 +64,36 @@ def stopped_copy(full: Path, dst: Path, last_step: int) -> Path:
     return dst
 
 
+def adapter(run_dir: Path, sub: str = "final", name: str = "adapter_model.safetensors") -> dict:
+    """The tensors of a run's saved adapter (or of another safetensors file beside it)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / sub / name))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def assert_resume_equals(
+    tmp_path: Path, args: tuple, last_step: int, keys=("loss",), files=()
+) -> tuple[list[dict], list[dict]]:
+    """Train `args` to the end; copy the run as it was after its last_step checkpoint and
+    resume it: the resumed run's metrics (`keys`), adapter and extra saved `files` (e.g. a
+    reward head) equal the uninterrupted run's. Returns both runs' metrics."""
+    train_in_process(tmp_path / "full", *args)
+    stopped_copy(tmp_path / "full", tmp_path / "resumed", last_step=last_step)
+    train_in_process(tmp_path / "resumed", *args, "resume=auto")
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    for key in keys:
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full], abs=1e-6), key
+    for name in ("adapter_model.safetensors", *files):
+        runs = (adapter(tmp_path / d, name=name) for d in ("full", "resumed"))
+        assert max_diff(*runs) < 1e-6, name
+    return full, resumed
+
+
 # Small, fast settings for runs in tests.
 FAST = ("train.max_steps=4", "train.micro_batch_size=4", "data.max_samples=64", "data.eval_size=0")
 

@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, read_metrics, stopped_copy, train_in_process
-from test_training import adapter, max_diff
+from conftest import REPO, adapter, max_diff, read_metrics, stopped_copy, train_in_process
 
 from rlhf_cli import checkpoint as ckpt_lib
 

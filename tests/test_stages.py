@@ -9,8 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, rlhf, stopped_copy, train_in_process
-from test_training import adapter, max_diff
+from conftest import adapter, assert_resume_equals, max_diff, read_metrics, rlhf, train_in_process
 
 from rlhf_cli.data import builtin_path
 from rlhf_cli.errors import DataError
@@ -152,20 +151,8 @@ def test_resume_equals_uninterrupted(tmp_path, stage):
         "train.keep_last=3",
         "optim.lr=2e-3",
     )
-    train_in_process(tmp_path / "full", *args)
-    stopped_copy(tmp_path / "full", tmp_path / "resumed", last_step=3)
-    train_in_process(tmp_path / "resumed", *args, "resume=auto")
-    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
-    assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "resumed")) < 1e-6
-    if stage == "rm":
-        from safetensors.torch import load_file
-
-        heads = [
-            load_file(str(d / "final" / "reward_head.safetensors"))
-            for d in (tmp_path / "full", tmp_path / "resumed")
-        ]
-        assert max_diff(*heads) < 1e-6
+    files = ("reward_head.safetensors",) if stage == "rm" else ()
+    assert_resume_equals(tmp_path, args, last_step=3, files=files)
 
 
 @pytest.mark.parametrize(
@@ -295,31 +282,31 @@ def test_shared_prompt_forward_equals_one_forward_per_response():
     torch.testing.assert_close(response_logps(model, batch)[0].detach(), logps, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
-def test_padding_to_a_multiple_does_not_change_training(tmp_path, stage):
-    """train.pad_to_multiple_of only adds masked padding: the same losses and adapter as
-    padding to the longest row (64 here, so most batches get dozens of extra positions)."""
+def assert_same_training(tmp_path, stage: str, a: str, b: str) -> None:
+    """Three steps of `stage` with override `a` and with `b`: the same losses (1e-5) and adapter.
+    Adam divides by the root of tiny early gradients, which magnifies float summation-order
+    noise in the adapter (1.6e-5 seen for rm); a misaligned or unmasked position moves the
+    losses themselves."""
     common = (f"stage={stage}", *PAIRS, "train.max_steps=3", "optim.lr=2e-3", "quant=none")
     common += ("peft.dropout=0",)
-    train_in_process(tmp_path / "one", *common, "train.pad_to_multiple_of=1")
-    train_in_process(tmp_path / "many", *common, "train.pad_to_multiple_of=64")
-    one, many = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "many")
-    assert len(one) == 3
-    for a, b in zip(one, many, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert max_diff(adapter(tmp_path / "one"), adapter(tmp_path / "many")) < 1e-4
+    train_in_process(tmp_path / "a", *common, a)
+    train_in_process(tmp_path / "b", *common, b)
+    runs = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert len(runs[0]) == 3
+    for x, y in zip(*runs, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    assert max_diff(adapter(tmp_path / "a"), adapter(tmp_path / "b")) < 1e-4
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+def test_padding_to_a_multiple_does_not_change_training(tmp_path, stage):
+    """train.pad_to_multiple_of only adds masked padding: the same training as padding to the
+    longest row (64 here, so most batches get dozens of extra positions)."""
+    assert_same_training(
+        tmp_path, stage, "train.pad_to_multiple_of=1", "train.pad_to_multiple_of=64"
+    )
 
 
 @pytest.mark.parametrize("stage", ["dpo", "rm"])
 def test_shared_prompt_training_equals_unshared(tmp_path, stage):
-    common = (f"stage={stage}", *PAIRS, "train.max_steps=3", "optim.lr=2e-3", "quant=none")
-    common += ("peft.dropout=0",)
-    train_in_process(tmp_path / "shared", *common)
-    train_in_process(tmp_path / "plain", *common, "train.shared_prompt=false")
-    shared, plain = read_metrics(tmp_path / "shared"), read_metrics(tmp_path / "plain")
-    assert len(shared) == 3
-    for a, b in zip(shared, plain, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    # Adam divides by the root of tiny early gradients, which magnifies float summation-order
-    # noise (1.6e-5 seen for rm); a wrong prompt/response alignment moves the losses above.
-    assert max_diff(adapter(tmp_path / "shared"), adapter(tmp_path / "plain")) < 1e-4
+    assert_same_training(tmp_path, stage, "train.shared_prompt=true", "train.shared_prompt=false")
