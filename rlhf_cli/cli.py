@@ -230,7 +230,12 @@ def _launch_torchrun(launch: list[str], flags, overrides, multirun: bool, cfg) -
     # Every rank must write to the same run directory: fix its timestamp here.
     run_dir = [o for o in overrides if o.startswith("run_dir=")] or [f"run_dir={cfg.run_dir}"]
     rest = [o for o in overrides if not o.startswith("run_dir=")]
-    command = [
+    os.execv(sys.executable, torchrun_command(nproc, [*rest, *run_dir]))
+
+
+def torchrun_command(nproc: int, overrides: list[str]) -> list[str]:
+    """`rlhf train overrides` under torchrun: nproc processes on this machine."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -239,10 +244,8 @@ def _launch_torchrun(launch: list[str], flags, overrides, multirun: bool, cfg) -
         "-m",
         "rlhf_cli",
         "train",
-        *rest,
-        *run_dir,
+        *overrides,
     ]
-    os.execv(sys.executable, command)
 
 
 def _run_hydra(flags: list[str], overrides: list[str]) -> None:

@@ -42,8 +42,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLHF_CLI_CACHE", Path.home() / ".cache" / "rlhf_cli"))
 
 
-def _corpus() -> list[str]:
-    """Every string in the shipped data, in a fixed order."""
+def corpus(names: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Every string of the shipped data files `names` (default: all of them), in a fixed order."""
     texts: list[str] = []
 
     def walk(value) -> None:
@@ -57,7 +57,9 @@ def _corpus() -> list[str]:
                 walk(value[k])
 
     assets = resources.files("rlhf_cli") / "assets"
-    for name in sorted(p.name for p in assets.iterdir() if p.name.endswith(".jsonl")):
+    if names is None:
+        names = sorted(p.name for p in assets.iterdir() if p.name.endswith(".jsonl"))
+    for name in names:
         for line in (assets / name).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 walk(json.loads(line))
@@ -66,9 +68,9 @@ def _corpus() -> list[str]:
 
 def tiny_model_dir() -> Path:
     """Path of the tiny model, building it first if this machine has not yet."""
-    corpus = _corpus()
+    texts = corpus()
     digest = hashlib.sha256(
-        json.dumps([TINY_RECIPE, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, corpus]).encode()
+        json.dumps([TINY_RECIPE, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, texts]).encode()
     ).hexdigest()[:12]
     target = cache_root() / f"tiny-llama-{digest}"
     if _complete(target):
@@ -81,7 +83,7 @@ def tiny_model_dir() -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=target.parent))
         try:
-            build_llama(tmp, corpus, TINY_RECIPE, TINY_CHAT_TEMPLATE)
+            build_llama(tmp, texts, TINY_RECIPE, TINY_CHAT_TEMPLATE)
             if target.exists():  # left incomplete by an older version: replace it
                 shutil.rmtree(target)
             os.rename(tmp, target)

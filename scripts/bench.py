@@ -110,37 +110,12 @@ SEED = 42
 DATA_SEED = 1234
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RLHF_CLI_CACHE", Path.home() / ".cache" / "rlhf_cli"))
-
-
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # assets: corpus, models, data
-
-
-def corpus() -> list[str]:
-    """Every string of the shipped data files named in CORPUS_FILES, in a fixed order."""
-    texts: list[str] = []
-
-    def walk(value) -> None:
-        if isinstance(value, str):
-            texts.append(value)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-        elif isinstance(value, dict):
-            for k in sorted(value):
-                walk(value[k])
-
-    for name in CORPUS_FILES:
-        for line in (ASSETS / name).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                walk(json.loads(line))
-    return texts
 
 
 def _digest(*parts) -> str:
@@ -171,10 +146,10 @@ def _build_once(target: Path, builder) -> Path:
 
 def model_dir(size: str) -> Path:
     """The benchmark model of this size, built on first use."""
-    from rlhf_cli.tiny import SPECIAL_TOKENS
+    from rlhf_cli.tiny import SPECIAL_TOKENS, cache_root, corpus
 
     recipe = SIZES[size]
-    texts = corpus()
+    texts = corpus(CORPUS_FILES)
     target = cache_root() / f"bench-{size}-{_digest(recipe, SPECIAL_TOKENS, texts)}"
     return _build_once(target, lambda out: _build_model(out, recipe, texts))
 
@@ -217,6 +192,8 @@ def _word_stream(texts: list[str], rng: random.Random):
 
 def data_files(n_rows: int) -> dict[str, Path]:
     """{"pairs": prompt/chosen/rejected JSONL, "sft": prompt/completion JSONL}, built once."""
+    from rlhf_cli.tiny import cache_root
+
     rows = [
         json.loads(line)
         for name in ("preference.jsonl", "sft.jsonl")
@@ -911,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     data = data_files(n_rows)
     models = {size: model_dir(size) for size in args.sizes}
     lengths = {size: check_same_tokens(models[size], data["pairs"]) for size in args.sizes}
-    log(f"assets ready in {time.perf_counter() - t0:.1f}s under {cache_root()}")
+    log(f"assets ready in {time.perf_counter() - t0:.1f}s under {models[args.sizes[0]].parent}")
     peaks = {p: matmul_peak_gflops(p, args.device) for p in PRECISIONS}
     log("matmul peak: " + ", ".join(f"{p} {v:,.0f} GFLOP/s" for p, v in peaks.items()))
 

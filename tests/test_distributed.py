@@ -9,20 +9,11 @@ import pytest
 from conftest import REPO, adapter, max_diff, read_metrics, stopped_copy, train_in_process
 
 from rlhf_cli import checkpoint as ckpt_lib
+from rlhf_cli.cli import torchrun_command
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "rlhf_cli",
-        "train",
-        *args,
-    ]
+    cmd = torchrun_command(nproc, list(args))
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 

@@ -220,6 +220,9 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
         ("train.precision=bf16",),
         ("train.gradient_checkpointing=true",),
         ("quant=int8",),
+        # bf16 runs keep a 4-bit/8-bit base's unquantized weights in bf16 (no fp32 residual)
+        ("quant=int8", "train.precision=bf16"),
+        ("train.precision=bf16", "train.gradient_checkpointing=true"),
         ("quant=none", "peft=full"),
         ("data=chat",),
         ("train.grad_accum=2", "optim.scheduler=linear", "optim.warmup_steps=2"),
