@@ -493,8 +493,8 @@ class TrainConfig:
     """rm/dpo: run each prompt once for all its responses (they attend to its KV cache) instead
     of once per response; same numbers, fewer tokens. Off under gradient checkpointing."""
     pad_to_multiple_of: int = 8
-    """Pad each batch to its longest row rounded up to a multiple of this (1 = the longest row;
-    online stages: each rollout's prompt and response widths). Fewer distinct shapes: CPU bf16 kernels (oneDNN) compile and keep one kernel per shape, and
+    """Pad each batch to its longest row rounded up to a multiple of this (1 = the longest row).
+    Fewer distinct shapes: CPU bf16 kernels (oneDNN) compile and keep one kernel per shape, and
     memory grew with every new length (1.19 -> 0.74 GB peak on the small benchmark model);
     GPU tensor cores prefer multiples of 8. Padding is masked: the numbers do not change."""
     max_nonfinite: int = 5

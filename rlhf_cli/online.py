@@ -234,8 +234,7 @@ class OnlineStage(Stage):
         k = self.cfg.stage.group_size
         prompts = [ex["prompt_ids"] for ex in examples for _ in range(k)]  # group-contiguous
         texts = [ex["prompt_text"] for ex in examples for _ in range(k)]
-        multiple = self.cfg.train.pad_to_multiple_of  # prompt and response widths, as offline
-        width = -(-max(len(p) for p in prompts) // multiple) * multiple
+        width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         attn = torch.tensor(
@@ -255,9 +254,6 @@ class OnlineStage(Stage):
         mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
         response = torch.where(mask, response, torch.full_like(response, pad))
         responses = [row[m].tolist() for row, m in zip(response, mask)]
-        extra = -response.shape[1] % multiple  # masked padding, like a response that ended early
-        response = torch.nn.functional.pad(response, (0, extra), value=pad)
-        mask = torch.nn.functional.pad(mask, (0, extra), value=False)
         return Rollout(
             input_ids=torch.cat([ids, response], dim=1),
             attention_mask=torch.cat([attn, mask.long()], dim=1),

@@ -129,18 +129,3 @@ def test_rollout_masks_stop_at_eos():
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
-
-
-@pytest.mark.parametrize("stage", ["ppo", "grpo"])
-def test_rollout_padding_to_a_multiple_does_not_change_training(tmp_path, stage):
-    """train.pad_to_multiple_of pads each rollout's prompts (left) and responses (right, masked,
-    like responses that ended early): the same samples, scores, KL and losses as without it
-    (float noise only: the padded attention sums in another order)."""
-    args = (f"stage={stage}", CHAR, *SHORT, "train.max_steps=3", "optim.lr=2e-3", "quant=none")
-    args += ("stage.max_new_tokens=13",)  # an odd length: the responses get padded
-    train_in_process(tmp_path / "one", *args, "train.pad_to_multiple_of=1")
-    train_in_process(tmp_path / "many", *args, "train.pad_to_multiple_of=16")
-    one, many = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "many")
-    assert len(one) == 3
-    for key in ("score", "kl", "loss", "response_length"):
-        assert [r[key] for r in many] == pytest.approx([r[key] for r in one], abs=1e-4), key
