@@ -191,7 +191,7 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         saved = PeftConfig.from_pretrained(str(adapter))
         saved.lora_dropout = cfg.peft.dropout
         model = PeftModel.from_pretrained(model, str(adapter), config=saved, is_trainable=True)
-        return with_fast_dropout(model)
+        return lean_lora(model)
     targets = list(cfg.peft.target_modules)
     lora = LoraConfig(
         r=cfg.peft.r,
@@ -205,7 +205,7 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         model = get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"peft.target_modules={targets}: {err}") from err
-    return with_fast_dropout(model)
+    return lean_lora(model)
 
 
 class _Masked(torch.autograd.Function):
@@ -261,7 +261,7 @@ class _OutsideAutocast:
         return not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 
 
-def with_fast_dropout(model):
+def lean_lora(model):
     """Swap peft's LoRA dropout modules (torch.nn.Dropout) for FastDropout, same p, and keep
     a LoRA layer's input in its own dtype under autocast. peft casts the (bf16) input to the
     adapter's fp32 before dropout and lora_A, where autocast casts it straight back to bf16: two
