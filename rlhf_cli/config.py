@@ -90,6 +90,10 @@ class DpoConfig(StageConfig):
     """Weight of a length-normalised NLL term on the chosen response (RPO); 0 = off."""
     length_normalize: bool = False
     """Use per-token average log-probs instead of sums (IPO always does)."""
+    dropout: bool = False
+    """Keep dropout (peft.dropout, the model's own) in the policy's forward. Off by default, as
+    in TRL and the reference DPO code: the policy and the reference would otherwise compute
+    different functions, and the step-0 loss would not be log 2."""
 
     def __post_init__(self) -> None:
         _positive("stage.beta", self.beta)

@@ -708,6 +708,17 @@ class PreferenceBatch(TypedDict):
     row_example: NotRequired[torch.Tensor]  # (N,) the example (prompt) of each row
 
 
+def ends_at_eos(response: list[int], eos_id: int) -> list[int]:
+    """A response as a reward model reads it: up to and including its last EOS, or with EOS
+    appended when it has none (cut off by truncation or by max_new_tokens). A chat template
+    may write text after EOS (ChatML's newline after <|im_end|>); generation stops at the EOS,
+    so training, `rlhf score`, online scoring and `rlhf eval` all score the EOS position."""
+    for i in range(len(response) - 1, -1, -1):
+        if response[i] == eos_id:
+            return response[: i + 1]
+    return [*response, eos_id]
+
+
 def collate_preference(
     examples: list[PreferenceExample],
     pad_id: int,
@@ -716,8 +727,9 @@ def collate_preference(
     multiple: int = 1,
 ) -> PreferenceBatch:
     """Rows ordered rank-major (all rank-0 responses, then rank 1, ...). With `eos_id`, each
-    row ends with EOS even when truncation cut it off (reward models score that position).
-    With `shared_prompt`, also the prompts (once each) and the responses apart. Every padded
+    row ends at its EOS (ends_at_eos: reward models score that position).
+    With `shared_prompt` (and a prompt in every example), also the prompts (once each) and the
+    responses apart. Every padded
     width is rounded up to a multiple of `multiple`."""
     k_max = max(len(ex["responses_ids"]) for ex in examples)
     index = torch.full((len(examples), k_max), -1, dtype=torch.long)
@@ -727,8 +739,8 @@ def collate_preference(
             if k >= len(ex["responses_ids"]):
                 continue
             response = list(ex["responses_ids"][k])
-            if eos_id is not None and response[-1] != eos_id:
-                response[-1] = eos_id
+            if eos_id is not None:
+                response = ends_at_eos(response, eos_id)
             index[b, k] = len(ids)
             ids.append(ex["prompt_ids"] + response)
             labels.append([IGNORE_INDEX] * len(ex["prompt_ids"]) + response)
@@ -742,7 +754,9 @@ def collate_preference(
         index=index,
         margin=torch.tensor([float("nan") if m is None else m for m in margins]),
     )
-    if shared_prompt:
+    # A row without a prompt has no prompt position to predict its first response token from:
+    # such a batch takes the plain layout (the same numbers, one forward per row).
+    if shared_prompt and all(ex["prompt_ids"] for ex in examples):
         prompts = [ex["prompt_ids"] for ex in examples]
         batch["prompt_ids"] = pad(prompts, pad_id, left=True, multiple=multiple)
         batch["prompt_mask"] = pad([[1] * len(p) for p in prompts], 0, left=True, multiple=multiple)

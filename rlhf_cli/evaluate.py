@@ -24,8 +24,8 @@ import torch
 
 from rlhf_cli.data import build_examples, collate_preference, load_rows
 from rlhf_cli.errors import UserError
-from rlhf_cli.models import autocast, autocast_dtype
-from rlhf_cli.policy import Policy, generate, generation_config, load_policy, prompt_examples
+from rlhf_cli.models import autocast_dtype, generation_config
+from rlhf_cli.policy import Policy, generate, load_policy, prompt_examples
 from rlhf_cli.progress import console, summary_table
 from rlhf_cli.rewards import load_reward_fn
 from rlhf_cli.sample import default_max_new_tokens
@@ -52,31 +52,16 @@ class RewardModelScorer:
         self.model, self.head, self.tokenizer, cfg = load_reward_model(path, policy.device)
         self.amp = autocast_dtype(cfg.train.precision, policy.device)
         self.policy, self.batch_size = policy, batch_size
-        self.same_vocab = self.tokenizer.get_vocab() == policy.tokenizer.get_vocab()
 
-    @torch.no_grad()
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
-        from rlhf_cli.stages.rm import sequence_scores
+        from rlhf_cli.stages.rm import score_examples, scoring_examples
 
-        eos = self.tokenizer.eos_token_id
-        decode = self.policy.tokenizer.decode
-        examples = []
-        for p, r in zip(prompts, responses):
-            if self.same_vocab:
-                ids, p_ids = r if r and r[-1] == eos else [*r, eos], p
-            else:
-                text = decode(p + r, skip_special_tokens=False)
-                ids, p_ids = [*self.tokenizer(text)["input_ids"], eos], []
-            # The reward model scores the hidden state at EOS (as in training).
-            examples.append({"prompt_ids": p_ids, "responses_ids": [ids], "margin": None})
-        scores: list[float] = []
-        device = self.policy.device
-        for chunk in batches(examples, self.batch_size):
-            batch = collate_preference(chunk, self.tokenizer.pad_token_id, eos)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(self.amp, device):
-                scores += sequence_scores(self.model, self.head, batch).float().tolist()
-        return scores
+        p = self.policy
+        examples = scoring_examples(prompts, responses, p.tokenizer, self.tokenizer)
+        scores = score_examples(
+            self.model, self.head, examples, self.tokenizer, self.batch_size, p.device, self.amp
+        )
+        return scores.tolist()
 
 
 def sequence_logps(

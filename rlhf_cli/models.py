@@ -5,6 +5,7 @@ with LoRA adapters (peft) or trained in full. The same code runs on CUDA and on 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -67,12 +68,15 @@ def autocast(dtype: torch.dtype | None, device: torch.device):
 
 
 def model_path(model_cfg: ModelConfig) -> str:
-    """The hub id or directory to load; `tiny` is built locally on first use."""
+    """The hub id or directory to load; `tiny` is built locally on first use; a hub id with an
+    offline copy (rlhf_cli.real) loads from that copy where the hub cannot serve it."""
     if model_cfg.name_or_path == "tiny":
         from rlhf_cli.tiny import tiny_model_dir
 
         return str(tiny_model_dir())
-    return model_cfg.name_or_path
+    from rlhf_cli.real import resolve
+
+    return resolve(model_cfg.name_or_path)
 
 
 def _hub_error(what: str, name: str, err: Exception) -> UserError:
@@ -300,12 +304,87 @@ def set_eval(model):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """Evaluation or generation inside a training run (see set_eval), then back to train()."""
+    """Evaluation or generation inside a training run (see set_eval), then every module back in
+    the mode it had: nested uses (an eval that computes reference log-probs) keep the outer
+    eval mode, and a model that was in eval mode stays there."""
+    modes = [(module, module.training) for module in model.modules()]
     set_eval(model)
     try:
         yield model
     finally:
-        model.train()
+        for module, training in modes:
+            module.training = training
+
+
+def disable_dropout(model) -> int:
+    """Set every dropout probability of `model` (LoRA dropout, the base's dropout layers and
+    attention dropout) to 0; returns how many were on. DPO and the online stages compare
+    log-probs of the same text under two forwards (policy and reference, or sampling and
+    update), which dropout would make differ (TRL's disable_dropout does the same)."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout | FastDropout) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
+    """A complete GenerationConfig: greedy at temperature 0, else sampling from the policy's own
+    distribution (top-p truncated only when top_p < 1). Every field that reshapes the
+    distribution is set to its neutral value, so nothing is taken from the model's
+    generation_config.json (repetition_penalty, min_p, top_k, no_repeat_ngram_size, ...): the
+    samples come from the distribution whose log-probs are trained and evaluated."""
+    from transformers import GenerationConfig
+
+    sampling = temperature > 0
+    return GenerationConfig(
+        do_sample=sampling,
+        temperature=temperature if sampling else 1.0,
+        top_p=top_p if sampling else 1.0,
+        top_k=0,
+        min_p=0.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        num_beams=1,
+        num_return_sequences=1,
+        min_length=0,
+        min_new_tokens=0,
+        max_new_tokens=max_new_tokens,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        renormalize_logits=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config):
+    """model.generate with `config` alone: transformers fills every unset field of a passed
+    config from the model's own generation_config (generation_config.json), so the model's is
+    swapped for a blank one while generating."""
+    from transformers import GenerationConfig
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = lm.generation_config
+    lm.generation_config = GenerationConfig()
+    try:
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
+    finally:
+        lm.generation_config = saved
 
 
 def resolve_adapter(path: str) -> Path:
@@ -425,30 +504,82 @@ def shared_prompt_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     response_mask = batch["response_mask"]
     start = prompt_mask.sum(1)[rows]
     positions = start[:, None] + torch.arange(response_mask.shape[1], device=start.device)
+    # transformers 5.2x renamed the argument past_key_values -> cache (the old name warns).
+    name = "cache" if "cache" in inspect.signature(dec.forward).parameters else "past_key_values"
     out = dec(
         input_ids=batch["response_ids"],
         attention_mask=torch.cat([prompt_mask[rows], response_mask], dim=1),
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
+        **{name: cache},
     )
     return prompt.last_hidden_state[:, -1][rows], out.last_hidden_state
+
+
+def _softcap(config):
+    cap = getattr(config, "final_logit_softcapping", None)
+    return (lambda x: torch.tanh(x / cap) * cap) if cap else None
+
+
+def _times(attr: str):
+    return lambda config: (lambda x: x * getattr(config, attr))
+
+
+def _divided(attr: str):
+    return lambda config: (lambda x: x / getattr(config, attr))
+
+
+# What a family's causal-LM forward does to lm_head(hidden) before it returns the logits, by
+# config.model_type (read from transformers' modeling files; tests compare each with
+# model(...).logits on a tiny config). A family in neither table takes its log-probs from the
+# model's own forward (models.own_logits), whatever it does.
+PLAIN_HEAD = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "phi",
+    "gemma", "olmo", "olmo2", "starcoder2", "smollm3",
+}  # fmt: skip
+LOGIT_TRANSFORMS = {
+    "gemma2": _softcap,  # tanh(x / cap) * cap
+    "gemma3_text": _softcap,
+    "cohere": _times("logit_scale"),
+    "cohere2": _times("logit_scale"),
+    "granite": _divided("logits_scaling"),
+    "granitemoe": _divided("logits_scaling"),
+    "granitemoeshared": _divided("logits_scaling"),
+    "granitemoehybrid": _divided("logits_scaling"),
+    "falcon_h1": _times("lm_head_multiplier"),
+}
+
+
+def own_logits(model) -> bool:
+    """True when the LM head's output must come from the model's own forward (a family whose
+    logit transform this module does not know)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type not in PLAIN_HEAD and model_type not in LOGIT_TRANSFORMS
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits a known family's forward returns for these hidden states: the LM head, then
+    the family's final transform (soft-capping, logit scales)."""
+    logits = model.get_output_embeddings()(hidden)
+    make = LOGIT_TRANSFORMS.get(model.config.model_type)
+    transform = make(model.config) if make is not None else None
+    return transform(logits) if transform is not None else logits
 
 
 def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled tokens only, and the row each comes from: (n,), (n,).
 
-    The LM head runs only at the positions that predict a label (never on prompt or padding)
-    and the log-softmax is one fused cross-entropy, so no (B, T, V) logits exist. Models whose
-    forward reshapes the logits (soft-capping, logit scales) take the plain forward instead.
+    The LM head runs only at the positions that predict a label (never on prompt or padding),
+    followed by the family's logit transform (lm_logits), and the log-softmax is one fused
+    cross-entropy, so no (B, T, V) logits exist. A family whose transform is unknown takes the
+    model's own forward instead.
     """
     import torch.nn.functional as F
 
     from rlhf_cli.losses import IGNORE_INDEX, token_logps
 
     targets = batch["labels"][:, 1:]
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if own_logits(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps, mask = token_logps(logits, batch["labels"], IGNORE_INDEX)
         return logps[mask], mask.nonzero()[:, 0]
@@ -463,7 +594,7 @@ def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state[:, :-1]
         keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[keep]).float()
+    logits = lm_logits(model, hidden[keep]).float()
     return -F.cross_entropy(logits, targets[keep], reduction="none"), keep.nonzero()[:, 0]
 
 

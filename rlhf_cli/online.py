@@ -16,10 +16,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
 
 from rlhf_cli import distributed as dist
-from rlhf_cli.data import collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, Updater
 from rlhf_cli.losses import adaptive_kl_coef, clipped_policy_loss, kl_penalty, masked_mean
@@ -29,6 +27,12 @@ from rlhf_cli.models import (
     add_frozen_adapter,
     autocast,
     decoder,
+    disable_dropout,
+    eval_mode,
+    generate_ids,
+    generation_config,
+    lm_logits,
+    own_logits,
     set_eval,
     setup_reference,
 )
@@ -110,8 +114,6 @@ class OnlineStage(Stage):
                 f"{self.minibatch_size} are global: both must divide by the {world} ranks"
             )
         self.local_minibatch = self.minibatch_size // world
-        # The policy samples and is scored without dropout (set_eval in every step), so that the
-        # first update's ratio is exactly 1: rollout and update log-probs are the same function.
         self.kl_coef = float(s.kl_coef)
         self.moments = RunningMoments()
         self.value_head = (
@@ -120,16 +122,11 @@ class OnlineStage(Stage):
         self.ref_model, self.ref_adapter, ref_source = setup_reference(cfg, model, device)
         console.print(f"{self.name}: reference = {ref_source}")
         self._setup_reward()
-        self.generation = GenerationConfig(
-            do_sample=True,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=0,  # sample from the policy itself, not a truncated version of it
-            max_new_tokens=s.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
+        # Rollouts, scoring and updates see the same function (no dropout anywhere), so the
+        # first update's ratio is exactly 1; updates run in train mode all the same, so that
+        # gradient checkpointing (active in train mode only) takes effect.
+        disable_dropout(model)
+        self.generation = generation_config(tokenizer, s.max_new_tokens, s.temperature, s.top_p)
 
     # -- rewards -----------------------------------------------------------------------------
 
@@ -187,45 +184,19 @@ class OnlineStage(Stage):
         return self._model_scores(rollout)
 
     def _model_scores(self, rollout: Rollout) -> torch.Tensor:
-        from rlhf_cli.stages.rm import sequence_scores
+        from rlhf_cli.stages.rm import score_examples, scoring_examples
 
-        eos = self.tokenizer.eos_token_id
-        if (
-            self.reward_tokenizer is not None
-            and self.reward_tokenizer.get_vocab() != self.tokenizer.get_vocab()
-        ):
-            # Another tokenizer: score the same text, re-encoded.
-            rtok = self.reward_tokenizer
-            examples = []
-            for p, r in zip(rollout.prompts, rollout.responses):
-                ids = rtok(self.tokenizer.decode(p + r, skip_special_tokens=True))["input_ids"]
-                examples.append(
-                    {"prompt_ids": [], "responses_ids": [ids + [rtok.eos_token_id]], "margin": None}
-                )
-            pad, eos = rtok.pad_token_id, rtok.eos_token_id
-        else:
-            # Reward models score the hidden state at EOS: append it where sampling stopped early.
-            examples = [
-                {
-                    "prompt_ids": p,
-                    "responses_ids": [r if r and r[-1] == eos else r + [eos]],
-                    "margin": None,
-                }
-                for p, r in zip(rollout.prompts, rollout.responses)
-            ]
-            pad = self.tokenizer.pad_token_id
-        out = []
+        rtok = self.reward_tokenizer or self.tokenizer
+        examples = scoring_examples(rollout.prompts, rollout.responses, self.tokenizer, rtok)
         size = self.cfg.reward.batch_size
-        for i in range(0, len(examples), size):
-            batch = collate_preference(examples[i : i + size], pad, eos)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with autocast(self.amp_dtype, self.device):
-                if self.reward_adapter is not None:
-                    with adapter_switched(self.model, self.reward_adapter):
-                        out.append(sequence_scores(self.model, self.reward_head, batch).float())
-                else:
-                    out.append(sequence_scores(self.reward_model, self.reward_head, batch).float())
-        return torch.cat(out)
+        if self.reward_adapter is not None:
+            with adapter_switched(self.model, self.reward_adapter):
+                return score_examples(
+                    self.model, self.reward_head, examples, rtok, size, self.device, self.amp_dtype
+                )
+        return score_examples(
+            self.reward_model, self.reward_head, examples, rtok, size, self.device, self.amp_dtype
+        )
 
     # -- rollouts ----------------------------------------------------------------------------
 
@@ -243,9 +214,7 @@ class OnlineStage(Stage):
         self.model.config.use_cache = True
         t0 = time.perf_counter()
         with autocast(self.amp_dtype, self.device):
-            out = self.model.generate(
-                input_ids=ids, attention_mask=attn, generation_config=self.generation
-            )
+            out = generate_ids(self.model, ids, attn, self.generation)
         self.gen_seconds = time.perf_counter() - t0
         self.model.config.use_cache = False
         response = out[:, width:]
@@ -269,15 +238,22 @@ class OnlineStage(Stage):
         self, model, batch: dict[str, torch.Tensor], prompt_len: int, with_values: bool = False
     ):
         """(response log-probs (B, R), values (B, R) or None, logits (B, R, V)) at the sampling
-        temperature. Only the response positions go through the LM head."""
-        hidden = decoder(model)(
+        temperature. Only the response positions go through the LM head (and the family's logit
+        transform, models.lm_logits); a family whose transform is unknown runs its own forward."""
+        inputs = dict(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=position_ids(batch["attention_mask"]),
-        ).last_hidden_state
+        )
         # Position P-1+j predicts response token j (and holds the value of the state before it).
-        states = hidden[:, prompt_len - 1 : -1]
-        logits = model.get_output_embeddings()(states).float() / self.cfg.stage.temperature
+        window = slice(prompt_len - 1, -1)
+        if own_logits(model):
+            out = model(**inputs, output_hidden_states=True)
+            states, logits = out.hidden_states[-1][:, window], out.logits[:, window]
+        else:
+            states = decoder(model)(**inputs).last_hidden_state[:, window]
+            logits = lm_logits(model, states)
+        logits = logits.float() / self.cfg.stage.temperature
         response = batch["input_ids"][:, prompt_len:]
         # log softmax at the sampled token only: gather minus logsumexp (no (B, R, V) copy).
         picked = logits.gather(-1, response.unsqueeze(-1)).squeeze(-1)
@@ -325,7 +301,7 @@ class OnlineStage(Stage):
     def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
         s = self.cfg.stage
         t0 = time.perf_counter()
-        set_eval(self.model)  # no dropout in sampling, scoring or updates (see __init__)
+        set_eval(self.model)  # generation with the KV cache, never checkpointed
         rollout = self.rollout(dist.shard(examples))  # this rank's share of the prompts
         mask = rollout.mask
         with torch.no_grad(), autocast(self.amp_dtype, self.device):
@@ -348,7 +324,11 @@ class OnlineStage(Stage):
         self.advantages(rollout, reward, old)
         seq_kl = kl_tokens.sum(-1)
 
+        self.model.train()  # dropout is off (__init__); gradient checkpointing applies
         stats: dict[str, float] = {}
+        # Token-weighted update metrics: each rank adds its share of the global minibatch's
+        # tokens, so they are summed over ranks (not averaged) below.
+        weighted: dict[str, float] = {}
         n = rollout.input_ids.shape[0]
         first = True
         losses, norms = [], []
@@ -389,8 +369,8 @@ class OnlineStage(Stage):
                         first = False
                     for key, value in {**pstats, **estats}.items():
                         name = key if "/" in key else f"policy/{key}"
-                        stats[name] = (
-                            stats.get(name, 0.0)
+                        weighted[name] = (
+                            weighted.get(name, 0.0)
                             + float(value) * float(share) / self.updates_per_step()
                         )
                 loss_value, norm = updater.apply(dist.all_reduce_sum(total))
@@ -418,14 +398,15 @@ class OnlineStage(Stage):
             "step_s": time.perf_counter() - t0,
             **stats,
         }
-        return mean_over_ranks(record), int(dist.all_reduce_sum(rollout.attention_mask.sum()))
+        record = {**mean_over_ranks(record), **sum_over_ranks(weighted)}
+        return record, int(dist.all_reduce_sum(rollout.attention_mask.sum()))
 
     @torch.no_grad()
     def evaluate(self, examples: list) -> dict[str, float]:
         """Sample on the eval prompts: mean score, KL to the reference, length. Sampling uses
         its own seeded RNG, so evaluations compare across steps and leave training unchanged."""
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), eval_mode(self.model):
             torch.manual_seed(self.cfg.train.seed)
             return self._evaluate(examples)
 
@@ -455,6 +436,15 @@ def mean_over_ranks(record: dict[str, float]) -> dict[str, float]:
     keys = sorted(record)
     values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
     return dict(zip(keys, (dist.all_reduce_sum(values) / dist.world_size()).tolist()))
+
+
+def sum_over_ranks(record: dict[str, float]) -> dict[str, float]:
+    """The sum of each metric over ranks (the same keys on every rank)."""
+    if dist.world_size() == 1:
+        return record
+    keys = sorted(record)
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, dist.all_reduce_sum(values).tolist()))
 
 
 def resolve_dirs(path: str):

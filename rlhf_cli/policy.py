@@ -32,6 +32,7 @@ from rlhf_cli.models import (
     adapter_switched,
     autocast,
     autocast_dtype,
+    generate_ids,
     load_base_model,
     load_tokenizer,
     quiet_libraries,
@@ -204,20 +205,6 @@ def prompt_examples(
     return examples
 
 
-def generation_config(
-    tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
-) -> GenerationConfig:
-    """Greedy at temperature 0; otherwise sampling from the (top-p truncated) distribution."""
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    return GenerationConfig(
-        **(sampling if temperature > 0 else {"do_sample": False}),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
-
-
 @torch.no_grad()
 def generate(
     policy: Policy, prompts: list[list[int]], generation: GenerationConfig, batch_size: int
@@ -235,9 +222,7 @@ def generate(
             [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=policy.device
         )
         with autocast(policy.amp, policy.device):
-            out = policy.model.generate(
-                input_ids=ids, attention_mask=attn, generation_config=generation
-            )
+            out = generate_ids(policy.model, ids, attn, generation)
         for row in out[:, width:].tolist():
             responses.append(row[: row.index(eos) + 1] if eos in row else row)
     return responses

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.policy import generate, generation_config, load_policy, prompt_examples
+from rlhf_cli.models import generation_config
+from rlhf_cli.policy import generate, load_policy, prompt_examples
 from rlhf_cli.progress import console, summary_table
 
 

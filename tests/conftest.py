@@ -15,10 +15,27 @@ import pytest
 # A missing hub file fails at once instead of after ~50 s of retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+_USER_CACHE = Path(os.environ.get("RLHF_CLI_CACHE", Path.home() / ".cache" / "rlhf_cli"))
 os.environ.setdefault("RLHF_CLI_CACHE", tempfile.mkdtemp(prefix="rlhf-cli-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _link_real_models() -> None:
+    """The per-session cache builds the tiny model afresh; the real models' offline copies
+    (`rlhf fetch-model`, run by `make install`) are linked in from the user's cache."""
+    from rlhf_cli.real import OFFLINE
+
+    cache = Path(os.environ["RLHF_CLI_CACHE"])
+    for copy in OFFLINE.values():
+        source, link = _USER_CACHE / copy.name, cache / copy.name
+        if source.is_dir() and source != link and not link.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source)
+
+
+_link_real_models()
 RLHF = [sys.executable, "-m", "rlhf_cli"]
 
 

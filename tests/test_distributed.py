@@ -82,6 +82,30 @@ def test_two_rank_grpo_matches_one_rank(tmp_path):
     assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "two")] == ["step-000002"]
 
 
+def test_two_rank_ppo_update_metrics_equal_one_rank(tmp_path):
+    """Near-greedy sampling (temperature 1e-3) makes the rollouts the same however the prompts
+    are split, so the update metrics must agree: each rank adds its token share of the global
+    minibatch, and the shares are summed over ranks (averaging them halved the value loss)."""
+    common = (
+        "stage=ppo",
+        "reward.fn=rlhf_cli.rewards:char_fraction",
+        "quant=none",
+        "data.eval_size=0",
+        "stage.rollout_batch_size=8",
+        "stage.max_new_tokens=8",
+        "stage.temperature=1e-3",
+        "stage.epochs=2",
+        "train.max_steps=1",
+    )
+    assert_ok(torchrun(*common, f"run_dir={tmp_path / 'two'}"))
+    train_in_process(tmp_path / "one", *common)
+    two, one = read_metrics(tmp_path / "two")[0], read_metrics(tmp_path / "one")[0]
+    assert two["score"] == pytest.approx(one["score"], abs=1e-6)  # the same rollouts
+    assert one["value/loss"] > 1e-3
+    for key in ("value/loss", "policy/clipfrac", "policy/approx_kl", "value/clipfrac"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-7), key
+
+
 def test_two_rank_run_resumes_and_refuses_another_world_size(tmp_path):
     args = (
         "stage=sft",

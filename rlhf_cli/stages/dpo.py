@@ -29,6 +29,7 @@ from rlhf_cli.losses import dpo_loss, plackett_luce_loss
 from rlhf_cli.models import (
     adapter_switched,
     autocast,
+    disable_dropout,
     eval_mode,
     labelled_logps,
     setup_reference,
@@ -59,6 +60,8 @@ class DPOStage(Stage):
         super().__init__(cfg, model, tokenizer, device, amp_dtype)
         self.ref_model, self.ref_adapter, self.ref_source = setup_reference(cfg, model, device)
         console.print(f"dpo: reference = {self.ref_source}")
+        if not cfg.stage.dropout and disable_dropout(model):
+            console.print("dpo: dropout off in the policy (stage.dropout=true keeps it)")
 
     # -- data ------------------------------------------------------------------------------
 
@@ -175,6 +178,11 @@ class DPOStage(Stage):
                 raise UserError(
                     f"ranked data (K > 2 responses) uses Plackett-Luce; stage.loss_type="
                     f"{s.loss_type} applies to pairs only: set stage.loss_type=sigmoid"
+                )
+            if s.label_smoothing:
+                raise UserError(
+                    f"ranked data (K > 2 responses) uses Plackett-Luce, which has no label "
+                    f"smoothing: set stage.label_smoothing=0 (got {s.label_smoothing})"
                 )
             rewards = s.beta * (pi - rf)
             losses = plackett_luce_loss(rewards, present)

@@ -32,6 +32,44 @@ def sequence_scores(model, head: ScalarHead, batch: dict[str, torch.Tensor]) -> 
     return head.last_token(hidden.last_hidden_state, batch["attention_mask"])
 
 
+def scoring_examples(
+    prompts: list[list[int]], responses: list[list[int]], tokenizer, reward_tokenizer=None
+) -> list[dict]:
+    """(prompt, response) token ids of the policy's tokenizer -> examples for a reward model
+    (collate_preference with its EOS cuts each response at EOS, as in training). A reward model
+    with another vocabulary gets the same text re-encoded by its own tokenizer, special tokens
+    dropped (the policy's chat markup means nothing to another tokenizer)."""
+    if reward_tokenizer is None or reward_tokenizer.get_vocab() == tokenizer.get_vocab():
+        return [
+            {"prompt_ids": p, "responses_ids": [r], "margin": None}
+            for p, r in zip(prompts, responses)
+        ]
+    examples = []
+    for p, r in zip(prompts, responses):
+        text = tokenizer.decode(p + r, skip_special_tokens=True)
+        ids = reward_tokenizer(text)["input_ids"]
+        examples.append({"prompt_ids": [], "responses_ids": [ids], "margin": None})
+    return examples
+
+
+def score_examples(
+    model, head: ScalarHead, examples: list[dict], tokenizer, batch_size: int, device, amp
+) -> torch.Tensor:
+    """(N,) fp32 scores of examples (one response each) by a reward model whose tokenizer is
+    `tokenizer`; the same position as training scores (the response's EOS)."""
+    from rlhf_cli.models import autocast
+
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate_preference(
+            examples[i : i + batch_size], tokenizer.pad_token_id, tokenizer.eos_token_id
+        )
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad(), autocast(amp, device):
+            out.append(sequence_scores(model, head, batch).float())
+    return torch.cat(out)
+
+
 class RMStage(Stage):
     name = "rm"
     data_kind = "preference"

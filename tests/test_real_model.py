@@ -1,0 +1,215 @@
+"""A real model in the loop: SmolLM2-135M-Instruct (30 layers, GQA, 49k vocabulary, ChatML
+whose template writes a newline after <|im_end|>), offline from `rlhf fetch-model smollm2-135m`
+(run by `make install`). Every stage runs on it, with and without the 4-bit base."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import read_metrics, rlhf, train_in_process
+
+REAL = "model=smollm2-135m"
+# Short rows and few steps: a 4-bit step of this model is slow on a CPU.
+SMALL = (
+    REAL,
+    "data.max_samples=8",
+    "data.eval_size=0",
+    "data.max_prompt_length=64",
+    "data.max_length=128",
+)
+ONLINE = (
+    "reward.fn=rlhf_cli.rewards:char_fraction",
+    "stage.rollout_batch_size=2",
+    "stage.group_size=2",
+    "stage.max_new_tokens=8",
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from conftest import compose
+
+    from rlhf_cli.models import load_tokenizer
+
+    return load_tokenizer(compose(REAL).model)
+
+
+def test_the_preset_names_the_hub_id_and_loads_the_offline_copy(tokenizer):
+    from conftest import compose
+
+    from rlhf_cli.models import model_path
+
+    cfg = compose(REAL)
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert Path(model_path(cfg.model)).is_dir()  # HF_HUB_OFFLINE=1: the converted copy
+    assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) == 49152
+
+
+def test_prompts_go_through_the_chat_template(tokenizer):
+    from collections import Counter
+
+    from conftest import compose
+
+    from rlhf_cli.data import Renderer, build_examples
+
+    cfg = compose(REAL, "stage=grpo", "reward.fn=rlhf_cli.rewards:char_fraction").data
+    rows = [{"prompt": "What is 2 + 2?"}]
+    examples, _ = build_examples(rows, "rows", cfg, Renderer(tokenizer), "prompt", Counter())
+    text = tokenizer.decode(examples[0]["prompt_ids"])
+    assert text.endswith("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n")  # the template's default system prompt
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo", "rloo"])
+def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
+    steps = 2 if quant == "none" else 1
+    extra = ONLINE if stage in ("ppo", "grpo", "rloo") else ("train.micro_batch_size=2",)
+    args = (f"stage={stage}", *SMALL, f"quant={quant}", f"train.max_steps={steps}", *extra)
+    train_in_process(tmp_path / "r", *args, "optim.lr=1e-3")
+    rows = read_metrics(tmp_path / "r")
+    assert len(rows) == steps and all(math.isfinite(r["loss"]) for r in rows)
+    first = rows[0]
+    if stage == "dpo":  # policy == reference at step 0, default dropout included
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    if stage == "rm":  # a zero-initialised head scores everything 0
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    if stage in ("ppo", "grpo", "rloo"):
+        assert first["kl"] == pytest.approx(0.0, abs=1e-5)
+        assert first["policy/ratio_first"] == pytest.approx(1.0, abs=1e-4)
+    assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A LoRA SFT run of a few steps at a high rate: an adapter that changes the answers."""
+    run = tmp_path_factory.mktemp("real") / "sft"
+    train_in_process(
+        run,
+        "stage=sft",
+        *SMALL,
+        "quant=none",
+        "train.max_steps=4",
+        "train.micro_batch_size=2",
+        "optim.lr=1e-2",
+    )
+    return run
+
+
+def test_greedy_answers_stop_at_im_end_and_equal_the_merged_models(sft_run, tmp_path):
+    from rlhf_cli.merge import merge
+    from rlhf_cli.models import generation_config
+    from rlhf_cli.policy import generate, load_policy, prompt_examples
+    from rlhf_cli.sample import sample
+
+    question = "What is the capital of France?"
+    policy = load_policy(sft_run, "cpu")
+    ids = prompt_examples(policy, text=question)[0]["prompt_ids"]
+    response = generate(policy, [ids], generation_config(policy.tokenizer, 48), 1)[0]
+    assert response[-1] == policy.tokenizer.eos_token_id  # stopped at <|im_end|>
+    assert policy.tokenizer.eos_token_id not in response[:-1]
+
+    merge(str(sft_run), str(tmp_path / "merged"))
+    run_rows = sample(str(sft_run), prompt=question, max_new_tokens=48)
+    merged_rows = sample(str(tmp_path / "merged"), prompt=question, max_new_tokens=48)
+    assert run_rows == merged_rows
+    with policy.model.disable_adapter():
+        base_response = generate(policy, [ids], generation_config(policy.tokenizer, 48), 1)[0]
+    assert base_response != response  # the adapter changed the answer: the equality means much
+
+
+def test_a_response_gets_one_score_through_training_score_online_and_eval(tmp_path):
+    """ChatML ends each turn with <|im_end|> then a newline. The reward model reads the
+    <|im_end|> position in training (the collate), in `rlhf score`, in online scoring (ppo/
+    grpo/rloo with reward.model) and in `rlhf eval`: one prompt + response, four equal scores."""
+    from rlhf_cli.data import load_datasets
+    from rlhf_cli.evaluate import RewardModelScorer
+    from rlhf_cli.online import OnlineStage
+    from rlhf_cli.score import score_file
+    from rlhf_cli.stages.rm import RMStage, load_reward_model, sequence_scores
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I would rather not."},
+        {"prompt": "Say hi.", "chosen": "Hi there!", "rejected": "No."},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "rm"
+    common = (REAL, "quant=none", f"data.path={pairs}", "data.eval_size=0")
+    train_in_process(
+        run, "stage=rm", *common, "train.max_steps=2", "train.micro_batch_size=2", "optim.lr=1e-2"
+    )
+    device = torch.device("cpu")
+    model, head, tok, cfg = load_reward_model(run, device)
+    example = load_datasets(cfg.data, tok, "preference", 0)[0][0]
+    prompt, chosen = example["prompt_ids"], example["responses_ids"][0]
+    assert tok.decode(chosen).endswith("<|im_end|>\n")  # what the template writes
+    generated = chosen[: chosen.index(tok.eos_token_id) + 1]  # where sampling stops
+
+    # 1. training: the stage's own collate and forward
+    stage = SimpleNamespace(cfg=cfg, tokenizer=tok)
+    batch = RMStage.collate(stage, [example])
+    with torch.no_grad():
+        trained = sequence_scores(model, head, batch)[batch["index"][0, 0]].item()
+    # 2. rlhf score on the data file
+    out = tmp_path / "scores.jsonl"
+    score_file(str(run), str(pairs), out=str(out), device="cpu")
+    scored = json.loads(out.read_text().splitlines()[0])["scores"][0]
+    # 3. online scoring of a rollout with that response (a separately loaded reward model)
+    online = SimpleNamespace(
+        tokenizer=tok,
+        reward_tokenizer=tok,
+        reward_model=model,
+        reward_head=head,
+        reward_adapter=None,
+        cfg=SimpleNamespace(reward=SimpleNamespace(batch_size=4)),
+        device=device,
+        amp_dtype=None,
+    )
+    rollout = SimpleNamespace(prompts=[prompt], responses=[generated])
+    online_score = OnlineStage._model_scores(online, rollout).item()
+    # 4. rlhf eval's reward-model scorer, for a policy on the same base
+    policy = SimpleNamespace(tokenizer=tok, device=device)
+    scorer = RewardModelScorer.__new__(RewardModelScorer)
+    scorer.model, scorer.head, scorer.tokenizer, scorer.amp = model, head, tok, None
+    scorer.policy, scorer.batch_size = policy, 4
+    evaluated = scorer([prompt], [generated])[0]
+
+    assert trained != pytest.approx(0.0, abs=1e-3)  # the head learned something
+    for value in (scored, online_score, evaluated):
+        assert value == pytest.approx(trained, abs=1e-4)
+
+
+def test_dpo_runs_from_the_cli_offline(tmp_path):
+    res = rlhf(
+        "train",
+        "stage=dpo",
+        *SMALL,
+        "quant=none",
+        "train.max_steps=1",
+        "train.micro_batch_size=2",
+        f"run_dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in res.stdout + res.stderr
+    assert read_metrics(tmp_path / "r")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_without_the_offline_copy_a_run_names_the_command_that_fetches_it(tmp_path):
+    import os
+
+    env = {**os.environ, "RLHF_CLI_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # no hub cache either
+    res = rlhf("train", "stage=dpo", REAL, cwd=tmp_path, env=env)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "rlhf fetch-model smollm2-135m" in lines[0]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
