@@ -522,11 +522,11 @@ def _softcap(config):
 
 
 def _times(attr: str):
-    return lambda config: (lambda x: x * getattr(config, attr))
+    return lambda config: lambda x: x * getattr(config, attr)
 
 
 def _divided(attr: str):
-    return lambda config: (lambda x: x / getattr(config, attr))
+    return lambda config: lambda x: x / getattr(config, attr)
 
 
 # What a family's causal-LM forward does to lm_head(hidden) before it returns the logits, by

@@ -54,9 +54,7 @@ def fetch_command(key: str) -> str:
 
 
 def _complete(path: Path) -> bool:
-    return all(
-        (path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")
-    )
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def _in_hub_cache(hub_id: str) -> bool:
@@ -95,9 +93,7 @@ def _hub_reachable() -> bool:
     from huggingface_hub import constants
 
     try:
-        urllib.request.urlopen(
-            urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=3
-        )
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=3)
     except Exception:
         return False
     return True
