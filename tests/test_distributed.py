@@ -102,8 +102,10 @@ def test_two_rank_ppo_update_metrics_equal_one_rank(tmp_path):
     two, one = read_metrics(tmp_path / "two")[0], read_metrics(tmp_path / "one")[0]
     assert two["score"] == pytest.approx(one["score"], abs=1e-6)  # the same rollouts
     assert one["value/loss"] > 1e-3
+    # Log-probs at temperature 1e-3 magnify float summation-order noise (0.2% seen on the
+    # approximate KL of the second epoch); a metric averaged instead of summed is off by 2x.
     for key in ("value/loss", "policy/clipfrac", "policy/approx_kl", "value/clipfrac"):
-        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-7), key
+        assert two[key] == pytest.approx(one[key], rel=2e-2, abs=1e-7), key
 
 
 def test_two_rank_run_resumes_and_refuses_another_world_size(tmp_path):

@@ -213,3 +213,45 @@ def test_without_the_offline_copy_a_run_names_the_command_that_fetches_it(tmp_pa
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert "rlhf fetch-model smollm2-135m" in lines[0]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
+
+
+def test_a_reward_model_with_another_vocabulary_reads_the_same_text_online_and_in_eval(
+    tmp_path, tokenizer
+):
+    """A tiny reward model (its own BPE vocabulary) scoring SmolLM2's samples: online scoring
+    and `rlhf eval` re-encode the same text, the policy's chat markup dropped."""
+    from rlhf_cli.evaluate import RewardModelScorer
+    from rlhf_cli.online import OnlineStage
+    from rlhf_cli.stages.rm import load_reward_model, scoring_examples
+
+    train_in_process(
+        tmp_path / "rm", "stage=rm", "data.eval_size=0", "train.max_steps=2", "optim.lr=1e-2"
+    )
+    device = torch.device("cpu")
+    model, head, rtok, _ = load_reward_model(tmp_path / "rm", device)
+    assert rtok.get_vocab() != tokenizer.get_vocab()
+    chat = [{"role": "user", "content": "Name a colour."}]
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    response = tokenizer("Blue, like the sea.")["input_ids"] + [tokenizer.eos_token_id]
+    example = scoring_examples([prompt], [response], tokenizer, rtok)[0]
+    text = rtok.decode(example["responses_ids"][0])
+    assert "<|im_start|>" not in text and "Name a colour." in text and "Blue, like" in text
+
+    online = SimpleNamespace(
+        tokenizer=tokenizer,
+        reward_tokenizer=rtok,
+        reward_model=model,
+        reward_head=head,
+        reward_adapter=None,
+        cfg=SimpleNamespace(reward=SimpleNamespace(batch_size=4)),
+        device=device,
+        amp_dtype=None,
+    )
+    rollout = SimpleNamespace(prompts=[prompt], responses=[response])
+    online_score = OnlineStage._model_scores(online, rollout).item()
+    scorer = RewardModelScorer.__new__(RewardModelScorer)
+    scorer.model, scorer.head, scorer.tokenizer, scorer.amp = model, head, rtok, None
+    scorer.policy, scorer.batch_size = SimpleNamespace(tokenizer=tokenizer, device=device), 4
+    assert scorer([prompt], [response])[0] == pytest.approx(online_score, abs=1e-6)
+    assert online_score != pytest.approx(0.0, abs=1e-4)
