@@ -260,6 +260,7 @@ def _sample_and_score(
                 "response": text.strip(),
                 "score": None if scores is None else scores[i],
                 "kl": None if kls is None else kls[i],
+                "ended": bool(responses[i]) and responses[i][-1] == eos,
             }
             for i, (ex, text) in enumerate(zip(examples, texts))
         ],

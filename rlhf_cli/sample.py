@@ -53,8 +53,13 @@ def sample(
     ids = [ex["prompt_ids"] for ex in examples for _ in range(n)]
     responses = generate(policy, ids, generation, batch_size)
     decode = policy.tokenizer.decode
+    eos = policy.tokenizer.eos_token_id
     rows = [
-        {"prompt": ex["prompt_text"], "response": decode(r, skip_special_tokens=True).strip()}
+        {
+            "prompt": ex["prompt_text"],
+            "response": decode(r, skip_special_tokens=True).strip(),
+            "ended": bool(r) and r[-1] == eos,  # False: cut off at max_new_tokens
+        }
         for ex, r in zip((ex for ex in examples for _ in range(n)), responses)
     ]
     if out:
@@ -64,7 +69,6 @@ def sample(
                 fh.write(json.dumps(row) + "\n")
     for row in rows if not out else rows[:show]:
         console.print(f"[bold]prompt:[/] {row['prompt']}\n[bold]response:[/] {row['response']}\n")
-    eos = policy.tokenizer.eos_token_id
     summary_table(
         f"rlhf sample {run}",
         {

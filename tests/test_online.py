@@ -22,6 +22,7 @@ def test_reward_functions_by_hand():
     assert rewards.arithmetic_exact_match(["1 + 1"], ["3"]) == [0.0]
     assert rewards.keyword(["p", "p"], ["Please do", "no"], word="please") == [1.0, 0.0]
     assert rewards.length_target(["p"], ["a b c d"], words=2) == [-1.0]
+    assert rewards.concise(["p"] * 3, ["a b c", "a b c d", "  "], words=3) == [1.0, 0.0, 0.0]
 
 
 def test_bad_reward_fn_is_a_clear_error(tmp_path):

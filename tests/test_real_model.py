@@ -117,7 +117,7 @@ def test_greedy_answers_stop_at_im_end_and_equal_the_merged_models(sft_run, tmp_
     merge(str(sft_run), str(tmp_path / "merged"))
     run_rows = sample(str(sft_run), prompt=question, max_new_tokens=48)
     merged_rows = sample(str(tmp_path / "merged"), prompt=question, max_new_tokens=48)
-    assert run_rows == merged_rows
+    assert run_rows == merged_rows and run_rows[0]["ended"]
     with policy.model.disable_adapter():
         base_response = generate(policy, [ids], generation_config(policy.tokenizer, 48), 1)[0]
     assert base_response != response  # the adapter changed the answer: the equality means much
