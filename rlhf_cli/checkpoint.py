@@ -196,20 +196,30 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         ) from err
 
 
+TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}$")
+
+
+def is_default_run_dir(run_dir: Path, stage: str) -> bool:
+    """Whether `run_dir` is the default runs/<stage>/<time> (no run_dir= given)."""
+    return run_dir.parent.name == stage and bool(TIMESTAMP.match(run_dir.name))
+
+
 def find_resume_checkpoint(resume: str, run_dir: Path, stage: str) -> Path | None:
-    """The checkpoint `resume` points at: auto, a run directory or a checkpoint directory."""
+    """The checkpoint `resume` points at: auto, a run directory or a checkpoint directory.
+
+    resume=auto takes the newest checkpoint of `run_dir`; only a default run_dir (no run_dir=
+    given) falls back to the newest run of the stage beside it."""
     if resume == "auto":
         found = list_checkpoints(run_dir)
         if found:
             return found[-1]
-        # A fresh default run_dir (runs/<stage>/<time>): continue the newest run of the stage.
         siblings = (
             [
                 d
                 for d in run_dir.parent.glob("*")
                 if d.is_dir() and d != run_dir and list_checkpoints(d)
             ]
-            if run_dir.parent.name == stage
+            if is_default_run_dir(run_dir, stage)
             else []
         )
         if not siblings:

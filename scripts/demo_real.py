@@ -96,9 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "demo-real")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--dpo-steps", type=int, default=30)
-    ap.add_argument("--grpo-steps", type=int, default=16)
-    ap.add_argument("--rm-steps", type=int, default=30)
+    ap.add_argument("--dpo-steps", type=int, default=20)
+    ap.add_argument("--grpo-steps", type=int, default=10)
+    ap.add_argument("--rm-steps", type=int, default=20)
     args = ap.parse_args()
     out: Path = args.out
     if (out / MARKER).is_file():
@@ -163,7 +163,7 @@ def main() -> None:
             f"train.max_steps={args.dpo_steps}",
             "train.micro_batch_size=4",
             "train.grad_accum=2",
-            "optim.lr=5e-4",
+            "optim.lr=2e-4",
             "stage.beta=0.1",
             f"train.seed={seed}",
             f"run_dir={run}",
@@ -179,7 +179,7 @@ def main() -> None:
             "stage.missing_eos_penalty=1.0",
             f"data.path={train_prompts}",
             f"train.max_steps={args.grpo_steps}",
-            "stage.rollout_batch_size=8",
+            "stage.rollout_batch_size=4",
             "stage.group_size=4",
             f"stage.max_new_tokens={MAX_NEW}",
             "stage.kl_coef=0.02",

@@ -460,3 +460,60 @@ def test_group_advantages_mean_baseline():
 
     r = torch.tensor([1.0, 2.0, 3.0, 6.0])
     assert torch.allclose(group_advantages(r, 4, kind="mean"), torch.tensor([-2.0, -1.0, 0.0, 3.0]))
+
+
+# --------------------------------------------------------------------------- KTO, ORPO, SimPO
+
+
+def test_kto_by_hand():
+    """beta = 1, z0 = 0.5. Desirable r = 1.5: 1 - sigma(1) = 0.2689414; desirable r = 0.5:
+    1 - sigma(0) = 0.5; undesirable r = -0.5 with w_u = 2: 2 (1 - sigma(0.5 + 0.5)) = 0.5378828.
+    r = logp - ref: (-1.0 - -2.5), (-3.0 - -3.5), (-4.0 - -3.5)."""
+    policy = torch.tensor([-1.0, -3.0, -4.0], requires_grad=True)
+    ref = torch.tensor([-2.5, -3.5, -3.5])
+    desirable = torch.tensor([True, True, False])
+    z0 = torch.tensor(0.5, requires_grad=True)
+    losses = L.kto_loss(policy, ref, desirable, z0, beta=1.0, undesirable_weight=2.0)
+    _close(losses, [0.2689414, 0.5, 0.5378828])
+    losses.sum().backward()
+    assert z0.grad is None  # the reference point is a constant
+    # d/dr of 1 - sigma(r - z0) = -sigma'(1) = -0.1966119; of 2 (1 - sigma(z0 - r)) at 1: +0.3932238
+    _close(policy.grad, [-0.1966119, -0.25, 0.3932238])
+
+
+def test_kto_reference_point_is_clamped_at_zero():
+    """A negative KL estimate counts as 0: with pi == pi_ref every loss is w / 2."""
+    x = torch.tensor([-2.0, -3.0])
+    losses = L.kto_loss(x, x.clone(), torch.tensor([True, False]), -3.0, desirable_weight=1.5)
+    _close(losses, [0.75, 0.5])
+
+
+def test_orpo_by_hand():
+    """c = log 1/2, r = log 1/4 (mean log-probs): log(1 - e^c) = log 1/2, log(1 - e^r) = log 3/4;
+    log_odds = (log 4 - log 2) - (log 1/2 - log 3/4) = log 2 + log 3/2 = log 3;
+    -log sigma(log 3) = log 4/3, times lambda = 0.5."""
+    losses = L.orpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]), lam=0.5)
+    _close(losses, [0.5 * math.log(4 / 3)])
+    # equal responses: log_odds = 0, loss = lambda log 2
+    _close(L.orpo_loss(torch.tensor([-1.3]), torch.tensor([-1.3]), lam=1.0), [LOG2])
+
+
+def test_log1mexp_is_accurate_near_zero_in_float32():
+    """log(1 - e^x) at x = -1e-6 is log(1e-6) (to 1e-6 relative); log1p(-exp(x)) in float32
+    rounds exp(x) to 1 and would give -inf or a badly rounded value."""
+    x = torch.tensor([-1e-6, -0.1, -5.0], dtype=torch.float32)
+    want = [math.log(-math.expm1(v)) for v in (-1e-6, -0.1, -5.0)]
+    torch.testing.assert_close(L.log1mexp(x), torch.tensor(want), rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(L.orpo_loss(torch.tensor([-1e-7]), torch.tensor([-2.0]), lam=1.0)).all()
+
+
+def test_simpo_by_hand():
+    """beta = 2, gamma = 0.5, c = -1, r = -2: 2 * 1 - 0.5 = 1.5, -log sigma(1.5) = log(1 + e^-1.5)
+    = 0.2014133; c == r with gamma = 0: log 2."""
+    losses = L.simpo_loss(
+        torch.tensor([-1.0, -0.7]), torch.tensor([-2.0, -0.7]), beta=2.0, gamma=0.5
+    )
+    _close(losses[:1], [math.log1p(math.exp(-1.5))])
+    _close(L.simpo_loss(torch.tensor([-0.7]), torch.tensor([-0.7]), beta=2.0, gamma=0.0), [LOG2])
+    with pytest.raises(ValueError, match="beta"):
+        L.simpo_loss(torch.tensor([0.0]), torch.tensor([0.0]), beta=0.0, gamma=0.0)

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import adapter, assert_resume_equals, max_diff, read_metrics, rlhf, train_in_process
 
 from rlhf_cli.data import builtin_path
@@ -310,3 +311,49 @@ def test_padding_to_a_multiple_does_not_change_training(tmp_path, stage):
 @pytest.mark.parametrize("stage", ["dpo", "rm"])
 def test_shared_prompt_training_equals_unshared(tmp_path, stage):
     assert_same_training(tmp_path, stage, "train.shared_prompt=true", "train.shared_prompt=false")
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "simpo"])
+def test_reference_free_losses_follow_their_formulas_and_learn(tmp_path, loss_type):
+    """One pair per step, so each logged loss can be rebuilt from the logged rewards (scale x
+    mean log-prob per response token): SimPO -log sigma(r_c - r_l - gamma) with scale beta;
+    ORPO -c + lambda * -log sigma(log odds) with scale lambda. Then both learn the pairs."""
+    from rlhf_cli.losses import orpo_loss, simpo_loss
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", shipped_pairs(48))
+    common = ("stage=dpo", f"stage.loss_type={loss_type}", f"data.path={data}", "data.eval_size=0")
+    train_in_process(tmp_path / "one", *common, "train.micro_batch_size=1", "train.max_steps=2")
+    for row in read_metrics(tmp_path / "one"):
+        if loss_type == "simpo":  # beta 2.0 (this type's default), gamma 0.5
+            c, r = row["rewards/chosen"] / 2.0, row["rewards/rejected"] / 2.0
+            want = simpo_loss(torch.tensor([c]), torch.tensor([r]), beta=2.0, gamma=0.5)
+        else:
+            c, r = row["rewards/chosen"] / 0.1, row["rewards/rejected"] / 0.1
+            want = -c + orpo_loss(torch.tensor([c]), torch.tensor([r]), lam=0.1)
+            assert row["nll"] == pytest.approx(-c, rel=1e-4)
+        assert row["loss"] == pytest.approx(float(want[0]), rel=1e-4)
+    train_in_process(
+        tmp_path / "learn",
+        *common,
+        f"data.eval_path={data}",
+        "train.micro_batch_size=8",
+        "train.max_steps=60",
+        "optim.lr=2e-3",
+        "train.save_every=0",
+    )
+    final = read_metrics(tmp_path / "learn", "eval")[-1]
+    assert final["rewards/accuracies"] > 0.9, final
+
+
+def test_reference_free_loss_types_take_no_reference(tmp_path):
+    from conftest import compose
+
+    assert compose("stage=dpo").stage.beta == 0.1
+    assert compose("stage=dpo", "stage.loss_type=simpo").stage.beta == 2.0
+    assert compose("stage=dpo", "stage.loss_type=simpo", "stage.beta=5").stage.beta == 5.0
+    for bad, message in (
+        (("stage.loss_type=orpo", "ref.precompute=true"), "uses no reference model"),
+        (("stage.loss_type=orpo", "stage.rpo_alpha=1"), "ORPO has already"),
+    ):
+        res = rlhf("train", "stage=dpo", *bad, cwd=tmp_path)
+        assert res.returncode == 2 and message in res.stderr, res.stderr

@@ -4,6 +4,10 @@ h = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l)); the loss on
 by stage.loss_type in rlhf_cli.losses.dpo_loss. Ranked data (K > 2 responses) uses the
 Plackett-Luce loss over the implicit rewards beta * (logp_pi - logp_ref).
 
+The reference-free losses run the policy only, on mean log-probs per response token: ORPO
+(Hong et al. 2024; NLL of the chosen response + orpo_lambda times the odds-ratio term) and SimPO
+(Meng et al. 2024; -log sigmoid(beta (c - r) - gamma)).
+
 The reference policy, in order of preference:
 - ref.model: a separate frozen model;
 - model.adapter (training continues an SFT adapter): a frozen copy of that adapter on the same
@@ -22,10 +26,11 @@ from pathlib import Path
 import torch
 
 from rlhf_cli import distributed as dist
+from rlhf_cli.config import REFERENCE_FREE
 from rlhf_cli.data import PreferenceBatch, collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, move
-from rlhf_cli.losses import dpo_loss, plackett_luce_loss
+from rlhf_cli.losses import dpo_loss, orpo_loss, plackett_luce_loss, simpo_loss
 from rlhf_cli.models import (
     adapter_switched,
     autocast,
@@ -58,7 +63,12 @@ class DPOStage(Stage):
 
     def __init__(self, cfg, model, tokenizer, device, amp_dtype):
         super().__init__(cfg, model, tokenizer, device, amp_dtype)
-        self.ref_model, self.ref_adapter, self.ref_source = setup_reference(cfg, model, device)
+        self.reference_free = cfg.stage.loss_type in REFERENCE_FREE
+        if self.reference_free:
+            self.ref_model, self.ref_adapter = None, None
+            self.ref_source = f"none (stage.loss_type={cfg.stage.loss_type} needs no reference)"
+        else:
+            self.ref_model, self.ref_adapter, self.ref_source = setup_reference(cfg, model, device)
         console.print(f"dpo: reference = {self.ref_source}")
         if not cfg.stage.dropout and disable_dropout(model):
             console.print("dpo: dropout off in the policy (stage.dropout=true keeps it)")
@@ -153,6 +163,8 @@ class DPOStage(Stage):
     # -- loss --------------------------------------------------------------------------------
 
     def loss(self, batch: PreferenceBatch):
+        if self.reference_free:
+            return self.reference_free_loss(batch)
         s = self.cfg.stage
         index = batch["index"]
         policy_sum, n_tokens = response_logps(self.model, batch)
@@ -203,4 +215,38 @@ class DPOStage(Stage):
             "logps/chosen": policy_sum[index[:, 0]].detach().sum(),
             "logps/rejected": policy_sum[index[rows, last]].detach().sum(),
         }
+        return losses.sum(), metrics
+
+    def reference_free_loss(self, batch: PreferenceBatch):
+        """ORPO or SimPO on pairs: the policy's mean log-prob per response token (c, r)."""
+        s = self.cfg.stage
+        index = batch["index"]
+        if index.shape[1] != 2 or not bool((index >= 0).all()):
+            raise UserError(
+                f"stage.loss_type={s.loss_type} takes preference pairs; ranked data (K > 2 "
+                "responses) uses Plackett-Luce: set stage.loss_type=sigmoid"
+            )
+        policy_sum, n_tokens = response_logps(self.model, batch)
+        average = policy_sum / n_tokens
+        chosen, rejected = average[index[:, 0]], average[index[:, 1]]
+        metrics = {}
+        if s.loss_type == "orpo":
+            odds = orpo_loss(chosen, rejected, lam=s.orpo_lambda)
+            nll = -chosen  # token mean over each chosen response
+            losses, scale = nll + odds, s.orpo_lambda
+            metrics["nll"] = nll.detach().sum()
+            metrics["odds_ratio_loss"] = odds.detach().sum()
+        else:
+            losses, scale = simpo_loss(chosen, rejected, beta=s.beta, gamma=s.simpo_gamma), s.beta
+        chosen_r, rejected_r = scale * chosen.detach(), scale * rejected.detach()
+        metrics.update(
+            {
+                "rewards/chosen": chosen_r.sum(),
+                "rewards/rejected": rejected_r.sum(),
+                "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
+                "rewards/margins": (chosen_r - rejected_r).sum(),
+                "logps/chosen": policy_sum[index[:, 0]].detach().sum(),
+                "logps/rejected": policy_sum[index[:, 1]].detach().sum(),
+            }
+        )
         return losses.sum(), metrics
