@@ -47,7 +47,7 @@ def _non_negative(key: str, value: float) -> None:
 @dataclass
 class StageConfig:
     name: str = MISSING
-    """Which stage runs: sft, rm, dpo, ppo, grpo, rloo (pick with `stage=<name>`)."""
+    """Which stage runs: sft, rm, dpo, kto, ppo, grpo, rloo (pick with `stage=<name>`)."""
 
 
 @dataclass
@@ -122,6 +122,27 @@ class DpoConfig(StageConfig):
             f"stage.label_smoothing applies to loss_type=sigmoid only (got {self.loss_type})",
         )
         _non_negative("stage.rpo_alpha", self.rpo_alpha)
+
+
+@dataclass
+class KtoConfig(StageConfig):
+    name: str = "kto"
+    """Kahneman-Tversky optimization (Ethayarajh et al. 2024): unpaired desirable/undesirable
+    completions against a frozen reference; paired data is split into one of each."""
+    beta: float = 0.1
+    """Scale of the implicit reward beta * (logp_pi - logp_ref) inside the sigmoid."""
+    desirable_weight: float = 1.0
+    """w_d: weight of the desirable examples' losses."""
+    undesirable_weight: float = 1.0
+    """w_u: weight of the undesirable examples' losses; keep w_d n_d / (w_u n_u) in [1, 4/3]
+    (the paper's range; a warning says when the data is outside it)."""
+    dropout: bool = False
+    """Keep dropout in the policy's forward (off by default, as for dpo)."""
+
+    def __post_init__(self) -> None:
+        _positive("stage.beta", self.beta)
+        _positive("stage.desirable_weight", self.desirable_weight)
+        _positive("stage.undesirable_weight", self.undesirable_weight)
 
 
 REFERENCE_FREE = ("orpo", "simpo")  # DPO-stage losses without a reference policy
@@ -377,6 +398,8 @@ class ColumnsConfig:
     """Plain text column (language modelling on the whole text)."""
     margin: str = "margin"
     """Optional per-pair margin for the reward model."""
+    label: str = "label"
+    """Unpaired feedback (kto): true for a desirable completion, false for an undesirable one."""
 
 
 @dataclass
@@ -394,7 +417,8 @@ class DataConfig:
     eval_size: float = 0.0
     """Held out for evaluation when no eval data is named: a fraction (<1) or a row count (>=1)."""
     format: str = "auto"
-    """auto, prompt_completion, messages, preference, ranked, hh or text; auto detects it."""
+    """auto, prompt_completion, messages, preference, ranked, hh, text or unpaired (prompt,
+    completion, label); auto detects it."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Column mapping."""
     max_length: int = 512
@@ -411,7 +435,16 @@ class DataConfig:
         _choice(
             "data.format",
             self.format,
-            ("auto", "prompt_completion", "messages", "preference", "ranked", "hh", "text"),
+            (
+                "auto",
+                "prompt_completion",
+                "messages",
+                "preference",
+                "ranked",
+                "hh",
+                "text",
+                "unpaired",
+            ),
         )
         _check(self.max_length >= 2, f"data.max_length must be >= 2, got {self.max_length}")
         _check(
@@ -629,6 +662,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="sft_schema", node=SftConfig)
     cs.store(group="stage", name="rm_schema", node=RmConfig)
     cs.store(group="stage", name="dpo_schema", node=DpoConfig)
+    cs.store(group="stage", name="kto_schema", node=KtoConfig)
     cs.store(group="stage", name="ppo_schema", node=PpoConfig)
     cs.store(group="stage", name="grpo_schema", node=GrpoConfig)
     cs.store(group="stage", name="rloo_schema", node=RlooConfig)
@@ -643,6 +677,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "sft": SftConfig,
     "rm": RmConfig,
     "dpo": DpoConfig,
+    "kto": KtoConfig,
     "ppo": PpoConfig,
     "grpo": GrpoConfig,
     "rloo": RlooConfig,

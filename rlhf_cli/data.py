@@ -9,7 +9,9 @@ Row formats (after the column mapping in `data.columns`):
   repeats the prompt is split at its last assistant turn);
 - `prompt` + `responses`: K >= 2 ranked responses, best first (Plackett-Luce);
 - `chosen` + `rejected` transcripts in Anthropic-HH style, split at the last assistant turn;
-- `text`: plain language modelling on the whole text.
+- `text`: plain language modelling on the whole text;
+- `prompt` + `completion` + `label`: unpaired feedback (kto), the label true for a desirable
+  completion.
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ class Conversation:
     responses: dict[str, Message | str] = field(default_factory=dict)  # completion/chosen/...
     turns: list[Message] | None = None  # a whole multi-turn chat (SFT on messages)
     margin: float | None = None
+    label: bool | None = None  # unpaired feedback: desirable or not
 
 
 def _is_messages(value: Any) -> bool:
@@ -202,6 +205,8 @@ def detect_format(columns: set[str], cfg: DataConfig, sample: dict) -> str:
         return "messages"
     if {c.prompt, c.responses} <= columns:
         return "ranked"
+    if {c.prompt, c.completion, c.label} <= columns:
+        return "unpaired"
     if {c.prompt, c.chosen, c.rejected} <= columns:
         return "preference"
     if {c.chosen, c.rejected} <= columns:
@@ -230,7 +235,23 @@ REQUIRED = {
     "prompt": ("prompt",),
     "hh": ("chosen", "rejected"),
     "text": ("text",),
+    "unpaired": ("prompt", "completion", "label"),
 }
+
+
+def parse_label(value: Any) -> bool:
+    """A desirable/undesirable label: a bool, 0/1, or true/false/yes/no/desirable/... text."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "1", "desirable", "good", "positive"):
+            return True
+        if word in ("false", "no", "0", "undesirable", "bad", "negative"):
+            return False
+    raise ValueError(f"label {value!r} is not true/false")
 
 
 def check_columns(columns: set[str], fmt: str, cfg: DataConfig, source: str) -> None:
@@ -256,7 +277,9 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -
         if not _nonempty(text):
             raise ValueError("empty text")
         return Conversation(prompt="", responses={"completion": text})
-    if fmt == "prompt" or (prompt_only and fmt in ("prompt_completion", "preference", "ranked")):
+    if fmt == "prompt" or (
+        prompt_only and fmt in ("prompt_completion", "preference", "ranked", "unpaired")
+    ):
         prompt = get(c.prompt)
         if not _nonempty(prompt):
             raise ValueError("empty or malformed prompt")
@@ -288,6 +311,9 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -
             prompt=prompt, responses={"chosen": chosen_resp, "rejected": rejected_resp}
         )
 
+    label = parse_label(get(c.label)) if fmt == "unpaired" else None
+    if fmt == "unpaired":
+        fmt = "prompt_completion"
     prompt = get(c.prompt)
     responses: dict[str, Any] = {}
     if fmt == "ranked":
@@ -328,7 +354,7 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -
             k: v if isinstance(v, dict) else {"role": "assistant", "content": v}
             for k, v in responses.items()
         }
-    return Conversation(prompt=prompt, responses=responses, margin=margin)
+    return Conversation(prompt=prompt, responses=responses, margin=margin, label=label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +451,25 @@ def tokenize_prompt(
     else:
         words = conv.prompt
     return PromptExample(prompt_ids=ids[-cfg.max_prompt_length :], prompt_text=words), truncated
+
+
+class UnpairedExample(TypedDict):
+    prompt_ids: list[int]
+    responses_ids: list[list[int]]  # one completion
+    margin: None
+    desirable: bool
+
+
+def unpaired_examples(pair: PreferenceExample, label: bool | None) -> list[UnpairedExample]:
+    """A tokenized unpaired row (its label) or preference pair (chosen desirable, rejected not)
+    as unpaired examples."""
+    if label is not None:
+        return [UnpairedExample(**pair, desirable=label)]  # type: ignore[typeddict-item]
+    prompt, (chosen, rejected) = pair["prompt_ids"], pair["responses_ids"]
+    return [
+        UnpairedExample(prompt_ids=prompt, responses_ids=[chosen], margin=None, desirable=True),
+        UnpairedExample(prompt_ids=prompt, responses_ids=[rejected], margin=None, desirable=False),
+    ]
 
 
 class SFTExample(TypedDict):
@@ -562,6 +607,12 @@ def build_examples(
             f"prompt column; columns: {', '.join(sorted(columns))}. Map one with "
             "data.columns.prompt=<column>"
         )
+    if kind == "unpaired" and fmt not in ("unpaired", "preference", "hh"):
+        raise DataError(
+            f"{source}: this stage needs unpaired feedback (prompt/completion/label) or "
+            f"preference pairs (prompt/chosen/rejected, HH) but the data is {fmt}; columns: "
+            f"{', '.join(sorted(columns))}"
+        )
     if kind == "preference" and fmt not in ("preference", "ranked", "hh"):
         raise DataError(
             f"{source}: this stage needs preference pairs (prompt/chosen/rejected, ranked "
@@ -577,6 +628,11 @@ def build_examples(
                 ex, cut = tokenize_prompt(conv, renderer, cfg)
             elif kind == "preference":
                 ex, cut = tokenize_preference(conv, renderer, cfg)
+            elif kind == "unpaired":
+                pair, cut = tokenize_preference(conv, renderer, cfg)
+                examples.extend(unpaired_examples(pair, conv.label))
+                truncated += cut
+                continue
             else:
                 ex, cut = tokenize_sft(
                     conv,

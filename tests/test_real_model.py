@@ -66,7 +66,7 @@ def test_prompts_go_through_the_chat_template(tokenizer):
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo"])
 def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
     steps = 2 if quant == "none" else 1
     extra = ONLINE if stage in ("ppo", "grpo", "rloo") else ("train.micro_batch_size=2",)
@@ -77,12 +77,23 @@ def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
     first = rows[0]
     if stage == "dpo":  # policy == reference at step 0, default dropout included
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    if stage == "kto":  # r = 0 and z0 = 0 at step 0: every example costs 1/2
+        assert first["loss"] == pytest.approx(0.5, abs=1e-5)
     if stage == "rm":  # a zero-initialised head scores everything 0
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     if stage in ("ppo", "grpo", "rloo"):
         assert first["kl"] == pytest.approx(0.0, abs=1e-5)
         assert first["policy/ratio_first"] == pytest.approx(1.0, abs=1e-4)
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "simpo"])
+def test_reference_free_dpo_losses_train_on_the_real_model(tmp_path, loss_type):
+    args = ("stage=dpo", f"stage.loss_type={loss_type}", *SMALL, "quant=none")
+    train_in_process(tmp_path / "r", *args, "train.max_steps=2", "train.micro_batch_size=2")
+    rows = read_metrics(tmp_path / "r")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["rewards/chosen"] < 0  # scale x mean log-prob per token
 
 
 @pytest.fixture(scope="module")

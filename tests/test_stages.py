@@ -210,7 +210,7 @@ def test_preference_stage_refuses_sft_data(tmp_path):
 
 
 def test_cli_runs_each_stage_on_defaults(tmp_path):
-    for stage in ("rm", "dpo"):
+    for stage in ("rm", "dpo", "kto"):
         res = rlhf(
             "train",
             f"stage={stage}",
@@ -357,3 +357,56 @@ def test_reference_free_loss_types_take_no_reference(tmp_path):
     ):
         res = rlhf("train", "stage=dpo", *bad, cwd=tmp_path)
         assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_kto_step0_is_half_then_it_separates_desirable_from_undesirable(tmp_path):
+    """Pairs split into a desirable and an undesirable completion each. At step 0 the policy is
+    the reference: r = 0 and z0 = 0, so every example costs w / 2 = 0.5. Trained, the implicit
+    rewards of held-in desirable completions rise above the undesirable ones."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", shipped_pairs(48))
+    train_in_process(
+        tmp_path / "r",
+        "stage=kto",
+        f"data.path={data}",
+        f"data.eval_path={data}",
+        "data.eval_size=0",
+        "train.micro_batch_size=8",
+        "train.max_steps=60",
+        "optim.lr=2e-3",
+        "train.save_every=0",
+    )
+    first = read_metrics(tmp_path / "r")[0]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    final = read_metrics(tmp_path / "r", "eval")[-1]
+    assert final["rewards/desirable"] - final["rewards/undesirable"] > 0.5, final
+    assert final["rewards/desirable"] > 0 > final["rewards/undesirable"]
+
+
+def test_kto_reads_unpaired_rows_and_resumes_exactly(tmp_path):
+    from collections import Counter
+
+    from conftest import compose
+
+    from rlhf_cli.data import Renderer, build_examples
+    from rlhf_cli.models import load_tokenizer
+
+    rows = [
+        {"prompt": p["prompt"], "completion": p[key], "label": label}
+        for p, (key, label) in zip(
+            shipped_pairs(40),
+            [("chosen", True), ("rejected", "false"), ("chosen", "yes"), ("rejected", 0)] * 10,
+        )
+    ]
+    rows.append({"prompt": "Hi.", "completion": "Hello.", "label": "maybe"})
+    data = write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    cfg = compose("stage=kto", f"data.path={data}")
+    stats: Counter = Counter()
+    examples, report = build_examples(
+        rows, "rows", cfg.data, Renderer(load_tokenizer(cfg.model)), "unpaired", stats
+    )
+    assert report.fmt == "unpaired" and len(examples) == 40
+    assert report.dropped == {"label 'maybe' is not true/false": 1}
+    assert [ex["desirable"] for ex in examples[:4]] == [True, False, True, False]
+    args = ("stage=kto", f"data.path={data}", "data.eval_size=0", "train.micro_batch_size=4")
+    assert_resume_equals(tmp_path, (*args, "train.max_steps=4", "train.save_every=2"), 2)

@@ -8,6 +8,7 @@ STAGES = {
     "sft": "rlhf_cli.stages.sft:SFTStage",
     "rm": "rlhf_cli.stages.rm:RMStage",
     "dpo": "rlhf_cli.stages.dpo:DPOStage",
+    "kto": "rlhf_cli.stages.kto:KTOStage",
     "ppo": "rlhf_cli.stages.ppo:PPOStage",
     "grpo": "rlhf_cli.stages.grpo:GRPOStage",
     "rloo": "rlhf_cli.stages.rloo:RLOOStage",

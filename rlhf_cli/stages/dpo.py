@@ -63,7 +63,7 @@ class DPOStage(Stage):
 
     def __init__(self, cfg, model, tokenizer, device, amp_dtype):
         super().__init__(cfg, model, tokenizer, device, amp_dtype)
-        self.reference_free = cfg.stage.loss_type in REFERENCE_FREE
+        self.reference_free = getattr(cfg.stage, "loss_type", None) in REFERENCE_FREE
         if self.reference_free:
             self.ref_model, self.ref_adapter = None, None
             self.ref_source = f"none (stage.loss_type={cfg.stage.loss_type} needs no reference)"
