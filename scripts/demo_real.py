@@ -82,6 +82,9 @@ def pairs_from(samples: Path, pairs: Path, per_prompt: int) -> int:
     return len(out)
 
 
+KINDS = ("base", "dpo", "grpo")
+
+
 def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -99,8 +102,12 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=20)
     ap.add_argument("--grpo-steps", type=int, default=10)
     ap.add_argument("--rm-steps", type=int, default=20)
+    ap.add_argument("--summarize", action="store_true", help="only rebuild OUT/results.md")
     args = ap.parse_args()
     out: Path = args.out
+    if args.summarize:
+        print(summarize(out, args.seeds))
+        return
     if (out / MARKER).is_file():
         shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()):
@@ -150,9 +157,8 @@ def main() -> None:
         )
         return read(out / "eval" / f"{name}.json")
 
-    results: dict[str, list[dict]] = {"base": [], "dpo": [], "grpo": [], "rm": []}
     for seed in args.seeds:
-        results["base"].append(evaluate(f"base_s{seed}", base, seed))
+        evaluate(f"base_s{seed}", base, seed)
         run = out / f"dpo_s{seed}"
         rlhf(
             f"dpo_s{seed}",
@@ -168,7 +174,7 @@ def main() -> None:
             f"train.seed={seed}",
             f"run_dir={run}",
         )
-        results["dpo"].append(evaluate(f"dpo_s{seed}", str(run), seed, f"pairs={held_pairs}"))
+        evaluate(f"dpo_s{seed}", str(run), seed, f"pairs={held_pairs}")
         run = out / f"grpo_s{seed}"
         rlhf(
             f"grpo_s{seed}",
@@ -187,7 +193,7 @@ def main() -> None:
             f"train.seed={seed}",
             f"run_dir={run}",
         )
-        results["grpo"].append(evaluate(f"grpo_s{seed}", str(run), seed))
+        evaluate(f"grpo_s{seed}", str(run), seed)
         run = out / f"rm_s{seed}"
         rlhf(
             f"rm_s{seed}",
@@ -204,39 +210,52 @@ def main() -> None:
         )
         scores = out / "eval" / f"rm_s{seed}.jsonl"
         rlhf(f"score_s{seed}", "score", str(run), str(held_pairs), f"out={scores}")
-        rows = [json.loads(line)["scores"] for line in scores.read_text().splitlines()]
-        results["rm"].append({"accuracy": sum(c > r for c, r in rows) / len(rows)})
 
+    elapsed = f"{time.perf_counter() - t0:.0f} s in all"
+    print(summarize(out, args.seeds, elapsed))
+
+
+def summarize(out: Path, seeds: list[int], note: str = "") -> str:
+    """The results table from the files a run left (eval/*.json, eval/rm_s*.jsonl), written to
+    OUT/results.md; seeds whose files are missing are left out."""
+    seeds = [s for s in seeds if (out / "eval" / f"rm_s{s}.jsonl").is_file()]
+    if not seeds:
+        raise SystemExit(f"{out}: no finished seed to summarize")
+    evals = {k: [read(out / "eval" / f"{k}_s{s}.json") for s in seeds] for k in KINDS}
     rate = {
-        k: [
-            statistics.fmean(x["score"] == 1.0 and x["ended"] for x in r["responses"])
-            for r in results[k]
-        ]
-        for k in ("base", "dpo", "grpo")
+        k: [statistics.fmean(has_property(x) for x in r["responses"]) for r in evals[k]]
+        for k in KINDS
     }
-    kl = {k: [r["kl"] for r in results[k]] for k in ("dpo", "grpo")}
     words = {
-        k: [
-            statistics.fmean(len(x["response"].split()) for x in r["responses"]) for r in results[k]
-        ]
-        for k in ("base", "dpo", "grpo")
+        k: [statistics.fmean(len(x["response"].split()) for x in r["responses"]) for r in evals[k]]
+        for k in KINDS
     }
-    lines = [
-        "| policy | complete answers of <= 20 words (held-out, T=1) | mean words | KL to reference (nats/seq) |",
+    kl = {k: [r["kl"] for r in evals[k]] for k in ("dpo", "grpo")}
+    rm = []
+    for s in seeds:
+        lines = (out / "eval" / f"rm_s{s}.jsonl").read_text().splitlines()
+        rows = [json.loads(line)["scores"] for line in lines]
+        rm.append(sum(c > r for c, r in rows) / len(rows))
+    dpo_pairs = [r["pairs"]["implicit_accuracy"] for r in evals["dpo"]]
+    n_train = len((out / "pairs_train.jsonl").read_text().splitlines())
+    n_held = len((out / "pairs_heldout.jsonl").read_text().splitlines())
+    table = [
+        "| policy | complete answers of <= 20 words (held-out prompts, T=1) | mean words | KL to the base (nats/seq) |",
         "|---|---|---|---|",
         f"| base SmolLM2-135M-Instruct | {mean_std(rate['base'])} | {mean_std(words['base'])} | 0 |",
         f"| DPO on on-policy pairs | {mean_std(rate['dpo'])} | {mean_std(words['dpo'])} | {mean_std(kl['dpo'])} |",
         f"| GRPO, the property as reward | {mean_std(rate['grpo'])} | {mean_std(words['grpo'])} | {mean_std(kl['grpo'])} |",
         "",
-        f"Reward model on the same pairs, pairwise accuracy on {counts['heldout']} held-out pairs: "
-        f"{mean_std([r['accuracy'] for r in results['rm']])} (chance 0.5).",
+        f"Held-out pairs ({n_held}): reward model pairwise accuracy {mean_std(rm)}; the DPO "
+        f"policy's implicit-reward accuracy {mean_std(dpo_pairs)} (chance 0.5).",
         "",
-        f"{counts['train']} training pairs from 160 prompts x 4 samples; seeds {args.seeds}; mean ± std over "
-        f"seeds; {time.perf_counter() - t0:.0f} s in all.",
+        f"{n_train} training pairs; seeds {seeds}; mean ± std over seeds"
+        + (f"; {note}" if note else "")
+        + ".",
     ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(table) + "\n"
+    (out / "results.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
