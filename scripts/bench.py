@@ -50,7 +50,6 @@ per-step metrics, bf16 adapters in bf16 QLoRA runs) is TRL's own default behavio
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import os
@@ -123,25 +122,15 @@ def _digest(*parts) -> str:
 
 
 def _build_once(target: Path, builder) -> Path:
-    """Build `target` with `builder(tmp_dir)` unless it is complete; atomic and locked."""
-    marker = target / ".complete"
-    if marker.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".bench.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-bench-", dir=target.parent))
-        try:
-            builder(tmp)
-            (tmp / ".complete").write_text("")
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Build `target` with `builder(tmp_dir)` unless it is complete (its `.complete` marker);
+    atomic and locked (rlhf_cli.tiny.build_once)."""
+    from rlhf_cli.tiny import build_once
+
+    def build(tmp: Path) -> None:
+        builder(tmp)
+        (tmp / ".complete").write_text("")
+
+    return build_once(target, build, complete=lambda p: (p / ".complete").is_file())
 
 
 def model_dir(size: str) -> Path:
