@@ -13,6 +13,7 @@ trained from the same base is loaded as a second, frozen adapter with its own he
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -188,15 +189,17 @@ class OnlineStage(Stage):
 
         rtok = self.reward_tokenizer or self.tokenizer
         examples = scoring_examples(rollout.prompts, rollout.responses, self.tokenizer, rtok)
-        size = self.cfg.reward.batch_size
-        if self.reward_adapter is not None:
-            with adapter_switched(self.model, self.reward_adapter):
-                return score_examples(
-                    self.model, self.reward_head, examples, rtok, size, self.device, self.amp_dtype
-                )
-        return score_examples(
-            self.reward_model, self.reward_head, examples, rtok, size, self.device, self.amp_dtype
-        )
+        shared = self.reward_adapter is not None  # a second adapter on the policy's base
+        with adapter_switched(self.model, self.reward_adapter) if shared else nullcontext():
+            return score_examples(
+                self.model if shared else self.reward_model,
+                self.reward_head,
+                examples,
+                rtok,
+                self.cfg.reward.batch_size,
+                self.device,
+                self.amp_dtype,
+            )
 
     # -- rollouts ----------------------------------------------------------------------------
 
@@ -398,7 +401,7 @@ class OnlineStage(Stage):
             "step_s": time.perf_counter() - t0,
             **stats,
         }
-        record = {**mean_over_ranks(record), **sum_over_ranks(weighted)}
+        record = over_ranks(record, weighted)
         return record, int(dist.all_reduce_sum(rollout.attention_mask.sum()))
 
     @torch.no_grad()
@@ -429,22 +432,18 @@ class OnlineStage(Stage):
         return {name: sum(v) / max(len(v), 1) for name, v in zip(names, merged)}
 
 
-def mean_over_ranks(record: dict[str, float]) -> dict[str, float]:
-    """The average of each metric over ranks (the same keys on every rank)."""
+def over_ranks(averaged: dict[str, float], summed: dict[str, float]) -> dict[str, float]:
+    """Metrics combined over ranks in one all-reduce: `averaged` ones are the mean of the
+    ranks' values, `summed` ones (each rank's share of a global quantity) their sum. Every
+    rank has the same keys."""
     if dist.world_size() == 1:
-        return record
-    keys = sorted(record)
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-    return dict(zip(keys, (dist.all_reduce_sum(values) / dist.world_size()).tolist()))
-
-
-def sum_over_ranks(record: dict[str, float]) -> dict[str, float]:
-    """The sum of each metric over ranks (the same keys on every rank)."""
-    if dist.world_size() == 1:
-        return record
-    keys = sorted(record)
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-    return dict(zip(keys, dist.all_reduce_sum(values).tolist()))
+        return {**averaged, **summed}
+    keys = sorted(averaged) + sorted(summed)
+    values = [float(averaged[k]) for k in sorted(averaged)]
+    values += [float(summed[k]) for k in sorted(summed)]
+    totals = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+    n = len(averaged)
+    return dict(zip(keys, [t / dist.world_size() for t in totals[:n]] + totals[n:]))
 
 
 def resolve_dirs(path: str):
