@@ -96,6 +96,35 @@ def test_reference_free_dpo_losses_train_on_the_real_model(tmp_path, loss_type):
     assert rows[0]["rewards/chosen"] < 0  # scale x mean log-prob per token
 
 
+def online_rm_score(model, head, reward_tok, policy_tok, prompt, response) -> float:
+    """The score the online stages give one rollout (a separately loaded reward model)."""
+    from rlhf_cli.online import OnlineStage
+
+    stage = SimpleNamespace(
+        tokenizer=policy_tok,
+        reward_tokenizer=reward_tok,
+        reward_model=model,
+        reward_head=head,
+        reward_adapter=None,
+        cfg=SimpleNamespace(reward=SimpleNamespace(batch_size=4)),
+        device=torch.device("cpu"),
+        amp_dtype=None,
+    )
+    rollout = SimpleNamespace(prompts=[prompt], responses=[response])
+    return OnlineStage._model_scores(stage, rollout).item()
+
+
+def eval_rm_score(model, head, reward_tok, policy_tok, prompt, response) -> float:
+    """The score `rlhf eval`'s reward-model scorer gives one sample."""
+    from rlhf_cli.evaluate import RewardModelScorer
+
+    scorer = RewardModelScorer.__new__(RewardModelScorer)  # the loaded model, not a path
+    scorer.model, scorer.head, scorer.tokenizer, scorer.amp = model, head, reward_tok, None
+    scorer.policy = SimpleNamespace(tokenizer=policy_tok, device=torch.device("cpu"))
+    scorer.batch_size = 4
+    return scorer([prompt], [response])[0]
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     """A LoRA SFT run of a few steps at a high rate: an adapter that changes the answers."""
@@ -139,8 +168,6 @@ def test_a_response_gets_one_score_through_training_score_online_and_eval(tmp_pa
     <|im_end|> position in training (the collate), in `rlhf score`, in online scoring (ppo/
     grpo/rloo with reward.model) and in `rlhf eval`: one prompt + response, four equal scores."""
     from rlhf_cli.data import load_datasets
-    from rlhf_cli.evaluate import RewardModelScorer
-    from rlhf_cli.online import OnlineStage
     from rlhf_cli.score import score_file
     from rlhf_cli.stages.rm import RMStage, load_reward_model, sequence_scores
 
@@ -172,24 +199,9 @@ def test_a_response_gets_one_score_through_training_score_online_and_eval(tmp_pa
     score_file(str(run), str(pairs), out=str(out), device="cpu")
     scored = json.loads(out.read_text().splitlines()[0])["scores"][0]
     # 3. online scoring of a rollout with that response (a separately loaded reward model)
-    online = SimpleNamespace(
-        tokenizer=tok,
-        reward_tokenizer=tok,
-        reward_model=model,
-        reward_head=head,
-        reward_adapter=None,
-        cfg=SimpleNamespace(reward=SimpleNamespace(batch_size=4)),
-        device=device,
-        amp_dtype=None,
-    )
-    rollout = SimpleNamespace(prompts=[prompt], responses=[generated])
-    online_score = OnlineStage._model_scores(online, rollout).item()
+    online_score = online_rm_score(model, head, tok, tok, prompt, generated)
     # 4. rlhf eval's reward-model scorer, for a policy on the same base
-    policy = SimpleNamespace(tokenizer=tok, device=device)
-    scorer = RewardModelScorer.__new__(RewardModelScorer)
-    scorer.model, scorer.head, scorer.tokenizer, scorer.amp = model, head, tok, None
-    scorer.policy, scorer.batch_size = policy, 4
-    evaluated = scorer([prompt], [generated])[0]
+    evaluated = eval_rm_score(model, head, tok, tok, prompt, generated)
 
     assert trained != pytest.approx(0.0, abs=1e-3)  # the head learned something
     for value in (scored, online_score, evaluated):
@@ -231,8 +243,6 @@ def test_a_reward_model_with_another_vocabulary_reads_the_same_text_online_and_i
 ):
     """A tiny reward model (its own BPE vocabulary) scoring SmolLM2's samples: online scoring
     and `rlhf eval` re-encode the same text, the policy's chat markup dropped."""
-    from rlhf_cli.evaluate import RewardModelScorer
-    from rlhf_cli.online import OnlineStage
     from rlhf_cli.stages.rm import load_reward_model, scoring_examples
 
     train_in_process(
@@ -249,20 +259,7 @@ def test_a_reward_model_with_another_vocabulary_reads_the_same_text_online_and_i
     text = rtok.decode(example["responses_ids"][0])
     assert "<|im_start|>" not in text and "Name a colour." in text and "Blue, like" in text
 
-    online = SimpleNamespace(
-        tokenizer=tokenizer,
-        reward_tokenizer=rtok,
-        reward_model=model,
-        reward_head=head,
-        reward_adapter=None,
-        cfg=SimpleNamespace(reward=SimpleNamespace(batch_size=4)),
-        device=device,
-        amp_dtype=None,
-    )
-    rollout = SimpleNamespace(prompts=[prompt], responses=[response])
-    online_score = OnlineStage._model_scores(online, rollout).item()
-    scorer = RewardModelScorer.__new__(RewardModelScorer)
-    scorer.model, scorer.head, scorer.tokenizer, scorer.amp = model, head, rtok, None
-    scorer.policy, scorer.batch_size = SimpleNamespace(tokenizer=tokenizer, device=device), 4
-    assert scorer([prompt], [response])[0] == pytest.approx(online_score, abs=1e-6)
+    online_score = online_rm_score(model, head, rtok, tokenizer, prompt, response)
+    evaluated = eval_rm_score(model, head, rtok, tokenizer, prompt, response)
+    assert evaluated == pytest.approx(online_score, abs=1e-6)
     assert online_score != pytest.approx(0.0, abs=1e-4)

@@ -23,6 +23,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def learn_pairs(data: Path) -> tuple[str, ...]:
+    """60 steps of 8 pairs from `data`, evaluated on the same pairs: can a stage fit them?"""
+    return (
+        f"data.path={data}",
+        f"data.eval_path={data}",
+        "data.eval_size=0",
+        "train.micro_batch_size=8",
+        "train.max_steps=60",
+        "optim.lr=2e-3",
+        "train.save_every=0",
+    )
+
+
 def shipped_pairs(n: int) -> list[dict]:
     lines = builtin_path("preference").read_text().splitlines()[:n]
     return [json.loads(line) for line in lines]
@@ -77,13 +90,7 @@ def test_rm_separates_a_toy_preference_set(tmp_path):
     train_in_process(
         tmp_path / "r",
         "stage=rm",
-        f"data.path={data}",
-        f"data.eval_path={data}",
-        "data.eval_size=0",
-        "train.micro_batch_size=8",
-        "train.max_steps=60",
-        "optim.lr=2e-3",
-        "train.save_every=0",
+        *learn_pairs(data),
     )
     last = read_metrics(tmp_path / "r", "eval")[-1]
     assert last["accuracy"] > 0.9, last
@@ -321,8 +328,9 @@ def test_reference_free_losses_follow_their_formulas_and_learn(tmp_path, loss_ty
     from rlhf_cli.losses import orpo_loss, simpo_loss
 
     data = write_jsonl(tmp_path / "pairs.jsonl", shipped_pairs(48))
-    common = ("stage=dpo", f"stage.loss_type={loss_type}", f"data.path={data}", "data.eval_size=0")
-    train_in_process(tmp_path / "one", *common, "train.micro_batch_size=1", "train.max_steps=2")
+    common = ("stage=dpo", f"stage.loss_type={loss_type}")
+    one_pair = (f"data.path={data}", "data.eval_size=0", "train.micro_batch_size=1")
+    train_in_process(tmp_path / "one", *common, *one_pair, "train.max_steps=2")
     for row in read_metrics(tmp_path / "one"):
         if loss_type == "simpo":  # beta 2.0 (this type's default), gamma 0.5
             c, r = row["rewards/chosen"] / 2.0, row["rewards/rejected"] / 2.0
@@ -332,15 +340,7 @@ def test_reference_free_losses_follow_their_formulas_and_learn(tmp_path, loss_ty
             want = -c + orpo_loss(torch.tensor([c]), torch.tensor([r]), lam=0.1)
             assert row["nll"] == pytest.approx(-c, rel=1e-4)
         assert row["loss"] == pytest.approx(float(want[0]), rel=1e-4)
-    train_in_process(
-        tmp_path / "learn",
-        *common,
-        f"data.eval_path={data}",
-        "train.micro_batch_size=8",
-        "train.max_steps=60",
-        "optim.lr=2e-3",
-        "train.save_every=0",
-    )
+    train_in_process(tmp_path / "learn", *common, *learn_pairs(data))
     final = read_metrics(tmp_path / "learn", "eval")[-1]
     assert final["rewards/accuracies"] > 0.9, final
 
@@ -367,13 +367,7 @@ def test_kto_step0_is_half_then_it_separates_desirable_from_undesirable(tmp_path
     train_in_process(
         tmp_path / "r",
         "stage=kto",
-        f"data.path={data}",
-        f"data.eval_path={data}",
-        "data.eval_size=0",
-        "train.micro_batch_size=8",
-        "train.max_steps=60",
-        "optim.lr=2e-3",
-        "train.save_every=0",
+        *learn_pairs(data),
     )
     first = read_metrics(tmp_path / "r")[0]
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)
