@@ -47,7 +47,7 @@ def _non_negative(key: str, value: float) -> None:
 @dataclass
 class StageConfig:
     name: str = MISSING
-    """Which stage runs: sft, rm, dpo, kto, ppo, grpo, rloo (pick with `stage=<name>`)."""
+    """Which stage runs: sft, rm, dpo, kto, ppo, grpo, rloo, rs (pick with `stage=<name>`)."""
 
 
 @dataclass
@@ -272,8 +272,61 @@ class RlooConfig(OnlineConfig):
 
 
 @dataclass
+class RsConfig(StageConfig):
+    name: str = "rs"
+    """Rejection sampling (best-of-n, the Llama 2 recipe): each round samples n completions per
+    prompt from the current policy, scores them (reward.model or reward.fn), keeps the best,
+    and fine-tunes on them with the SFT loss. The length of the run is rounds x the steps of a
+    round (train.max_steps is not used)."""
+    n: int = 8
+    """Completions sampled per prompt (10-30 is typical on a GPU)."""
+    rounds: int = 2
+    """Sample-select-train rounds; each samples from the policy the previous one trained."""
+    prompts_per_round: int | None = None
+    """Prompts sampled in each round (null: every training prompt; else the next ones of a
+    seeded shuffle, so rounds see different prompts)."""
+    select: str = "best"
+    """best: keep the best completion of each prompt; top: keep the top_fraction of all the
+    round's completions (some prompts give several, others none)."""
+    top_fraction: float = 0.1
+    """With select=top: the fraction of the round's completions that is kept."""
+    epochs: int = 1
+    """SFT passes over the kept completions in each round."""
+    rollout_batch_size: int = 16
+    """Prompts per generation batch (each with n completions); the unit of mid-round resume."""
+    max_new_tokens: int = 32
+    """Longest sampled completion."""
+    temperature: float = 1.0
+    """Sampling temperature (evaluation samples greedily)."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 samples the full distribution."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a completion that never emits EOS before selecting."""
+
+    def __post_init__(self) -> None:
+        for key in ("n", "rounds", "epochs", "rollout_batch_size", "max_new_tokens"):
+            value = getattr(self, key)
+            _check(value >= 1, f"stage.{key} must be >= 1, got {value}")
+        _check(
+            self.prompts_per_round is None or self.prompts_per_round >= 1,
+            f"stage.prompts_per_round must be >= 1 or null, got {self.prompts_per_round}",
+        )
+        _choice("stage.select", self.select, ("best", "top"))
+        _check(
+            0 < self.top_fraction <= 1,
+            f"stage.top_fraction must be in (0, 1], got {self.top_fraction}",
+        )
+        _positive("stage.temperature", self.temperature)
+        _check(0 < self.top_p <= 1, f"stage.top_p must be in (0, 1], got {self.top_p}")
+        _non_negative("stage.missing_eos_penalty", self.missing_eos_penalty)
+
+
+SAMPLING_STAGES = (OnlineConfig, RsConfig)  # stages that sample and score their own data
+
+
+@dataclass
 class RewardConfig:
-    """Where the online stages' rewards come from: a reward model or a Python function."""
+    """Where the rewards of the online stages and of rs come from: a reward model or a Python function."""
 
     model: str | None = None
     """A reward model trained by stage=rm (its run directory or final/)."""
@@ -601,7 +654,7 @@ class Config:
     ref: RefConfig = field(default_factory=RefConfig)
     """The frozen reference policy (dpo, ppo, grpo, rloo)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
-    """The reward of the online stages (ppo, grpo, rloo)."""
+    """The reward of the online stages (ppo, grpo, rloo) and of rejection sampling (rs)."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Multi-process training under torchrun."""
     device: str = "auto"
@@ -629,8 +682,8 @@ class Config:
                 f"use dist.strategy=ddp), got quant.mode={self.quant.mode}",
             )
             _check(
-                not isinstance(self.stage, OnlineConfig),
-                f"dist.strategy=fsdp covers sft, rm and dpo; stage={self.stage.name} runs with "
+                not isinstance(self.stage, SAMPLING_STAGES),
+                f"dist.strategy=fsdp covers sft, rm, dpo and kto; stage={self.stage.name} runs with "
                 "dist.strategy=ddp",
             )
         if isinstance(self.stage, DpoConfig) and self.stage.loss_type in REFERENCE_FREE:
@@ -639,7 +692,7 @@ class Config:
                 f"stage.loss_type={self.stage.loss_type} uses no reference model: drop "
                 "ref.precompute / ref.model",
             )
-        if isinstance(self.stage, OnlineConfig):
+        if isinstance(self.stage, SAMPLING_STAGES):
             _check(
                 bool(self.reward.model) != bool(self.reward.fn),
                 f"stage={self.stage.name} needs exactly one reward source: reward.model=<rm run> "
@@ -666,6 +719,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="ppo_schema", node=PpoConfig)
     cs.store(group="stage", name="grpo_schema", node=GrpoConfig)
     cs.store(group="stage", name="rloo_schema", node=RlooConfig)
+    cs.store(group="stage", name="rs_schema", node=RsConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="peft", name="peft_schema", node=PeftConfig)
@@ -681,6 +735,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "ppo": PpoConfig,
     "grpo": GrpoConfig,
     "rloo": RlooConfig,
+    "rs": RsConfig,
 }
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,

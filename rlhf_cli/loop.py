@@ -10,6 +10,7 @@ before backward: the accumulated gradient is exactly the gradient of the big-bat
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +36,9 @@ class Stage:
     """
 
     name = "base"
-    data_kind = "sft"  # which examples the stage trains on: "sft" or "preference"
+    data_kind = "sft"  # the examples data.build_examples makes: sft, preference, unpaired, prompt
+    resumed = False  # set by the loop: this run continues from a checkpoint
+    stop_requested = staticmethod(lambda: False)  # set by the loop: a signal asked to stop
 
     def __init__(self, cfg: Config, model, tokenizer, device: torch.device, amp_dtype):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
@@ -60,6 +63,23 @@ class Stage:
     def updates_per_step(self) -> int:
         """Optimizer updates one step makes (offline: 1; PPO: epochs x minibatches)."""
         return 1
+
+    def total_steps(self, n_examples: int) -> int:
+        """The steps of the run: train.epochs passes over the data, else train.max_steps."""
+        t, step_size = self.cfg.train, self.examples_per_step()
+        if n_examples < step_size:
+            raise UserError(
+                f"the training data has {n_examples} examples but one step needs "
+                f"{step_size} (train.micro_batch_size x train.grad_accum, or the stage's rollout "
+                "batch): lower them or add data"
+            )
+        return math.ceil(t.epochs * (n_examples // step_size)) if t.epochs else t.max_steps
+
+    def step_examples(self, train_examples: list, pos: Position) -> list:
+        """The examples of the next step (advancing `pos`): the next slice of the epoch's
+        seeded order. Rejection sampling makes its own (the round's kept samples)."""
+        t = self.cfg.train
+        return next_examples(train_examples, pos, self.examples_per_step(), t.seed, t.shuffle)
 
     def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
         """One step on `examples`: (metrics, tokens processed). Offline stages accumulate
@@ -165,6 +185,11 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
+class StopRequested(Exception):
+    """Raised by a stage's long work between steps when a signal asked the run to stop; the
+    loop saves a checkpoint at the current step and exits as for a signal."""
+
+
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to save and stop at the end of the current step; a second
     SIGINT interrupts at once."""
@@ -185,6 +210,11 @@ class StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if dist.is_main():  # at once, not when the step ends (a step may take minutes)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            again = "; Ctrl-C again stops at once, unsaved" if signum == signal.SIGINT else ""
+            message = f"\n{name}: stopping after this step, with a checkpoint{again}\n"
+            os.write(2, message.encode())
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
@@ -284,18 +314,10 @@ def train(
     params = [p for m in (model, *extras.values()) for p in m.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters (check peft settings)")
-    step_size = stage.examples_per_step()
     fsdp = any(dist.is_sharded(p) for p in params)
     if not fsdp:
         dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
-    if len(train_examples) < step_size:
-        raise UserError(
-            f"the training data has {len(train_examples)} examples but one step needs "
-            f"{step_size} (train.micro_batch_size x train.grad_accum, or the stage's rollout "
-            "batch): lower them or add data"
-        )
-    steps_per_epoch = len(train_examples) // step_size
-    total = math.ceil(t.epochs * steps_per_epoch) if t.epochs else t.max_steps
+    total = stage.total_steps(len(train_examples))
 
     optimizer = make_optimizer(params, cfg.optim)
     schedule = lr_lambda(cfg.optim, total * stage.updates_per_step())
@@ -377,10 +399,25 @@ def train(
     evals: dict[str, Any] = {}
     start_step, t0 = pos.step, time.perf_counter()
     reporter = Reporter(run_dir, total, pos.step, resume_from is not None, enabled=dist.is_main())
+
+    def interrupted(signum: int) -> Interrupted:
+        path = save()
+        name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+        return Interrupted(
+            f"{name}: stopped at step {pos.step}/{total}; checkpoint {path}. "
+            f"Continue with: rlhf train ... run_dir={run_dir} resume=auto",
+            128 + signum,
+        )
+
+    stage.resumed = resume_from is not None
     with reporter as report, StopFlag() as stop:
+        stage.stop_requested = lambda: bool(stop.signum)
         while pos.step < total:
             step_t0 = time.perf_counter()
-            examples = next_examples(train_examples, pos, step_size, t.seed, t.shuffle)
+            try:
+                examples = stage.step_examples(train_examples, pos)
+            except StopRequested:  # a signal during the stage's own long work (sampling)
+                raise interrupted(stop.signum or signal.SIGINT) from None
             record, tokens = stage.train_step(examples, updater)
             pos.step += 1
             pos.tokens += tokens
@@ -403,13 +440,7 @@ def train(
             # Every rank stops at the same step when any of them got the signal.
             signum = int(dist.all_reduce_max(float(stop.signum or 0)))
             if signum:
-                path = save()
-                name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-                raise Interrupted(
-                    f"{name}: stopped at step {pos.step}/{total}; checkpoint {path}. "
-                    f"Continue with: rlhf train ... run_dir={run_dir} resume=auto",
-                    128 + signum,
-                )
+                raise interrupted(signum)
         if eval_examples and start_step < total:
             evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
             report.eval(pos.step, evals)

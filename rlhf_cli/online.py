@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -96,38 +97,18 @@ class RunningMoments:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
-class OnlineStage(Stage):
-    """Rollout -> score -> advantages -> clipped updates. Subclasses define `advantages` and
-    may add loss terms (`extra_loss`)."""
+class Sampler:
+    """Sampling responses with the KV cache and scoring them with `reward.model` or
+    `reward.fn`: what the online stages and rejection sampling (rs) share. Needs `cfg`,
+    `model`, `tokenizer`, `device`, `amp_dtype` (a Stage's) and `self.generation`."""
 
-    data_kind = "prompt"
-    uses_value_head = False
-
-    def __init__(self, cfg, model, tokenizer, device, amp_dtype):
-        super().__init__(cfg, model, tokenizer, device, amp_dtype)
-        s = cfg.stage
-        world = dist.world_size()
-        # A minibatch larger than the rollout batch is the whole batch; each rank takes 1/N.
-        self.minibatch_size = min(s.minibatch_size, s.rollout_batch_size * s.group_size)
-        if s.rollout_batch_size % world or self.minibatch_size % world:
-            raise UserError(
-                f"stage.rollout_batch_size={s.rollout_batch_size} and stage.minibatch_size="
-                f"{self.minibatch_size} are global: both must divide by the {world} ranks"
-            )
-        self.local_minibatch = self.minibatch_size // world
-        self.kl_coef = float(s.kl_coef)
-        self.moments = RunningMoments()
-        self.value_head = (
-            ScalarHead(model.config.hidden_size).to(device) if self.uses_value_head else None
-        )
-        self.ref_model, self.ref_adapter, ref_source = setup_reference(cfg, model, device)
-        console.print(f"{self.name}: reference = {ref_source}")
-        self._setup_reward()
-        # Rollouts, scoring and updates see the same function (no dropout anywhere), so the
-        # first update's ratio is exactly 1; updates run in train mode all the same, so that
-        # gradient checkpointing (active in train mode only) takes effect.
-        disable_dropout(model)
-        self.generation = generation_config(tokenizer, s.max_new_tokens, s.temperature, s.top_p)
+    name: str
+    cfg: Any
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    amp_dtype: Any
+    generation: Any
 
     # -- rewards -----------------------------------------------------------------------------
 
@@ -204,8 +185,10 @@ class OnlineStage(Stage):
     # -- rollouts ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, examples: list[dict]) -> Rollout:
-        k = self.cfg.stage.group_size
+    def rollout(self, examples: list[dict], k: int | None = None, generation=None) -> Rollout:
+        """`k` responses per prompt (stage.group_size by default) with `generation` (the
+        stage's sampling settings by default)."""
+        k = self.cfg.stage.group_size if k is None else k
         prompts = [ex["prompt_ids"] for ex in examples for _ in range(k)]  # group-contiguous
         texts = [ex["prompt_text"] for ex in examples for _ in range(k)]
         width = max(len(p) for p in prompts)
@@ -217,7 +200,7 @@ class OnlineStage(Stage):
         self.model.config.use_cache = True
         t0 = time.perf_counter()
         with autocast(self.amp_dtype, self.device):
-            out = generate_ids(self.model, ids, attn, self.generation)
+            out = generate_ids(self.model, ids, attn, generation or self.generation)
         self.gen_seconds = time.perf_counter() - t0
         self.model.config.use_cache = False
         response = out[:, width:]
@@ -236,6 +219,40 @@ class OnlineStage(Stage):
             prompt_texts=texts,
             responses=responses,
         )
+
+
+class OnlineStage(Sampler, Stage):
+    """Rollout -> score -> advantages -> clipped updates. Subclasses define `advantages` and
+    may add loss terms (`extra_loss`)."""
+
+    data_kind = "prompt"
+    uses_value_head = False
+
+    def __init__(self, cfg, model, tokenizer, device, amp_dtype):
+        super().__init__(cfg, model, tokenizer, device, amp_dtype)
+        s = cfg.stage
+        world = dist.world_size()
+        # A minibatch larger than the rollout batch is the whole batch; each rank takes 1/N.
+        self.minibatch_size = min(s.minibatch_size, s.rollout_batch_size * s.group_size)
+        if s.rollout_batch_size % world or self.minibatch_size % world:
+            raise UserError(
+                f"stage.rollout_batch_size={s.rollout_batch_size} and stage.minibatch_size="
+                f"{self.minibatch_size} are global: both must divide by the {world} ranks"
+            )
+        self.local_minibatch = self.minibatch_size // world
+        self.kl_coef = float(s.kl_coef)
+        self.moments = RunningMoments()
+        self.value_head = (
+            ScalarHead(model.config.hidden_size).to(device) if self.uses_value_head else None
+        )
+        self.ref_model, self.ref_adapter, ref_source = setup_reference(cfg, model, device)
+        console.print(f"{self.name}: reference = {ref_source}")
+        self._setup_reward()
+        # Rollouts, scoring and updates see the same function (no dropout anywhere), so the
+        # first update's ratio is exactly 1; updates run in train mode all the same, so that
+        # gradient checkpointing (active in train mode only) takes effect.
+        disable_dropout(model)
+        self.generation = generation_config(tokenizer, s.max_new_tokens, s.temperature, s.top_p)
 
     def forward(
         self, model, batch: dict[str, torch.Tensor], prompt_len: int, with_values: bool = False

@@ -105,6 +105,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path, Path | None]:
     for name in ("metrics.jsonl", "ref_logps.pt"):  # the history up to the checkpoint
         if (source / name).is_file():
             shutil.copy2(source / name, run_dir / name)
+    if (source / "rounds").is_dir():  # rejection sampling's rounds (later ones are dropped)
+        shutil.copytree(source / "rounds", run_dir / "rounds", dirs_exist_ok=True)
     console.print(f"resume: forking {found} into {run_dir} ({source} is left unchanged)")
     return run_dir, found
 

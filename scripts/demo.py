@@ -14,7 +14,8 @@ against the KL to the reference for DPO and PPO. Here:
    dropped); a tenth of them held out for evaluation;
 4. from the SFT model (a fresh LoRA adapter on its 4-bit NF4 base, the reference being that
    base with the adapter disabled): DPO at several betas; a reward model on the pairs, then PPO
-   against it; GRPO with the ground-truth function itself;
+   against it; GRPO with the ground-truth function itself; KTO on the pairs split into
+   desirable and undesirable reviews; rejection sampling (best of 8) with the ground truth;
 5. `rlhf eval` of every policy: mean ground-truth reward and KL to the reference on fresh
    samples (and accuracies on the held-out pairs), a table and a reward-vs-KL frontier PNG.
 
@@ -60,8 +61,10 @@ class Plan:
     rm_steps: int = 40
     ppo_steps: int = 30
     grpo_steps: int = 30
-    lr: float = 2e-3  # rm, ppo, grpo
-    methods: tuple[str, ...] = ("dpo", "ppo", "grpo")
+    kto_steps: int = 60  # on the pairs split in two: twice the examples of a DPO step's pairs
+    rs_rounds: int = 6  # rejection sampling: 64 prompts x 8 samples a round, the best kept
+    lr: float = 2e-3  # rm, ppo, grpo, rs
+    methods: tuple[str, ...] = ("dpo", "kto", "ppo", "grpo", "rs")
     pair_prompts: int = 800  # prompts (rows of the corpus) sampled twice for preferences
     eval_samples: int = 2  # per eval prompt (the corpus has 90 distinct prompts)
     max_new_tokens: int = 40
@@ -234,6 +237,45 @@ def run(out: Path, plan: Plan, seeds: list[int], jobs: int) -> list[dict]:
                         evaluate(f"eval_{name}", out / name, f"DPO beta={beta}", seed),
                     ]
                 )
+        if "kto" in plan.methods:
+            chains.append(
+                [
+                    train(
+                        f"kto_s{seed}",
+                        "stage=kto",
+                        f"data.path={pairs}",
+                        "data.eval_size=0",
+                        f"optim.lr={plan.dpo_lr}",
+                        f"train.max_steps={plan.kto_steps}",
+                        "train.micro_batch_size=16",
+                        s,
+                    ),
+                    evaluate(f"eval_kto_s{seed}", out / f"kto_s{seed}", "KTO beta=0.1", seed),
+                ]
+            )
+        if "rs" in plan.methods:
+            chains.append(
+                [
+                    train(
+                        f"rs_s{seed}",
+                        "stage=rs",
+                        REWARD_FN,
+                        *data,
+                        "data.eval_size=0",
+                        "stage.n=8",
+                        f"stage.rounds={plan.rs_rounds}",
+                        "stage.prompts_per_round=64",
+                        "stage.rollout_batch_size=32",
+                        f"stage.max_new_tokens={plan.max_new_tokens}",
+                        f"optim.lr={plan.lr}",
+                        "train.micro_batch_size=16",
+                        s,
+                    ),
+                    evaluate(
+                        f"eval_rs_s{seed}", out / f"rs_s{seed}", "RS best-of-8 (ground truth)", seed
+                    ),
+                ]
+            )
         if "ppo" in plan.methods:
             chains.append(
                 [
@@ -305,7 +347,7 @@ def run(out: Path, plan: Plan, seeds: list[int], jobs: int) -> list[dict]:
     return rows
 
 
-ORDER = ("SFT", "DPO", "PPO", "GRPO")
+ORDER = ("SFT", "DPO", "KTO", "PPO", "GRPO", "RS")
 
 
 def summarise(results: list[dict]) -> list[dict]:

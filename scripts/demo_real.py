@@ -8,9 +8,11 @@ its samples at temperature 1. Prompts: the shipped
 1. on-policy pairs: 4 samples of the base model per training prompt (`rlhf sample`; 8 per
    held-out prompt); samples with the property (chosen) paired with samples without it
    (rejected), each sample used once;
-2. per seed: DPO on the pairs; GRPO with the property as its reward (`concise`, minus 1 for an
-   answer cut off without <|im_end|>: stage.missing_eos_penalty=1); a reward model on the
-   pairs, scored on the held-out pairs (`rlhf score`: pairwise accuracy);
+2. per seed: DPO on the pairs; KTO on the same pairs split into desirable and undesirable
+   answers; GRPO with the property as its reward (`concise`, minus 1 for an answer cut off
+   without <|im_end|>: stage.missing_eos_penalty=1); rejection sampling (best of 4 per prompt
+   by the same reward, 3 rounds of 32 prompts); a reward model on the pairs, scored on the
+   held-out pairs (`rlhf score`: pairwise accuracy);
 3. `rlhf eval` of the base model and of every policy on the held-out prompts (4 samples each at
    temperature 1): the property's rate (the mean reward) and the KL to the reference;
 4. a table (OUT/results.md): mean ± standard deviation over seeds.
@@ -18,7 +20,8 @@ its samples at temperature 1. Prompts: the shipped
 The pairs are sampled once (seed 0) and shared by every seed; the seeds change the training
 (data order, LoRA init, rollouts) and the evaluation samples.
 
-    python scripts/demo_real.py [--out runs/demo-real] [--seeds 1 2 3]
+    python scripts/demo_real.py [--out runs/demo-real] [--seeds 1 2 3] [--methods dpo kto ...]
+    python scripts/demo_real.py --keep ...   # add to OUT: what is there already is not redone
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def pairs_from(samples: Path, pairs: Path, per_prompt: int) -> int:
     return len(out)
 
 
-KINDS = ("base", "dpo", "grpo")
+METHODS = ("dpo", "kto", "grpo", "rs", "rm")
+KINDS = ("base", "dpo", "kto", "grpo", "rs")  # the policies evaluated
 
 
 def read(path: Path) -> dict:
@@ -102,15 +106,21 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=20)
     ap.add_argument("--grpo-steps", type=int, default=10)
     ap.add_argument("--rm-steps", type=int, default=20)
+    ap.add_argument("--kto-steps", type=int, default=20)
+    ap.add_argument("--rs-rounds", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument(
+        "--keep", action="store_true", help="keep OUT's finished runs and evals; do the rest"
+    )
     ap.add_argument("--summarize", action="store_true", help="only rebuild OUT/results.md")
     args = ap.parse_args()
     out: Path = args.out
     if args.summarize:
         print(summarize(out, args.seeds))
         return
-    if (out / MARKER).is_file():
+    if (out / MARKER).is_file() and not args.keep:
         shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise SystemExit(f"{out} is not empty and not a previous demo's output: choose --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by scripts/demo_real.py; removed when it runs again\n")
@@ -123,6 +133,10 @@ def main() -> None:
     # 1. on-policy pairs from the base model
     counts = {}
     for split, prompts, n in (("train", train_prompts, 4), ("heldout", held_prompts, 8)):
+        samples, pairs = out / f"samples_{split}.jsonl", out / f"pairs_{split}.jsonl"
+        if args.keep and pairs.is_file():
+            counts[split] = len(pairs.read_text().splitlines())
+            continue
         rlhf(
             f"sample_{split}",
             "sample",
@@ -135,12 +149,17 @@ def main() -> None:
             "seed=0",
             f"out={out / f'samples_{split}.jsonl'}",
         )
-        samples, pairs = out / f"samples_{split}.jsonl", out / f"pairs_{split}.jsonl"
         counts[split] = pairs_from(samples, pairs, n)
     print(f"  pairs: {counts['train']} to train on, {counts['heldout']} held out", flush=True)
     pairs, held_pairs = out / "pairs_train.jsonl", out / "pairs_heldout.jsonl"
 
-    def evaluate(name: str, policy: str, seed: int, *more: str) -> dict:
+    def done(name: str) -> bool:
+        """With --keep: this eval (or score) file is there already."""
+        return args.keep and any((out / "eval").glob(f"{name}.json*"))
+
+    def evaluate(name: str, policy: str, seed: int, *more: str) -> None:
+        if done(name):
+            return
         rlhf(
             f"eval_{name}",
             "eval",
@@ -155,101 +174,155 @@ def main() -> None:
             f"out={out / 'eval' / f'{name}.json'}",
             *more,
         )
-        return read(out / "eval" / f"{name}.json")
 
+    def train(name: str, *overrides: str) -> str:
+        """`rlhf train` into OUT/<name> (with --keep, a finished run is reused)."""
+        run = out / name
+        if args.keep and (run / "final").is_dir():
+            return str(run)
+        if run.exists():
+            shutil.rmtree(run)  # an unfinished run of an earlier call
+        rlhf(name, "train", *COMMON, *overrides, f"run_dir={run}")
+        return str(run)
+
+    methods = set(args.methods)
     for seed in args.seeds:
+        seeded = f"train.seed={seed}"
         evaluate(f"base_s{seed}", base, seed)
-        run = out / f"dpo_s{seed}"
-        rlhf(
-            f"dpo_s{seed}",
-            "train",
-            "stage=dpo",
-            *COMMON,
-            f"data.path={pairs}",
-            f"train.max_steps={args.dpo_steps}",
-            "train.micro_batch_size=4",
-            "train.grad_accum=2",
-            "optim.lr=2e-4",
-            "stage.beta=0.1",
-            f"train.seed={seed}",
-            f"run_dir={run}",
-        )
-        evaluate(f"dpo_s{seed}", str(run), seed, f"pairs={held_pairs}")
-        run = out / f"grpo_s{seed}"
-        rlhf(
-            f"grpo_s{seed}",
-            "train",
-            "stage=grpo",
-            *COMMON,
-            REWARD_FN,
-            "stage.missing_eos_penalty=1.0",
-            f"data.path={train_prompts}",
-            f"train.max_steps={args.grpo_steps}",
-            "stage.rollout_batch_size=4",
-            "stage.group_size=4",
-            f"stage.max_new_tokens={MAX_NEW}",
-            "stage.kl_coef=0.02",
-            "optim.lr=5e-4",
-            f"train.seed={seed}",
-            f"run_dir={run}",
-        )
-        evaluate(f"grpo_s{seed}", str(run), seed)
-        run = out / f"rm_s{seed}"
-        rlhf(
-            f"rm_s{seed}",
-            "train",
-            "stage=rm",
-            *COMMON,
-            f"data.path={pairs}",
-            f"train.max_steps={args.rm_steps}",
-            "train.micro_batch_size=4",
-            "train.grad_accum=2",
-            "optim.lr=5e-4",
-            f"train.seed={seed}",
-            f"run_dir={run}",
-        )
-        scores = out / "eval" / f"rm_s{seed}.jsonl"
-        rlhf(f"score_s{seed}", "score", str(run), str(held_pairs), f"out={scores}")
+        if "dpo" in methods and not done(f"dpo_s{seed}"):
+            run = train(
+                f"dpo_s{seed}",
+                "stage=dpo",
+                f"data.path={pairs}",
+                f"train.max_steps={args.dpo_steps}",
+                "train.micro_batch_size=4",
+                "train.grad_accum=2",
+                "optim.lr=2e-4",
+                "stage.beta=0.1",
+                seeded,
+            )
+            evaluate(f"dpo_s{seed}", run, seed, f"pairs={held_pairs}")
+        if "kto" in methods and not done(f"kto_s{seed}"):
+            run = train(
+                f"kto_s{seed}",
+                "stage=kto",
+                f"data.path={pairs}",  # each pair: one desirable and one undesirable answer
+                f"train.max_steps={args.kto_steps}",
+                "train.micro_batch_size=8",
+                "train.grad_accum=2",
+                "optim.lr=2e-4",
+                "stage.beta=0.1",
+                seeded,
+            )
+            evaluate(f"kto_s{seed}", run, seed)
+        if "grpo" in methods and not done(f"grpo_s{seed}"):
+            run = train(
+                f"grpo_s{seed}",
+                "stage=grpo",
+                REWARD_FN,
+                "stage.missing_eos_penalty=1.0",
+                f"data.path={train_prompts}",
+                f"train.max_steps={args.grpo_steps}",
+                "stage.rollout_batch_size=4",
+                "stage.group_size=4",
+                f"stage.max_new_tokens={MAX_NEW}",
+                "stage.kl_coef=0.02",
+                "optim.lr=5e-4",
+                seeded,
+            )
+            evaluate(f"grpo_s{seed}", run, seed)
+        if "rs" in methods and not done(f"rs_s{seed}"):
+            run = train(
+                f"rs_s{seed}",
+                "stage=rs",
+                REWARD_FN,
+                "stage.missing_eos_penalty=1.0",
+                f"data.path={train_prompts}",
+                f"stage.rounds={args.rs_rounds}",
+                "stage.n=4",
+                "stage.prompts_per_round=32",
+                "stage.rollout_batch_size=16",
+                f"stage.max_new_tokens={MAX_NEW}",
+                "train.micro_batch_size=4",
+                "train.grad_accum=2",
+                "optim.lr=2e-4",
+                seeded,
+            )
+            evaluate(f"rs_s{seed}", run, seed)
+        if "rm" in methods and not done(f"rm_s{seed}"):
+            run = train(
+                f"rm_s{seed}",
+                "stage=rm",
+                f"data.path={pairs}",
+                f"train.max_steps={args.rm_steps}",
+                "train.micro_batch_size=4",
+                "train.grad_accum=2",
+                "optim.lr=5e-4",
+                seeded,
+            )
+            scores = out / "eval" / f"rm_s{seed}.jsonl"
+            rlhf(f"score_s{seed}", "score", run, str(held_pairs), f"out={scores}")
 
     elapsed = f"{time.perf_counter() - t0:.0f} s in all"
     print(summarize(out, args.seeds, elapsed))
 
 
+LABELS = {
+    "base": "base SmolLM2-135M-Instruct",
+    "dpo": "DPO on on-policy pairs",
+    "kto": "KTO on the pairs, split",
+    "grpo": "GRPO, the property as reward",
+    "rs": "rejection sampling, best of 4",
+}
+
+
 def summarize(out: Path, seeds: list[int], note: str = "") -> str:
     """The results table from the files a run left (eval/*.json, eval/rm_s*.jsonl), written to
-    OUT/results.md; seeds whose files are missing are left out."""
-    seeds = [s for s in seeds if (out / "eval" / f"rm_s{s}.jsonl").is_file()]
-    if not seeds:
-        raise SystemExit(f"{out}: no finished seed to summarize")
-    evals = {k: [read(out / "eval" / f"{k}_s{s}.json") for s in seeds] for k in KINDS}
-    rate = {
-        k: [statistics.fmean(has_property(x) for x in r["responses"]) for r in evals[k]]
-        for k in KINDS
-    }
-    words = {
-        k: [statistics.fmean(len(x["response"].split()) for x in r["responses"]) for r in evals[k]]
-        for k in KINDS
-    }
-    kl = {k: [r["kl"] for r in evals[k]] for k in ("dpo", "grpo")}
+    OUT/results.md: one row per policy, over the seeds whose files are there."""
+    table = [
+        "| policy | complete answers of <= 20 words (held-out prompts, T=1) | mean words | KL to the base (nats/seq) | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    found = False
+    for kind in KINDS:
+        evals = [
+            read(out / "eval" / f"{kind}_s{s}.json")
+            for s in seeds
+            if (out / "eval" / f"{kind}_s{s}.json").is_file()
+        ]
+        if not evals:
+            continue
+        found = True
+        rate = [statistics.fmean(has_property(x) for x in r["responses"]) for r in evals]
+        words = [
+            statistics.fmean(len(x["response"].split()) for x in r["responses"]) for r in evals
+        ]
+        kl = mean_std([r["kl"] for r in evals]) if kind != "base" else "0"
+        table.append(
+            f"| {LABELS[kind]} | {mean_std(rate)} | {mean_std(words)} | {kl} | {len(evals)} |"
+        )
+    if not found:
+        raise SystemExit(f"{out}: no finished evaluation to summarize")
     rm = []
     for s in seeds:
-        lines = (out / "eval" / f"rm_s{s}.jsonl").read_text().splitlines()
-        rows = [json.loads(line)["scores"] for line in lines]
-        rm.append(sum(c > r for c, r in rows) / len(rows))
-    dpo_pairs = [r["pairs"]["implicit_accuracy"] for r in evals["dpo"]]
+        path = out / "eval" / f"rm_s{s}.jsonl"
+        if path.is_file():
+            rows = [json.loads(line)["scores"] for line in path.read_text().splitlines()]
+            rm.append(sum(c > r for c, r in rows) / len(rows))
+    dpo_pairs = [
+        read(p)["pairs"]["implicit_accuracy"]
+        for s in seeds
+        if (p := out / "eval" / f"dpo_s{s}.json").is_file()
+    ]
     n_train = len((out / "pairs_train.jsonl").read_text().splitlines())
     n_held = len((out / "pairs_heldout.jsonl").read_text().splitlines())
-    table = [
-        "| policy | complete answers of <= 20 words (held-out prompts, T=1) | mean words | KL to the base (nats/seq) |",
-        "|---|---|---|---|",
-        f"| base SmolLM2-135M-Instruct | {mean_std(rate['base'])} | {mean_std(words['base'])} | 0 |",
-        f"| DPO on on-policy pairs | {mean_std(rate['dpo'])} | {mean_std(words['dpo'])} | {mean_std(kl['dpo'])} |",
-        f"| GRPO, the property as reward | {mean_std(rate['grpo'])} | {mean_std(words['grpo'])} | {mean_std(kl['grpo'])} |",
+    table += [
         "",
-        f"Held-out pairs ({n_held}): reward model pairwise accuracy {mean_std(rm)}; the DPO "
-        f"policy's implicit-reward accuracy {mean_std(dpo_pairs)} (chance 0.5).",
+        f"Held-out pairs ({n_held}): reward model pairwise accuracy "
+        f"{mean_std(rm) if rm else 'n/a'}; the DPO policy's implicit-reward accuracy "
+        f"{mean_std(dpo_pairs) if dpo_pairs else 'n/a'} (chance 0.5).",
         "",
-        f"{n_train} training pairs; seeds {seeds}; mean ± std over seeds"
+        f"{n_train} training pairs; seeds {seeds}; mean ± std over the seeds of each row"
         + (f"; {note}" if note else "")
         + ".",
     ]

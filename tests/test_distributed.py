@@ -212,3 +212,37 @@ def test_fsdp_config_is_validated(tmp_path):
         cwd=tmp_path,
     )
     assert res.returncode == 2 and "dist.strategy=ddp" in res.stderr
+
+
+def test_two_rank_rejection_sampling_shares_the_rounds(tmp_path):
+    """Each rank samples its half of every generation batch; rank 0 writes each round's file
+    with every prompt of the round, in the order a single process gives them."""
+    from rlhf_cli.stages.rs import read_rows
+
+    common = (
+        "stage=rs",
+        "reward.fn=rlhf_cli.rewards:char_fraction",
+        "data.eval_size=8",
+        "stage.prompts_per_round=12",
+        "stage.n=3",
+        "stage.rollout_batch_size=4",
+        "stage.max_new_tokens=8",
+        "stage.rounds=2",
+        "train.micro_batch_size=2",
+        "train.grad_accum=2",
+    )
+    assert_ok(torchrun(*common, f"run_dir={tmp_path / 'two'}"))
+    train_in_process(tmp_path / "one", *common, "train.micro_batch_size=4")
+    for r in (1, 2):
+        two = read_rows(tmp_path / "two" / "rounds" / f"round-{r}.jsonl")
+        one = read_rows(tmp_path / "one" / "rounds" / f"round-{r}.jsonl")
+        assert [row["prompt_index"] for row in two] == [row["prompt_index"] for row in one]
+        for row in two:
+            scores = [x["score"] for x in row["samples"]]
+            kept = [x["score"] for x in row["samples"] if x["kept"]]
+            assert len(scores) == 3 and kept == [max(scores)]
+    # 12 kept a round, 8 a step (2 x 2 x 2 ranks): one step a round, as for one rank x 8.
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [r["round"] for r in two] == [r["round"] for r in one] == [1, 2]
+    assert "greedy_score" in read_metrics(tmp_path / "two", "eval")[-1]
+    assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "two")] == ["step-000002"]

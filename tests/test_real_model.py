@@ -66,10 +66,13 @@ def test_prompts_go_through_the_chat_template(tokenizer):
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "rs"])
 def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
     steps = 2 if quant == "none" else 1
     extra = ONLINE if stage in ("ppo", "grpo", "rloo") else ("train.micro_batch_size=2",)
+    if stage == "rs":  # a round of 2 prompts x 2 samples, the best of each kept: one step
+        extra = (*ONLINE[:2], ONLINE[3], "stage.n=2", "stage.prompts_per_round=2")  # no group_size
+        extra += (f"stage.rounds={steps}", "train.micro_batch_size=2")
     args = (f"stage={stage}", *SMALL, f"quant={quant}", f"train.max_steps={steps}", *extra)
     train_in_process(tmp_path / "r", *args, "optim.lr=1e-3")
     rows = read_metrics(tmp_path / "r")
@@ -84,7 +87,34 @@ def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
     if stage in ("ppo", "grpo", "rloo"):
         assert first["kl"] == pytest.approx(0.0, abs=1e-5)
         assert first["policy/ratio_first"] == pytest.approx(1.0, abs=1e-4)
+    if stage == "rs":  # the kept answers of the round file are what the step trained on
+        from rlhf_cli.stages.rs import read_rows
+
+        rows = read_rows(tmp_path / "r" / "rounds" / "round-1.jsonl")
+        assert len(rows) == 2 and all(sum(x["kept"] for x in r["samples"]) == 1 for r in rows)
+        assert first["round"] == 1 and first["round/kept_score"] >= first["round/score"]
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_kto_separates_desirable_from_undesirable_on_the_real_model(tmp_path):
+    """8 shipped pairs, split into 8 desirable and 8 undesirable answers: trained on them, the
+    implicit rewards of the desirable answers rise above those of the undesirable ones (at
+    step 0 both are 0 and every example costs 1/2)."""
+    train_in_process(
+        tmp_path / "r",
+        "stage=kto",
+        *SMALL,
+        "quant=none",
+        "train.max_steps=6",
+        "train.micro_batch_size=8",
+        "optim.lr=1e-3",
+    )
+    rows = read_metrics(tmp_path / "r")
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-5)
+    assert rows[0]["rewards/desirable"] == pytest.approx(0.0, abs=1e-5)
+    last = rows[-1]
+    assert last["rewards/desirable"] - last["rewards/undesirable"] > 0.5, rows
+    assert last["loss"] < 0.4
 
 
 @pytest.mark.parametrize("loss_type", ["orpo", "simpo"])

@@ -124,6 +124,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "Traceback" not in out and "resume=auto" in out
+    assert "SIGTERM: stopping after this step, with a checkpoint" in out  # said at once
     saved = ckpt_lib.list_checkpoints(run_dir)
     assert len(saved) == 1 and not (run_dir / "final").exists()
     stopped_at = int(saved[0].name.split("-")[1])

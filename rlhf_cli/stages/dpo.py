@@ -69,9 +69,9 @@ class DPOStage(Stage):
             self.ref_source = f"none (stage.loss_type={cfg.stage.loss_type} needs no reference)"
         else:
             self.ref_model, self.ref_adapter, self.ref_source = setup_reference(cfg, model, device)
-        console.print(f"dpo: reference = {self.ref_source}")
+        console.print(f"{self.name}: reference = {self.ref_source}")
         if not cfg.stage.dropout and disable_dropout(model):
-            console.print("dpo: dropout off in the policy (stage.dropout=true keeps it)")
+            console.print(f"{self.name}: dropout off in the policy (stage.dropout=true keeps it)")
 
     # -- data ------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class DPOStage(Stage):
             saved = torch.load(cache, weights_only=True)
             if saved.get("key") == key:
                 self._attach(train_examples + eval_examples, saved["logps"])
-                console.print(f"dpo: reference log-probs from {cache}")
+                console.print(f"{self.name}: reference log-probs from {cache}")
                 dist.barrier()
                 return
         values: list[list[float]] = []
@@ -153,7 +153,7 @@ class DPOStage(Stage):
         torch.save({"key": key, "logps": values}, cache)
         dist.barrier()
         self._attach(everything, values)
-        console.print(f"dpo: reference log-probs precomputed for {len(values)} examples -> {cache}")
+        console.print(f"{self.name}: reference log-probs precomputed for {len(values)} examples -> {cache}")
 
     @staticmethod
     def _attach(examples: list, values: list[list[float]]) -> None:
