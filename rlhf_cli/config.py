@@ -47,7 +47,7 @@ def _non_negative(key: str, value: float) -> None:
 @dataclass
 class StageConfig:
     name: str = MISSING
-    """Which stage runs: sft, rm, dpo, kto, ppo, grpo, rloo, rs (pick with `stage=<name>`)."""
+    """Which stage runs: sft, rm, dpo, kto, ppo, grpo, rloo, reinforce, rs (`stage=<name>`)."""
 
 
 @dataclass
@@ -168,7 +168,19 @@ class OnlineConfig(StageConfig):
     """Sequences per optimizer update (accumulated in train.micro_batch_size pieces; capped at
     the rollout batch)."""
     clip_eps: float = 0.2
-    """PPO ratio clipping: the ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    """PPO ratio clipping: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """The upper clip range (DAPO's clip-higher, e.g. 0.28 with clip_eps=0.2); null = clip_eps."""
+    importance_level: str = "token"
+    """token: one importance ratio per token (PPO, GRPO); sequence: one per response, exp of
+    the mean token log-ratio, clipped per response (GSPO)."""
+    loss_agg: str = "token_mean"
+    """How the policy loss averages a minibatch: token_mean (every token counts once; DAPO),
+    seq_mean_token_mean (mean over responses of each one's token mean; GRPO as published) or
+    seq_sum_norm (sum / (responses x max_new_tokens); Dr. GRPO, with scale_rewards=false)."""
+    mask_truncated: bool = False
+    """Leave responses cut off at max_new_tokens (no EOS) out of the policy loss (DAPO's
+    overlong filtering); see also missing_eos_penalty."""
     kl_coef: float = 0.05
     """Weight of the KL to the reference (in the reward for ppo/rloo, in the loss for grpo)."""
     kl_estimator: str = "k1"
@@ -191,6 +203,16 @@ class OnlineConfig(StageConfig):
         _positive("stage.temperature", self.temperature)
         _check(0 < self.top_p <= 1, f"stage.top_p must be in (0, 1], got {self.top_p}")
         _check(0 < self.clip_eps < 1, f"stage.clip_eps must be in (0, 1), got {self.clip_eps}")
+        _check(
+            self.clip_eps_high is None or self.clip_eps_high >= self.clip_eps,
+            f"stage.clip_eps_high={self.clip_eps_high} must be >= stage.clip_eps={self.clip_eps} "
+            "(clip-higher widens the upper range), or null",
+        )
+        _choice("stage.importance_level", self.importance_level, ("token", "sequence"))
+        # = losses.LOSS_AGGREGATIONS (not imported: the config loads without torch)
+        _choice(
+            "stage.loss_agg", self.loss_agg, ("token_mean", "seq_mean_token_mean", "seq_sum_norm")
+        )
         _non_negative("stage.kl_coef", self.kl_coef)
         _choice("stage.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _non_negative("stage.missing_eos_penalty", self.missing_eos_penalty)
@@ -268,6 +290,27 @@ class RlooConfig(OnlineConfig):
         super().__post_init__()
         _check(
             self.group_size >= 2, f"stage.group_size must be >= 2 for rloo, got {self.group_size}"
+        )
+
+
+@dataclass
+class ReinforceConfig(OnlineConfig):
+    name: str = "reinforce"
+    """REINFORCE with a baseline: A = R - b, R penalised by the sequence KL (as rloo)."""
+    baseline: str = "moving"
+    """moving: a running mean of past rewards (baseline_decay); batch: the batch's mean."""
+    baseline_decay: float = 0.9
+    """With baseline=moving: b <- decay b + (1 - decay) mean(R) after each batch."""
+    minibatch_size: int = 1024
+    """Sequences per optimizer update (capped at the rollout batch: one update per rollout,
+    so the loss is plain REINFORCE)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("stage.baseline", self.baseline, ("moving", "batch"))
+        _check(
+            0 <= self.baseline_decay < 1,
+            f"stage.baseline_decay must be in [0, 1), got {self.baseline_decay}",
         )
 
 
@@ -719,6 +762,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="ppo_schema", node=PpoConfig)
     cs.store(group="stage", name="grpo_schema", node=GrpoConfig)
     cs.store(group="stage", name="rloo_schema", node=RlooConfig)
+    cs.store(group="stage", name="reinforce_schema", node=ReinforceConfig)
     cs.store(group="stage", name="rs_schema", node=RsConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
@@ -735,6 +779,7 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "ppo": PpoConfig,
     "grpo": GrpoConfig,
     "rloo": RlooConfig,
+    "reinforce": ReinforceConfig,
     "rs": RsConfig,
 }
 GROUP_SCHEMAS: dict[str, type] = {

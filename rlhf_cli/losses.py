@@ -293,18 +293,31 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` with mean and (biased) variance over the mask.
 
     ``shift_mean=False`` adds the mean back (scale only), as PPO does for rewards.
-    Positions outside the mask are set to 0.
+    Positions outside the mask are set to 0. ``all_reduce`` (a sum over processes) makes the
+    moments those of every rank's batch together, so N ranks whiten as one process would.
     """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    keep = mask.bool()
+    values = torch.where(keep, x, 0.0).double()
+    moments = torch.stack([keep.sum().double(), values.sum(), (values**2).sum()])
+    if all_reduce is not None:
+        moments = all_reduce(moments)
+    count = moments[0].clamp(min=1)
+    mean = moments[1] / count
+    var = (moments[2] / count - mean**2).clamp(min=0)
+    whitened = (x.double() - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, 0.0)
+    return torch.where(keep, whitened.to(x.dtype), 0.0)
 
 
 @torch.no_grad()
@@ -373,30 +386,94 @@ def group_advantages(
     return GROUP_ADVANTAGES[kind](grouped, eps).reshape(rewards.shape)
 
 
-def clipped_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+def policy_token_losses(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    importance_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate ``mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps)))``.
+    """Per-token PPO clipped surrogate ``max(-A ratio, -A clip(ratio, 1-eps, 1+eps_high))``.
 
-    ``ratio = exp(logp - old_logp)``; the mean runs over every masked-in token of the
-    batch. ``advantages`` is per token (B, T) or per sequence (B,), broadcast over T.
-    Returns ``(loss, stats)``; stats holds detached ``clipfrac`` (share of tokens where
-    the clipped term is active, i.e. gets no gradient) and ``approx_kl``
-    (``0.5 (logp - old_logp)^2``).
+    ``ratio = exp(logp - old_logp)`` per token, or with ``importance_level="sequence"``
+    (GSPO, Zheng et al. 2025) one ratio per response, ``exp`` of the mean token log-ratio
+    over the mask, clipped per response (its gradient reaches every token). ``clip_eps_high``
+    (DAPO's clip-higher) defaults to ``clip_eps``. ``advantages`` is per token (B, T) or per
+    sequence (B,). Returns ``(losses (B, T), stats)``: aggregate the losses with
+    ``aggregate_loss``. Stats (detached, means over the mask): ``clipfrac`` (share of tokens
+    whose clipped term is active, i.e. gets no gradient) and ``approx_kl``
+    (``0.5 (logp - old_logp)^2`` per token).
     """
+    if importance_level not in ("token", "sequence"):
+        raise ValueError(f"importance_level must be token or sequence, got {importance_level!r}")
     if advantages.dim() == logp.dim() - 1:
         advantages = advantages.unsqueeze(-1)
-    log_ratio = logp - old_logp.detach()
+    token_log_ratio = logp - old_logp.detach()
+    log_ratio = token_log_ratio
+    if importance_level == "sequence":
+        log_ratio = masked_mean(token_log_ratio, mask, dim=-1).unsqueeze(-1).expand_as(logp)
     ratio = torch.exp(log_ratio)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    losses = torch.maximum(unclipped, clipped)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+            "approx_kl": masked_mean(0.5 * token_log_ratio**2, mask),
         }
-    return loss, stats
+    return losses, stats
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_norm")
+
+
+def aggregate_loss(
+    losses: Tensor, mask: Tensor, mode: str, max_new_tokens: int = 1
+) -> tuple[Tensor, Tensor]:
+    """``(total, weight)``: a minibatch's loss is the sum of its pieces' totals over the sum of
+    their weights, so micro-batches and ranks add up to the big-batch loss in every mode.
+
+    - ``token_mean`` (DAPO): every token of the minibatch counts once: sum / tokens.
+    - ``seq_mean_token_mean`` (GRPO as published): each response's token mean, averaged
+      over responses.
+    - ``seq_sum_norm`` (Dr. GRPO): sum / (responses x max_new_tokens), a constant divisor.
+
+    Responses without a masked-in token (all masked out) count in no weight.
+    """
+    keep = mask.bool()
+    masked = torch.where(keep, losses, 0.0)
+    tokens = keep.sum(-1)
+    responses = (tokens > 0).sum()
+    if mode == "token_mean":
+        return masked.sum(), tokens.sum()
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(-1) / tokens.clamp(min=1)).sum(), responses
+    if mode == "seq_sum_norm":
+        return masked.sum(), responses * max_new_tokens
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+
+
+def clipped_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    importance_level: str = "token",
+    loss_agg: str = "token_mean",
+    max_new_tokens: int = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped surrogate of one whole minibatch: ``policy_token_losses`` aggregated by
+    ``aggregate_loss`` (by default the mean over every masked-in token)."""
+    losses, stats = policy_token_losses(
+        logp, old_logp, advantages, mask, clip_eps, clip_eps_high, importance_level
+    )
+    total, weight = aggregate_loss(losses, mask, loss_agg, max_new_tokens)
+    return total / weight.clamp(min=1), stats
 
 
 def clipped_value_loss(

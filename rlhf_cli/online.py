@@ -22,7 +22,13 @@ import torch
 from rlhf_cli import distributed as dist
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, Updater
-from rlhf_cli.losses import adaptive_kl_coef, clipped_policy_loss, kl_penalty, masked_mean
+from rlhf_cli.losses import (
+    adaptive_kl_coef,
+    aggregate_loss,
+    kl_penalty,
+    masked_mean,
+    policy_token_losses,
+)
 from rlhf_cli.models import (
     ScalarHead,
     adapter_switched,
@@ -314,9 +320,11 @@ class OnlineStage(Sampler, Stage):
         """Stage-specific: fill `old` with "advantages" (B,) or (B, R) (and "returns")."""
         raise NotImplementedError
 
-    def extra_loss(self, logps, values, mb: dict, mask) -> tuple[torch.Tensor, dict]:
-        """Stage-specific loss terms beside the clipped policy loss (value loss, KL)."""
-        return torch.zeros((), device=self.device), {}
+    def extra_loss(self, logps, values, mb: dict, mask) -> tuple[torch.Tensor | None, dict]:
+        """Stage-specific loss terms beside the clipped policy loss: per-token terms (B, R)
+        added to the policy's token losses and aggregated with them (GRPO's KL), or a scalar
+        (a token mean over the micro-batch: PPO's value loss), and their metrics."""
+        return None, {}
 
     def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
         s = self.cfg.stage
@@ -345,6 +353,9 @@ class OnlineStage(Sampler, Stage):
         seq_kl = kl_tokens.sum(-1)
 
         self.model.train()  # dropout is off (__init__); gradient checkpointing applies
+        # The tokens the policy loss sees: all response tokens, or (mask_truncated) those of
+        # responses that ended with EOS.
+        loss_mask = mask & rollout.ended.unsqueeze(-1) if s.mask_truncated else mask
         stats: dict[str, float] = {}
         # Token-weighted update metrics: each rank adds its share of the global minibatch's
         # tokens, so they are summed over ranks (not averaged) below.
@@ -356,26 +367,44 @@ class OnlineStage(Sampler, Stage):
             order = torch.randperm(n)
             for start in range(0, n, self.local_minibatch):
                 mb_idx = order[start : start + self.local_minibatch]
-                # Token-weighted over the global minibatch: every rank's tokens count.
-                mb_tokens = dist.all_reduce_sum(mask[mb_idx].sum().float()).clamp(min=1)
+                # The minibatch's divisors over every rank: the policy loss's weight (tokens,
+                # responses, or responses x max_new_tokens: stage.loss_agg) and its tokens.
+                local = [
+                    aggregate_loss(
+                        loss_mask[mb_idx].float(), loss_mask[mb_idx], s.loss_agg, s.max_new_tokens
+                    )[1],
+                    mask[mb_idx].sum(),
+                ]
+                mb_weight, mb_tokens = dist.all_reduce_sum(torch.stack(local).float()).clamp(min=1)
                 total = torch.zeros((), device=self.device)
                 for m0 in range(0, len(mb_idx), self.cfg.train.micro_batch_size):
                     idx = mb_idx[m0 : m0 + self.cfg.train.micro_batch_size].to(self.device)
-                    m = mask[idx]
+                    m, lm = mask[idx], loss_mask[idx]
                     with autocast(self.amp_dtype, self.device):
                         logps, values, logits = self.forward(
                             self.model, rollout.select(idx), rollout.prompt_len, with_values=True
                         )
                     adv = old["advantages"][idx]
-                    policy_loss, pstats = clipped_policy_loss(
-                        logps, old_logps[idx], adv, m, s.clip_eps
+                    token_losses, pstats = policy_token_losses(
+                        logps,
+                        old_logps[idx],
+                        adv,
+                        lm,
+                        s.clip_eps,
+                        s.clip_eps_high,
+                        s.importance_level,
                     )
                     mb = {k: v[idx] for k, v in old.items() if torch.is_tensor(v)}
                     extra, estats = self.extra_loss(logps, values, mb, m)
-                    loss = policy_loss + extra
                     share = m.sum() / mb_tokens
-                    (loss * share).backward()
-                    total += loss.detach() * share
+                    if extra is not None and extra.dim() == 2:  # per token: aggregated alike
+                        token_losses, extra = token_losses + extra, None
+                    policy_total, _ = aggregate_loss(token_losses, lm, s.loss_agg, s.max_new_tokens)
+                    loss = policy_total / mb_weight
+                    if extra is not None:  # a token mean: weighted by the micro-batch's tokens
+                        loss = loss + extra * share
+                    loss.backward()
+                    total += loss.detach()
                     if first:  # KL 0 / ratio 1 before any update: a check that is cheap here
                         with torch.no_grad():
                             ratio = masked_mean(torch.exp(logps - old_logps[idx]), m)
@@ -413,6 +442,8 @@ class OnlineStage(Sampler, Stage):
             "kl_coef": self.kl_coef,
             "response_length": float(lengths.mean()),
             "eos_fraction": float(rollout.ended.float().mean()),
+            # Groups whose responses all scored the same: zero advantage, nothing learned.
+            "zero_std_groups": float(zero_std_fraction(score, s.group_size)),
             "gen_tokens_per_s": float(lengths.sum()) / max(self.gen_seconds, 1e-9),
             "rollout_s": self.gen_seconds,
             "step_s": time.perf_counter() - t0,
@@ -447,6 +478,15 @@ class OnlineStage(Sampler, Stage):
         merged = [sum((p[i] for p in parts), []) for i in range(3)]
         names = ("score", "kl", "response_length")
         return {name: sum(v) / max(len(v), 1) for name, v in zip(names, merged)}
+
+
+def zero_std_fraction(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The share of groups (group_size consecutive responses of one prompt) whose scores are
+    all equal; 0 without groups (group_size 1)."""
+    if group_size < 2:
+        return torch.zeros(())
+    groups = scores.reshape(-1, group_size)
+    return (groups.amax(-1) == groups.amin(-1)).float().mean()
 
 
 def over_ranks(averaged: dict[str, float], summed: dict[str, float]) -> dict[str, float]:

@@ -52,7 +52,7 @@ def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("peft", "full"):
         overrides.append("quant=none")  # full fine-tuning of a 4-bit base is refused by design
-    if group == "stage" and option in ("ppo", "grpo", "rloo", "rs"):
+    if group == "stage" and option in ("ppo", "grpo", "rloo", "reinforce", "rs"):
         overrides.append("reward.fn=rlhf_cli.rewards:char_fraction")  # sampling stages need one
     cfg = compose(*overrides)
     assert isinstance(cfg, C.Config)

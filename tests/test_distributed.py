@@ -82,12 +82,16 @@ def test_two_rank_grpo_matches_one_rank(tmp_path):
     assert [p.name for p in ckpt_lib.list_checkpoints(tmp_path / "two")] == ["step-000002"]
 
 
-def test_two_rank_ppo_update_metrics_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_two_rank_ppo_update_metrics_equal_one_rank(tmp_path, loss_agg):
     """Near-greedy sampling (temperature 1e-3) makes the rollouts the same however the prompts
     are split, so the update metrics must agree: each rank adds its token share of the global
-    minibatch, and the shares are summed over ranks (averaging them halved the value loss)."""
+    minibatch, and the shares are summed over ranks (averaging them halved the value loss).
+    The loss and gradient norm agree in every stage.loss_agg: each rank divides by the weight
+    of the global minibatch."""
     common = (
         "stage=ppo",
+        f"stage.loss_agg={loss_agg}",
         "reward.fn=rlhf_cli.rewards:char_fraction",
         "quant=none",
         "data.eval_size=0",
@@ -104,7 +108,14 @@ def test_two_rank_ppo_update_metrics_equal_one_rank(tmp_path):
     assert one["value/loss"] > 1e-3
     # Log-probs at temperature 1e-3 magnify float summation-order noise (0.2% seen on the
     # approximate KL of the second epoch); a metric averaged instead of summed is off by 2x.
-    for key in ("value/loss", "policy/clipfrac", "policy/approx_kl", "value/clipfrac"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "value/loss",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "value/clipfrac",
+    ):
         assert two[key] == pytest.approx(one[key], rel=2e-2, abs=1e-7), key
 
 

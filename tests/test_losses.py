@@ -517,3 +517,65 @@ def test_simpo_by_hand():
     _close(L.simpo_loss(torch.tensor([-0.7]), torch.tensor([-0.7]), beta=2.0, gamma=0.0), [LOG2])
     with pytest.raises(ValueError, match="beta"):
         L.simpo_loss(torch.tensor([0.0]), torch.tensor([0.0]), beta=0.0, gamma=0.0)
+
+
+def test_loss_aggregations_by_hand():
+    """Token losses [1, 2, 3] (3 tokens) and [6] (1 token), max_new_tokens 4; NaN where
+    masked out must not leak in.
+    token_mean: (1 + 2 + 3 + 6) / 4 = 3; seq_mean_token_mean: (2 + 6) / 2 = 4;
+    seq_sum_norm: 12 / (2 x 4) = 1.5. Split in two micro-batches, totals and weights add up."""
+    nan = float("nan")
+    losses = torch.tensor([[1.0, 2.0, 3.0, nan], [6.0, nan, nan, nan]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    expected = {"token_mean": 3.0, "seq_mean_token_mean": 4.0, "seq_sum_norm": 1.5}
+    for mode, value in expected.items():
+        total, weight = L.aggregate_loss(losses, mask, mode, max_new_tokens=4)
+        _close(total / weight, value)
+        parts = [L.aggregate_loss(losses[i : i + 1], mask[i : i + 1], mode, 4) for i in (0, 1)]
+        _close(sum(t for t, _ in parts) / sum(w for _, w in parts), value)
+    with pytest.raises(ValueError, match="loss aggregation"):
+        L.aggregate_loss(losses, mask, "mean")
+
+
+def test_clip_higher_widens_only_the_upper_range():
+    """A = 1, ratio 1.25: clip_eps 0.2 clips it at 1.2 (loss -1.2, no gradient); with
+    clip_eps_high 0.28 it is inside (loss -1.25, gradient -1.25). A = -1, ratio 0.75: the
+    lower range (0.8) clips it either way (loss max(0.75, 0.8) = 0.8, no gradient)."""
+    for high, loss, grad in ((None, -1.2, 0.0), (0.28, -1.25, -1.25)):
+        logp = torch.tensor([[math.log(1.25)]], requires_grad=True)
+        out, stats = L.clipped_policy_loss(
+            logp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1), 0.2, high
+        )
+        _close(out, loss)
+        out.backward()
+        _close(logp.grad, [[grad]])
+        _close(stats["clipfrac"], 1.0 if high is None else 0.0)
+    logp = torch.tensor([[math.log(0.75)]], requires_grad=True)
+    out, _ = L.clipped_policy_loss(
+        logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), 0.2, 0.28
+    )
+    _close(out, 0.8)
+    out.backward()
+    _close(logp.grad, [[0.0]])
+
+
+def test_sequence_level_importance_ratio_gspo():
+    """Token ratios 1.1 and 0.9 (A = 1, one response): GSPO's ratio is exp(mean log ratio) =
+    sqrt(0.99) for both tokens, so each token's gradient is -sqrt(0.99) / 2 (token level:
+    -1.1 / 2 and -0.9 / 2). Token ratios 1.5 and 1.0: sqrt(1.5) = 1.2247 > 1.2, clipped per
+    response: loss -1.2 and no gradient to either token (token level would clip one)."""
+    old = torch.zeros(1, 2)
+    one = torch.ones(1, 2)
+    logp = torch.log(torch.tensor([[1.1, 0.9]])).requires_grad_()
+    out, _ = L.clipped_policy_loss(logp, old, torch.tensor([1.0]), one, 0.2, None, "sequence")
+    _close(out, -math.sqrt(0.99))
+    out.backward()
+    _close(logp.grad, [[-math.sqrt(0.99) / 2] * 2])
+    logp = torch.log(torch.tensor([[1.5, 1.0]])).requires_grad_()
+    out, stats = L.clipped_policy_loss(logp, old, torch.tensor([1.0]), one, 0.2, None, "sequence")
+    _close(out, -1.2)
+    out.backward()
+    _close(logp.grad, [[0.0, 0.0]])
+    _close(stats["clipfrac"], 1.0)
+    token, _ = L.clipped_policy_loss(logp.detach(), old, torch.tensor([1.0]), one, 0.2)
+    _close(token, (-1.2 - 1.0) / 2)

@@ -66,10 +66,13 @@ def test_prompts_go_through_the_chat_template(tokenizer):
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "rs"])
+@pytest.mark.parametrize(
+    "stage", ["sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "reinforce", "rs"]
+)
 def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
     steps = 2 if quant == "none" else 1
-    extra = ONLINE if stage in ("ppo", "grpo", "rloo") else ("train.micro_batch_size=2",)
+    online = ("ppo", "grpo", "rloo", "reinforce")
+    extra = ONLINE if stage in online else ("train.micro_batch_size=2",)
     if stage == "rs":  # a round of 2 prompts x 2 samples, the best of each kept: one step
         extra = (*ONLINE[:2], ONLINE[3], "stage.n=2", "stage.prompts_per_round=2")  # no group_size
         extra += (f"stage.rounds={steps}", "train.micro_batch_size=2")
@@ -84,7 +87,7 @@ def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
         assert first["loss"] == pytest.approx(0.5, abs=1e-5)
     if stage == "rm":  # a zero-initialised head scores everything 0
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    if stage in ("ppo", "grpo", "rloo"):
+    if stage in online:
         assert first["kl"] == pytest.approx(0.0, abs=1e-5)
         assert first["policy/ratio_first"] == pytest.approx(1.0, abs=1e-4)
     if stage == "rs":  # the kept answers of the round file are what the step trained on

@@ -12,6 +12,7 @@ STAGES = {
     "ppo": "rlhf_cli.stages.ppo:PPOStage",
     "grpo": "rlhf_cli.stages.grpo:GRPOStage",
     "rloo": "rlhf_cli.stages.rloo:RLOOStage",
+    "reinforce": "rlhf_cli.stages.reinforce:ReinforceStage",
     "rs": "rlhf_cli.stages.rs:RSStage",
 }
 

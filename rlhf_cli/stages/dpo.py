@@ -153,7 +153,9 @@ class DPOStage(Stage):
         torch.save({"key": key, "logps": values}, cache)
         dist.barrier()
         self._attach(everything, values)
-        console.print(f"{self.name}: reference log-probs precomputed for {len(values)} examples -> {cache}")
+        console.print(
+            f"{self.name}: reference log-probs precomputed for {len(values)} examples -> {cache}"
+        )
 
     @staticmethod
     def _attach(examples: list, values: list[list[float]]) -> None:

@@ -2,8 +2,9 @@
 
 K responses per prompt, one score each; the advantage of a response is its score normalised
 within its group, (R - mean) / (std + eps) (or R - mean with stage.scale_rewards=false), the
-same for all its tokens. No value model. The KL to the reference (k3) is a loss term, not a
-reward penalty.
+same for all its tokens. No value model. The KL to the reference (k3) is a per-token loss term,
+not a reward penalty, averaged with the policy loss (stage.loss_agg: token_mean by default, as
+DAPO; seq_mean_token_mean as published; seq_sum_norm with scale_rewards=false is Dr. GRPO).
 """
 
 from __future__ import annotations
@@ -21,5 +22,6 @@ class GRPOStage(OnlineStage):
         old["advantages"] = group_advantages(rewards.float(), s.group_size, kind=kind)
 
     def extra_loss(self, logps, values, mb: dict, mask):
-        kl = masked_mean(kl_penalty(logps, mb["ref_logps"], self.cfg.stage.kl_estimator), mask)
-        return self.kl_coef * kl, {"policy/kl_loss": kl.detach()}
+        # Per token, added to the policy's token losses: aggregated as stage.loss_agg says.
+        kl = kl_penalty(logps, mb["ref_logps"], self.cfg.stage.kl_estimator)
+        return self.kl_coef * kl, {"policy/kl_loss": masked_mean(kl, mask).detach()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_cli import distributed as dist
 from rlhf_cli.losses import (
     clipped_value_loss,
     gae_advantages,
@@ -42,7 +43,9 @@ class PPOStage(OnlineStage):
         per_token[torch.arange(len(last)), last] += rewards
         values = old["values"].float() * mask
         adv, returns = gae_advantages(per_token, values, mask, s.gamma, s.gae_lambda)
-        old["advantages"] = masked_whiten(adv, mask) if s.whiten_advantages else adv
+        if s.whiten_advantages:  # over the whole rollout batch, every rank's share included
+            adv = masked_whiten(adv, mask, all_reduce=dist.all_reduce_sum)
+        old["advantages"] = adv
         old["returns"] = returns
         self.last_explained_variance = explained_variance(values, returns, mask)
 
