@@ -30,8 +30,9 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo.py --seeds $(SEEDS)
 
 # Learning on a real model (README: "Learning on it"): SmolLM2-135M-Instruct taught to answer in
-# at most 20 words by DPO on its own samples, by GRPO, and a reward model; about 60 minutes on a
-# 2-core CPU for 3 seeds. Writes runs/demo-real/results.md.
+# at most 20 words by DPO and KTO on its own samples, by GRPO, by rejection sampling, and a reward
+# model; about 100 minutes on a quiet 2-core CPU for 3 seeds (an estimate: 60 before KTO and
+# rejection sampling were added). Writes runs/demo-real/results.md.
 demo-real: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_real.py --seeds $(SEEDS)
 

@@ -48,8 +48,10 @@ def test_first_step_kl_is_zero_and_ratio_is_one(tmp_path, stage):
 
 
 LEARN = {
+    # lr 2e-3 learned too little on some seeds (+0.04 on seed 1); 5e-3 gives +0.16 to +0.39
+    # over seeds 1-3.
     "ppo": (
-        "optim.lr=2e-3",
+        "optim.lr=5e-3",
         "stage.epochs=2",
         "stage.normalize_rewards=true",
         "stage.kl_coef=0.01",
