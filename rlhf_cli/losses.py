@@ -445,14 +445,23 @@ def aggregate_loss(
     """
     keep = mask.bool()
     masked = torch.where(keep, losses, 0.0)
-    tokens = keep.sum(-1)
-    responses = (tokens > 0).sum()
-    if mode == "token_mean":
-        return masked.sum(), tokens.sum()
+    weight = aggregate_weight(mask, mode, max_new_tokens)
     if mode == "seq_mean_token_mean":
-        return (masked.sum(-1) / tokens.clamp(min=1)).sum(), responses
+        return (masked.sum(-1) / keep.sum(-1).clamp(min=1)).sum(), weight
+    return masked.sum(), weight
+
+
+def aggregate_weight(mask: Tensor, mode: str, max_new_tokens: int = 1) -> Tensor:
+    """The weight ``aggregate_loss`` gives a (B, T) mask: its tokens (token_mean), its
+    responses with a masked-in token (seq_mean_token_mean), or those x max_new_tokens
+    (seq_sum_norm)."""
+    tokens = mask.bool().sum(-1)
+    if mode == "token_mean":
+        return tokens.sum()
+    if mode == "seq_mean_token_mean":
+        return (tokens > 0).sum()
     if mode == "seq_sum_norm":
-        return masked.sum(), responses * max_new_tokens
+        return (tokens > 0).sum() * max_new_tokens
     raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
 
 

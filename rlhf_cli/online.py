@@ -25,6 +25,7 @@ from rlhf_cli.loop import Stage, Updater
 from rlhf_cli.losses import (
     adaptive_kl_coef,
     aggregate_loss,
+    aggregate_weight,
     kl_penalty,
     masked_mean,
     policy_token_losses,
@@ -370,9 +371,7 @@ class OnlineStage(Sampler, Stage):
                 # The minibatch's divisors over every rank: the policy loss's weight (tokens,
                 # responses, or responses x max_new_tokens: stage.loss_agg) and its tokens.
                 local = [
-                    aggregate_loss(
-                        loss_mask[mb_idx].float(), loss_mask[mb_idx], s.loss_agg, s.max_new_tokens
-                    )[1],
+                    aggregate_weight(loss_mask[mb_idx], s.loss_agg, s.max_new_tokens),
                     mask[mb_idx].sum(),
                 ]
                 mb_weight, mb_tokens = dist.all_reduce_sum(torch.stack(local).float()).clamp(min=1)
@@ -473,11 +472,16 @@ class OnlineStage(Sampler, Stage):
             scores.append(self.scores(rollout))
             kls.append((kl_penalty(logps, ref, "k1") * rollout.mask).sum(-1))
             lengths.append(rollout.mask.sum(-1).float())
-        mine = [torch.cat(x).tolist() if x else [] for x in (scores, kls, lengths)]
-        parts = dist.gather_objects(mine)
-        merged = [sum((p[i] for p in parts), []) for i in range(3)]
-        names = ("score", "kl", "response_length")
-        return {name: sum(v) / max(len(v), 1) for name, v in zip(names, merged)}
+        columns = ("score", scores), ("kl", kls), ("response_length", lengths)
+        return pooled_means({k: torch.cat(x).tolist() if x else [] for k, x in columns})
+
+
+def pooled_means(columns: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each column over the values of every rank (each rank holds a share of an
+    evaluation's samples; every rank gets the means)."""
+    parts = dist.gather_objects(columns)
+    pooled = {k: [float(v) for part in parts for v in part[k]] for k in columns}
+    return {k: sum(v) / max(len(v), 1) for k, v in pooled.items()}
 
 
 def zero_std_fraction(scores: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from rlhf_cli.data import IGNORE_INDEX, SFTExample
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Position, StopRequested, epoch_order
 from rlhf_cli.models import eval_mode, generation_config
-from rlhf_cli.online import Sampler
+from rlhf_cli.online import Sampler, pooled_means
 from rlhf_cli.progress import console
 from rlhf_cli.stages.sft import SFTStage
 
@@ -335,7 +335,6 @@ class RSStage(Sampler, SFTStage):
                 scores += self.scores(rollout).tolist()
                 lengths += rollout.mask.sum(-1).tolist()
                 ended += rollout.ended.tolist()
-        parts = dist.gather_objects([scores, lengths, ended])
-        merged = [sum((p[i] for p in parts), []) for i in range(3)]
-        names = ("greedy_score", "response_length", "eos_fraction")
-        return {name: sum(map(float, v)) / max(len(v), 1) for name, v in zip(names, merged)}
+        return pooled_means(
+            {"greedy_score": scores, "response_length": lengths, "eos_fraction": ended}
+        )
