@@ -149,19 +149,37 @@ REFERENCE_FREE = ("orpo", "simpo")  # DPO-stage losses without a reference polic
 
 
 @dataclass
-class OnlineConfig(StageConfig):
+class SamplingConfig(StageConfig):
+    """How the stages that sample their own data (online stages, rs) generate and score."""
+
+    max_new_tokens: int = 32
+    """Longest sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature (the online stages compute log-probs at the same temperature; rs
+    evaluates greedily)."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 samples the full distribution."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response that never emits EOS (rs: before selecting)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_new_tokens >= 1,
+            f"stage.max_new_tokens must be >= 1, got {self.max_new_tokens}",
+        )
+        _positive("stage.temperature", self.temperature)
+        _check(0 < self.top_p <= 1, f"stage.top_p must be in (0, 1], got {self.top_p}")
+        _non_negative("stage.missing_eos_penalty", self.missing_eos_penalty)
+
+
+@dataclass
+class OnlineConfig(SamplingConfig):
     """What the online stages (ppo, grpo, rloo) share: rollouts, clipping, the KL to the reference."""
 
     rollout_batch_size: int = 16
     """Prompts per step; each gets group_size sampled responses."""
     group_size: int = 1
     """Responses sampled per prompt (the group of GRPO/RLOO; >= 2 there)."""
-    max_new_tokens: int = 32
-    """Longest sampled response."""
-    temperature: float = 1.0
-    """Sampling temperature (log-probs are computed at the same temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling; 1.0 samples the full distribution."""
     epochs: int = 1
     """Optimisation passes over each rollout batch."""
     minibatch_size: int = 16
@@ -185,23 +203,14 @@ class OnlineConfig(StageConfig):
     """Weight of the KL to the reference (in the reward for ppo/rloo, in the loss for grpo)."""
     kl_estimator: str = "k1"
     """Per-token KL estimator: k1 = log pi - log ref, k2, or k3 (non-negative, low variance)."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the score of a response that never emits EOS."""
     normalize_rewards: bool = False
     """Standardise scores with running mean/std before computing advantages."""
 
     def __post_init__(self) -> None:
-        for key in (
-            "rollout_batch_size",
-            "group_size",
-            "max_new_tokens",
-            "epochs",
-            "minibatch_size",
-        ):
+        super().__post_init__()
+        for key in ("rollout_batch_size", "group_size", "epochs", "minibatch_size"):
             value = getattr(self, key)
             _check(value >= 1, f"stage.{key} must be >= 1, got {value}")
-        _positive("stage.temperature", self.temperature)
-        _check(0 < self.top_p <= 1, f"stage.top_p must be in (0, 1], got {self.top_p}")
         _check(0 < self.clip_eps < 1, f"stage.clip_eps must be in (0, 1), got {self.clip_eps}")
         _check(
             self.clip_eps_high is None or self.clip_eps_high >= self.clip_eps,
@@ -215,7 +224,6 @@ class OnlineConfig(StageConfig):
         )
         _non_negative("stage.kl_coef", self.kl_coef)
         _choice("stage.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        _non_negative("stage.missing_eos_penalty", self.missing_eos_penalty)
 
 
 @dataclass
@@ -315,7 +323,7 @@ class ReinforceConfig(OnlineConfig):
 
 
 @dataclass
-class RsConfig(StageConfig):
+class RsConfig(SamplingConfig):
     name: str = "rs"
     """Rejection sampling (best-of-n, the Llama 2 recipe): each round samples n completions per
     prompt from the current policy, scores them (reward.model or reward.fn), keeps the best,
@@ -337,17 +345,10 @@ class RsConfig(StageConfig):
     """SFT passes over the kept completions in each round."""
     rollout_batch_size: int = 16
     """Prompts per generation batch (each with n completions); the unit of mid-round resume."""
-    max_new_tokens: int = 32
-    """Longest sampled completion."""
-    temperature: float = 1.0
-    """Sampling temperature (evaluation samples greedily)."""
-    top_p: float = 1.0
-    """Nucleus sampling; 1.0 samples the full distribution."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the score of a completion that never emits EOS before selecting."""
 
     def __post_init__(self) -> None:
-        for key in ("n", "rounds", "epochs", "rollout_batch_size", "max_new_tokens"):
+        super().__post_init__()
+        for key in ("n", "rounds", "epochs", "rollout_batch_size"):
             value = getattr(self, key)
             _check(value >= 1, f"stage.{key} must be >= 1, got {value}")
         _check(
@@ -359,12 +360,6 @@ class RsConfig(StageConfig):
             0 < self.top_fraction <= 1,
             f"stage.top_fraction must be in (0, 1], got {self.top_fraction}",
         )
-        _positive("stage.temperature", self.temperature)
-        _check(0 < self.top_p <= 1, f"stage.top_p must be in (0, 1], got {self.top_p}")
-        _non_negative("stage.missing_eos_penalty", self.missing_eos_penalty)
-
-
-SAMPLING_STAGES = (OnlineConfig, RsConfig)  # stages that sample and score their own data
 
 
 @dataclass
@@ -725,7 +720,7 @@ class Config:
                 f"use dist.strategy=ddp), got quant.mode={self.quant.mode}",
             )
             _check(
-                not isinstance(self.stage, SAMPLING_STAGES),
+                not isinstance(self.stage, SamplingConfig),
                 f"dist.strategy=fsdp covers sft, rm, dpo and kto; stage={self.stage.name} runs with "
                 "dist.strategy=ddp",
             )
@@ -735,7 +730,7 @@ class Config:
                 f"stage.loss_type={self.stage.loss_type} uses no reference model: drop "
                 "ref.precompute / ref.model",
             )
-        if isinstance(self.stage, SAMPLING_STAGES):
+        if isinstance(self.stage, SamplingConfig):
             _check(
                 bool(self.reward.model) != bool(self.reward.fn),
                 f"stage={self.stage.name} needs exactly one reward source: reward.model=<rm run> "
