@@ -205,9 +205,26 @@ class OnlineConfig(SamplingConfig):
     """Per-token KL estimator: k1 = log pi - log ref, k2, or k3 (non-negative, low variance)."""
     normalize_rewards: bool = False
     """Standardise scores with running mean/std before computing advantages."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (nothing to learn from) and sample further
+    prompts until the batch holds rollout_batch_size groups (DAPO). Each step draws
+    rollout_batch_size x dynamic_sampling_max_tries prompts and samples them one
+    rollout_batch_size at a time; a batch still short after the last try is filled with
+    dropped groups (zero advantage), counted in dynamic/filled."""
+    dynamic_sampling_max_tries: int = 3
+    """Rollout batches one step may sample with dynamic_sampling (the bound on its cost)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(
+            self.dynamic_sampling_max_tries >= 1,
+            f"stage.dynamic_sampling_max_tries must be >= 1, got {self.dynamic_sampling_max_tries}",
+        )
+        _check(
+            not self.dynamic_sampling or self.group_size >= 2,
+            f"stage.dynamic_sampling drops groups whose rewards are all equal: it needs "
+            f"stage.group_size >= 2, got {self.group_size}",
+        )
         for key in ("rollout_batch_size", "group_size", "epochs", "minibatch_size"):
             value = getattr(self, key)
             _check(value >= 1, f"stage.{key} must be >= 1, got {value}")
@@ -369,9 +386,17 @@ class RewardConfig:
     model: str | None = None
     """A reward model trained by stage=rm (its run directory or final/)."""
     fn: str | None = None
-    """A function `package.module:function(prompts, responses, **kwargs) -> list[float]`."""
+    """A function `package.module:function(prompts, responses, **kwargs) -> list[float]`; the
+    module is imported (the current directory first) and the function run on every batch."""
+    fns: list[str] = field(default_factory=list)
+    """Several functions, summed with `weights`: reward.fns=[pkg.mod:f,pkg.mod:g]; with
+    reward.model set too, the reward model is one more term."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per term, in order: the functions (fn or fns), then reward.model; empty = 1
+    each. Each term is logged as rewards/<name> (mean and std)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for fn, added with a leading +: +reward.kwargs.chars=aeiou."""
+    """Keyword arguments of the functions, added with a leading +: +reward.kwargs.chars=aeiou
+    (each function gets those it accepts)."""
     batch_size: int = 16
     """Sequences per reward-model forward."""
 
@@ -731,14 +756,27 @@ class Config:
                 "ref.precompute / ref.model",
             )
         if isinstance(self.stage, SamplingConfig):
+            r = self.reward
             _check(
-                bool(self.reward.model) != bool(self.reward.fn),
-                f"stage={self.stage.name} needs exactly one reward source: reward.model=<rm run> "
-                "or reward.fn=package.module:function",
+                not (r.fn and r.fns),
+                "reward.fn and reward.fns both set: put every function in reward.fns",
             )
             _check(
-                self.reward.fn is None or ":" in self.reward.fn,
-                f"reward.fn={self.reward.fn!r} must look like package.module:function",
+                bool(r.model or r.fn or r.fns),
+                f"stage={self.stage.name} needs a reward: reward.model=<rm run>, "
+                "reward.fn=package.module:function or reward.fns=[...]",
+            )
+            for spec in [r.fn] if r.fn else r.fns:
+                key = "reward.fn" if r.fn else "reward.fns"
+                _check(
+                    isinstance(spec, str) and ":" in spec,
+                    f"{key}: {spec!r} must look like package.module:function",
+                )
+            terms = len(r.fns) + bool(r.fn) + bool(r.model)
+            _check(
+                not r.weights or len(r.weights) == terms,
+                f"reward.weights has {len(r.weights)} values for {terms} reward terms (the "
+                "functions, then reward.model): give one per term, or none for 1 each",
             )
         _check(
             not (self.peft.method == "full" and self.model.adapter),

@@ -17,6 +17,10 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. the loss stayed non-finite)."""
 
 
+class RewardError(UserError):
+    """A reward function raised, or returned the wrong number of scores."""
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved. `code` is the exit status."""
 

@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, OptimConfig
-from rlhf_cli.errors import Interrupted, TrainingError, UserError
+from rlhf_cli.errors import Interrupted, RewardError, TrainingError, UserError
 from rlhf_cli.models import autocast, eval_mode
 from rlhf_cli.progress import Reporter
 
@@ -409,16 +409,32 @@ def train(
             128 + signum,
         )
 
+    def reward_failed(err: RewardError) -> UserError:
+        path = save()
+        return UserError(
+            f"{err} (checkpoint {path} at step {pos.step}/{total}: fix the function, then "
+            f"rlhf train ... run_dir={run_dir} resume=auto)"
+        )
+
     stage.resumed = resume_from is not None
     with reporter as report, StopFlag() as stop:
         stage.stop_requested = lambda: bool(stop.signum)
         while pos.step < total:
             step_t0 = time.perf_counter()
+            before = replace(pos), ckpt_lib.rng_state()
             try:
                 examples = stage.step_examples(train_examples, pos)
             except StopRequested:  # a signal during the stage's own long work (sampling)
                 raise interrupted(stop.signum or signal.SIGINT) from None
-            record, tokens = stage.train_step(examples, updater)
+            except RewardError as err:  # rs: its sampling resumes from the saved batches
+                raise reward_failed(err) from None
+            try:
+                record, tokens = stage.train_step(examples, updater)
+            except RewardError as err:  # before any update: the step starts again on resume
+                for key, value in asdict(before[0]).items():
+                    setattr(pos, key, value)
+                ckpt_lib.set_rng_state(before[1])
+                raise reward_failed(err) from None
             pos.step += 1
             pos.tokens += tokens
             elapsed = time.perf_counter() - step_t0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import distributed as dist
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import RewardError, UserError
 from rlhf_cli.loop import Stage, Updater
 from rlhf_cli.losses import (
     adaptive_kl_coef,
@@ -46,7 +46,7 @@ from rlhf_cli.models import (
     setup_reference,
 )
 from rlhf_cli.progress import console
-from rlhf_cli.rewards import load_reward_fn
+from rlhf_cli.rewards import call_reward_fn, reward_terms
 
 REWARD_ADAPTER = "reward"
 
@@ -86,6 +86,8 @@ class RunningMoments:
             [torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device), x.sum(), (x**2).sum()]
         )
         count, total, squares = dist.all_reduce_sum(sums).tolist()
+        if count == 0:  # every reward of the step was non-finite
+            return
         n, mean = int(count), total / count
         m2 = max(squares - count * mean**2, 0.0)
         delta, total = mean - self.mean, self.count + n
@@ -123,7 +125,12 @@ class Sampler:
         from rlhf_cli.stages.rm import HEAD, load_reward_model
 
         r = self.cfg.reward
-        self.reward_fn = load_reward_fn(r.fn) if r.fn else None
+        self.reward_terms = reward_terms(r)
+        if len(self.reward_terms) > 1:
+            console.print(
+                f"{self.name}: reward = "
+                + " + ".join(f"{t.weight:g} x {t.name}" for t in self.reward_terms)
+            )
         self.reward_model = self.reward_head = self.reward_tokenizer = None
         self.reward_adapter: str | None = None
         if r.model is None:
@@ -159,18 +166,29 @@ class Sampler:
             console.print(f"{self.name}: reward model {found} loaded separately (another base)")
 
     @torch.no_grad()
+    def score_terms(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Each reward term's (B,) scores, unweighted, by name."""
+        texts = None
+        out = {}
+        for term in self.reward_terms:
+            if term.fn is None:
+                out[term.name] = self._model_scores(rollout).float()
+                continue
+            if texts is None:
+                texts = [
+                    self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses
+                ]
+            values = call_reward_fn(term, rollout.prompt_texts, texts)
+            out[term.name] = torch.tensor(values, device=self.device)
+        return out
+
+    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) the weighted sum of the terms."""
+        return sum(t.weight * terms[t.name] for t in self.reward_terms)
+
     def scores(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) one score per response."""
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses]
-        if self.reward_fn is not None:
-            values = self.reward_fn(rollout.prompt_texts, texts, **dict(self.cfg.reward.kwargs))
-            if len(values) != len(texts):
-                raise UserError(
-                    f"reward.fn={self.cfg.reward.fn} returned {len(values)} scores for "
-                    f"{len(texts)} responses"
-                )
-            return torch.tensor([float(v) for v in values], device=self.device)
-        return self._model_scores(rollout)
+        """(B,) one score per response: the weighted sum of the reward terms."""
+        return self.combine(self.score_terms(rollout))
 
     def _model_scores(self, rollout: Rollout) -> torch.Tensor:
         from rlhf_cli.stages.rm import score_examples, scoring_examples
@@ -299,7 +317,9 @@ class OnlineStage(Sampler, Stage):
     # -- the step ----------------------------------------------------------------------------
 
     def examples_per_step(self) -> int:
-        return self.cfg.stage.rollout_batch_size
+        """rollout_batch_size prompts; with dynamic sampling, that many for each try."""
+        s = self.cfg.stage
+        return s.rollout_batch_size * (s.dynamic_sampling_max_tries if s.dynamic_sampling else 1)
 
     def updates_per_step(self) -> int:
         s = self.cfg.stage
@@ -327,21 +347,103 @@ class OnlineStage(Sampler, Stage):
         (a token mean over the micro-batch: PPO's value loss), and their metrics."""
         return None, {}
 
+    def sample(self, examples: list) -> tuple[Rollout, dict[str, torch.Tensor], dict[str, float]]:
+        """This rank's rollout of the step, its reward terms, and sampling metrics.
+
+        Plain: the step's rollout_batch_size prompts (this rank's share). With
+        stage.dynamic_sampling the step's prompts come in tries of rollout_batch_size; groups
+        whose rewards are all equal are set aside and the next try sampled until this rank
+        has its share of groups; a batch still short after the last try is completed with
+        set-aside groups (dynamic/filled). Every rank makes the same number of tries (a rank
+        that is full waits), and a reward function that fails on one rank stops them all."""
+        s = self.cfg.stage
+        size, group = s.rollout_batch_size, s.group_size
+        need = size // dist.world_size()
+        parts: list[tuple[Rollout, dict[str, torch.Tensor]]] = []
+        kept: list[tuple[int, int]] = []  # (part, group) with rewards that differ
+        flat: list[tuple[int, int]] = []  # (part, group) whose rewards are all equal
+        gen_seconds, tries = 0.0, 0
+        for t in range(len(examples) // size):
+            error = None
+            if len(kept) < need:
+                try:
+                    rollout = self.rollout(dist.shard(examples[t * size : (t + 1) * size]))
+                    gen_seconds += self.gen_seconds
+                    terms = self.score_terms(rollout)
+                except RewardError as err:
+                    error = err
+                else:
+                    parts.append((rollout, terms))
+                    reward = self.reward(rollout, terms)[0]
+                    same = (
+                        zero_std(reward, group)
+                        if s.dynamic_sampling
+                        else torch.zeros(need, dtype=torch.bool)
+                    )
+                    for g, is_flat in enumerate(same.tolist()):
+                        (flat if is_flat else kept).append((len(parts) - 1, g))
+            tries += 1
+            failed, short = dist.all_reduce_sum(
+                torch.tensor([float(error is not None), float(len(kept) < need)])
+            ).tolist()
+            if failed:
+                raise error or RewardError("a reward function failed on another rank (see above)")
+            if not short:
+                break
+        picks = (kept + flat)[:need]
+        sampled = torch.cat([self.reward(r, terms)[0] for r, terms in parts])
+        metrics = {
+            "rollout_s": gen_seconds,
+            # Groups whose responses all scored the same (of every group sampled this step):
+            # zero advantage, nothing learned.
+            "zero_std_groups": float(zero_std(sampled, group).float().mean()) if group > 1 else 0.0,
+        }
+        if s.dynamic_sampling:
+            metrics["dynamic/tries"] = float(tries)
+            metrics["dynamic/filled"] = sum(p in flat for p in picks) / need
+        if len(parts) == 1 and picks == [(0, g) for g in range(need)]:
+            rollout, terms = parts[0]
+        else:
+            rollout = join_groups([r for r, _ in parts], picks, group, self.tokenizer.pad_token_id)
+            terms = {
+                name: torch.cat([parts[p][1][name][g * group : (g + 1) * group] for p, g in picks])
+                for name in parts[0][1]
+            }
+        return rollout, terms, metrics
+
+    def reward(
+        self, rollout: Rollout, terms: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) rewards: the weighted score minus the missing-EOS penalty, a non-finite one
+        replaced by the mean of its group's finite ones (of the batch's, for group_size 1);
+        and (B,) whether each was finite."""
+        reward = self.combine(terms) - self.cfg.stage.missing_eos_penalty * (~rollout.ended).float()
+        valid = torch.isfinite(reward)
+        if valid.all():
+            return reward, valid
+        size = self.cfg.stage.group_size if self.cfg.stage.group_size > 1 else reward.numel()
+        groups, ok = reward.view(-1, size), valid.view(-1, size)
+        mean = torch.where(ok, groups, 0.0).sum(-1, keepdim=True) / ok.sum(-1, keepdim=True).clamp(
+            min=1
+        )
+        return torch.where(ok, groups, mean).view(-1), valid
+
     def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
         s = self.cfg.stage
         t0 = time.perf_counter()
         set_eval(self.model)  # generation with the KV cache, never checkpointed
-        rollout = self.rollout(dist.shard(examples))  # this rank's share of the prompts
-        mask = rollout.mask
+        rollout, terms, sampling = self.sample(examples)
+        score = self.combine(terms)
+        reward, valid = self.reward(rollout, terms)
+        # A response whose reward is not finite leaves the loss (and the reward statistics).
+        mask = rollout.mask & valid.unsqueeze(-1)
         with torch.no_grad(), autocast(self.amp_dtype, self.device):
             old_logps, old_values, _ = self.forward(
                 self.model, rollout.select(slice(None)), rollout.prompt_len, with_values=True
             )
             ref_logps = self.reference_logps(rollout)
-        score = self.scores(rollout)
-        reward = score - s.missing_eos_penalty * (~rollout.ended).float()
         if s.normalize_rewards:
-            self.moments.update(reward)
+            self.moments.update(reward[valid])
             reward = (reward - self.moments.mean) / (self.moments.std + 1e-8)
         kl_tokens = kl_penalty(old_logps, ref_logps, "k1") * mask
         old = {
@@ -430,24 +532,27 @@ class OnlineStage(Sampler, Stage):
             self.kl_coef = adaptive_kl_coef(
                 self.kl_coef, mean_kl, s.kl_target, s.kl_horizon, n * world
             )
-        lengths = mask.sum(-1).float()
+        lengths = rollout.mask.sum(-1).float()
         record = {
             "loss": sum(losses) / len(losses),
             "grad_norm": sum(norms) / len(norms),
-            "score": float(score.mean()),
-            "score_std": float(score.std()) if n > 1 else 0.0,
-            "reward": float(reward.mean()),
-            "kl": float(seq_kl.mean()),
+            **finite_stats("score", score),
+            "reward": float(reward[valid].mean()) if valid.any() else 0.0,
+            "kl": float(seq_kl[valid].mean()) if valid.any() else 0.0,
             "kl_coef": self.kl_coef,
             "response_length": float(lengths.mean()),
             "eos_fraction": float(rollout.ended.float().mean()),
-            # Groups whose responses all scored the same: zero advantage, nothing learned.
-            "zero_std_groups": float(zero_std_fraction(score, s.group_size)),
-            "gen_tokens_per_s": float(lengths.sum()) / max(self.gen_seconds, 1e-9),
-            "rollout_s": self.gen_seconds,
+            "truncated_fraction": float((~rollout.ended).float().mean()),
+            "gen_tokens_per_s": float(lengths.sum()) / max(sampling["rollout_s"], 1e-9),
             "step_s": time.perf_counter() - t0,
+            **sampling,
             **stats,
         }
+        if len(terms) > 1:
+            for name, values in terms.items():
+                record.update(finite_stats(f"rewards/{name}", values))
+        # Responses whose reward was not finite (dropped from the loss), summed over ranks.
+        weighted["nonfinite_rewards"] = float((~valid).sum())
         record = over_ranks(record, weighted)
         return record, int(dist.all_reduce_sum(rollout.attention_mask.sum()))
 
@@ -461,7 +566,7 @@ class OnlineStage(Sampler, Stage):
             return self._evaluate(examples)
 
     def _evaluate(self, examples: list) -> dict[str, float]:
-        scores, kls, lengths = [], [], []
+        columns: dict[str, list[torch.Tensor]] = {"score": [], "kl": [], "response_length": []}
         size = self.cfg.stage.rollout_batch_size
         examples = examples[dist.rank() :: dist.world_size()]
         for i in range(0, len(examples), size):
@@ -469,11 +574,14 @@ class OnlineStage(Sampler, Stage):
             with autocast(self.amp_dtype, self.device):
                 logps = self.forward(self.model, rollout.select(slice(None)), rollout.prompt_len)[0]
                 ref = self.reference_logps(rollout)
-            scores.append(self.scores(rollout))
-            kls.append((kl_penalty(logps, ref, "k1") * rollout.mask).sum(-1))
-            lengths.append(rollout.mask.sum(-1).float())
-        columns = ("score", scores), ("kl", kls), ("response_length", lengths)
-        return pooled_means({k: torch.cat(x).tolist() if x else [] for k, x in columns})
+            terms = self.score_terms(rollout)
+            columns["score"].append(self.combine(terms))
+            if len(terms) > 1:
+                for name, values in terms.items():
+                    columns.setdefault(f"rewards/{name}", []).append(values)
+            columns["kl"].append((kl_penalty(logps, ref, "k1") * rollout.mask).sum(-1))
+            columns["response_length"].append(rollout.mask.sum(-1).float())
+        return pooled_means({k: torch.cat(x).tolist() if x else [] for k, x in columns.items()})
 
 
 def pooled_means(columns: dict[str, list[float]]) -> dict[str, float]:
@@ -484,13 +592,64 @@ def pooled_means(columns: dict[str, list[float]]) -> dict[str, float]:
     return {k: sum(v) / max(len(v), 1) for k, v in pooled.items()}
 
 
-def zero_std_fraction(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The share of groups (group_size consecutive responses of one prompt) whose scores are
-    all equal; 0 without groups (group_size 1)."""
-    if group_size < 2:
-        return torch.zeros(())
-    groups = scores.reshape(-1, group_size)
-    return (groups.amax(-1) == groups.amin(-1)).float().mean()
+def zero_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B / group_size,) bool: the groups (group_size consecutive responses of one prompt)
+    whose rewards are all equal."""
+    groups = rewards.reshape(-1, group_size)
+    return groups.amax(-1) == groups.amin(-1)
+
+
+def finite_stats(name: str, values: torch.Tensor) -> dict[str, float]:
+    """{name: mean, name_std: std} over the finite values (0 when there are none)."""
+    values = values[torch.isfinite(values)].double()
+    mean = float(values.mean()) if values.numel() else 0.0
+    std = float(values.std()) if values.numel() > 1 else 0.0
+    return {name: mean, f"{name}_std": std}
+
+
+def join_groups(
+    parts: list[Rollout], picks: list[tuple[int, int]], group_size: int, pad: int
+) -> Rollout:
+    """One rollout of the picked groups ((part, group) pairs) of several rollouts: prompts
+    left-padded to the widest, responses right-padded to the longest."""
+    rows = [(parts[p], g * group_size + j) for p, g in picks for j in range(group_size)]
+    width = max(len(r.prompts[i]) for r, i in rows)
+    length = max(r.mask.shape[1] for r, _ in rows)
+    ids, attn, mask = [], [], []
+    for r, i in rows:
+        prompt, response, m = r.prompts[i], r.input_ids[i, r.prompt_len :], r.mask[i]
+        left, right = width - len(prompt), length - m.numel()
+        ids.append(
+            torch.cat(
+                [
+                    response.new_full((left,), pad),
+                    response.new_tensor(prompt),
+                    response,
+                    response.new_full((right,), pad),
+                ]
+            )
+        )
+        attn.append(
+            torch.cat(
+                [
+                    m.new_zeros(left, dtype=torch.long),
+                    m.new_ones(len(prompt), dtype=torch.long),
+                    m.long(),
+                    m.new_zeros(right, dtype=torch.long),
+                ]
+            )
+        )
+        mask.append(torch.cat([m, m.new_zeros(right)]))
+    return Rollout(
+        input_ids=torch.stack(ids),
+        attention_mask=torch.stack(attn),
+        prompt_len=width,
+        mask=torch.stack(mask),
+        ended=torch.stack([r.ended[i] for r, i in rows]),
+        prompts=[r.prompts[i] for r, i in rows],
+        prompt_texts=[r.prompt_texts[i] for r, i in rows],
+        responses=[r.responses[i] for r, i in rows],
+    )
 
 
 def over_ranks(averaged: dict[str, float], summed: dict[str, float]) -> dict[str, float]:

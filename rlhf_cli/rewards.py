@@ -7,18 +7,28 @@ Write your own the same way and name it as `package.module:function`.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import os
 import re
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import RewardError, UserError
 
 RewardFn = Callable[..., list[float]]
 
 
 def load_reward_fn(spec: str) -> RewardFn:
-    """'package.module:function' -> the function."""
+    """'package.module:function' -> the function. The module is imported with the current
+    directory first on the path, under every launcher (`rlhf`, `python -m`, torchrun)."""
     module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -27,6 +37,75 @@ def load_reward_fn(spec: str) -> RewardFn:
     if not callable(fn):
         raise UserError(f"reward.fn={spec}: {module_name} has no function {attr!r}")
     return fn
+
+
+@dataclass
+class RewardTerm:
+    """One term of the reward: weight x a function's scores (fn) or the reward model's (fn
+    None)."""
+
+    name: str  # logged as rewards/<name>
+    spec: str  # package.module:function, or the reward model's directory
+    weight: float
+    fn: RewardFn | None = None
+
+
+def reward_terms(reward) -> list[RewardTerm]:
+    """The terms of a RewardConfig, in order (the functions of reward.fn or reward.fns, then
+    reward.model), each function bound to the reward.kwargs it accepts. Imports the functions:
+    a typo fails here, before any model loads."""
+    specs = [reward.fn] if reward.fn else list(reward.fns)
+    weights = [float(w) for w in reward.weights] or [1.0] * (len(specs) + bool(reward.model))
+    kwargs: dict[str, Any] = dict(reward.kwargs)
+    terms, taken, names = [], set(), set()
+    for spec, weight in zip(specs, weights):
+        fn = load_reward_fn(spec)
+        accepted = _accepted(fn, kwargs)
+        taken |= set(accepted)
+        name = base = spec.rpartition(":")[2]
+        while name in names:  # the same function twice: concise, concise_2, ...
+            name = f"{base}_{sum(n.startswith(base) for n in names) + 1}"
+        names.add(name)
+        terms.append(RewardTerm(name, spec, weight, functools.partial(fn, **accepted)))
+    unused = sorted(set(kwargs) - taken)
+    if unused:
+        raise UserError(
+            f"reward.kwargs.{unused[0]}: none of the reward functions ({', '.join(specs) or 'none'}) "
+            "takes this argument: drop it or fix its name"
+        )
+    if reward.model:
+        terms.append(RewardTerm("model", str(reward.model), weights[-1]))
+    return terms
+
+
+def _accepted(fn: RewardFn, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs `fn` takes (all of them when it has **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function: pass everything
+        return dict(kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(kwargs)
+    names = {p.name for p in params}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def call_reward_fn(term: RewardTerm, prompts: list[str], responses: list[str]) -> list[float]:
+    """term.fn on a batch; an exception in it, or a wrong number of scores, is a RewardError
+    naming the function."""
+    try:
+        values = list(term.fn(prompts, responses))
+        scores = [float(v) for v in values]
+    except Exception as err:  # noqa: BLE001 - the user's code: any exception is reported
+        raise RewardError(
+            f"reward function {term.spec} raised {type(err).__name__}: {err}".strip()
+        ) from err
+    if len(scores) != len(responses):
+        raise RewardError(
+            f"reward function {term.spec} returned {len(scores)} scores for "
+            f"{len(responses)} responses: return one float per response"
+        )
+    return scores
 
 
 def char_fraction(prompts: list[str], responses: list[str], chars: str = "e") -> list[float]:

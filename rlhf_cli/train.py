@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli import distributed as dist
-from rlhf_cli.config import Config
+from rlhf_cli.config import Config, SamplingConfig
 from rlhf_cli.data import load_datasets
 from rlhf_cli.errors import CheckpointError, UserError
 from rlhf_cli.loop import train
@@ -24,7 +24,7 @@ from rlhf_cli.models import (
     resolve_device,
 )
 from rlhf_cli.progress import console, summary_table
-from rlhf_cli.rewards import load_reward_fn
+from rlhf_cli.rewards import reward_terms
 from rlhf_cli.stages import stage_class
 
 # Keys that may change between a run and its resumption without a warning.
@@ -163,8 +163,10 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
             (run_dir / "config.yaml").write_text(config_yaml)
 
     quiet_libraries()
-    if cfg.reward.fn:
-        load_reward_fn(cfg.reward.fn)  # a typo fails here, before any model loads
+    if isinstance(cfg.stage, SamplingConfig):
+        reward_terms(
+            cfg.reward
+        )  # a typo (or an unknown reward.kwargs) fails before any model loads
     seed_everything(cfg.train.seed)
     device = dist.local_device(cfg.device) or resolve_device(cfg.device)
     amp = autocast_dtype(cfg.train.precision, device)

@@ -22,6 +22,13 @@ The pairs are sampled once (seed 0) and shared by every seed; the seeds change t
 
     python scripts/demo_real.py [--out runs/demo-real] [--seeds 1 2 3] [--methods dpo kto ...]
     python scripts/demo_real.py --keep ...   # add to OUT: what is there already is not redone
+    python scripts/demo_real.py --variants [--seeds 1 2 3]   # the online variants (below)
+
+--variants: the online RL variants on the same task, same budget (VARIANT_STEPS steps of 4
+prompts x 4 samples, two updates of 8 responses a step, lr 5e-4, missing_eos_penalty 1 as the
+soft overlong penalty; KL 0.02 but for DAPO), each evaluated on the held-out prompts (2 samples
+each at temperature 1); the table goes to OUT/variants.md. The same seed gives every variant
+the same first rollouts.
 """
 
 from __future__ import annotations
@@ -113,10 +120,16 @@ def main() -> None:
         "--keep", action="store_true", help="keep OUT's finished runs and evals; do the rest"
     )
     ap.add_argument("--summarize", action="store_true", help="only rebuild OUT/results.md")
+    ap.add_argument(
+        "--variants", action="store_true", help="the online variants' table (OUT/variants.md)"
+    )
     args = ap.parse_args()
     out: Path = args.out
     if args.summarize:
         print(summarize(out, args.seeds))
+        return
+    if args.variants:
+        run_variants(out, args.seeds)
         return
     if (out / MARKER).is_file() and not args.keep:
         shutil.rmtree(out)
@@ -265,6 +278,120 @@ def main() -> None:
 
     elapsed = f"{time.perf_counter() - t0:.0f} s in all"
     print(summarize(out, args.seeds, elapsed))
+
+
+VARIANT_STEPS, VARIANT_EVAL_SAMPLES = 6, 2
+VARIANT_COMMON = (
+    REWARD_FN,
+    "stage.missing_eos_penalty=1.0",
+    "stage.rollout_batch_size=4",
+    "stage.group_size=4",
+    "stage.minibatch_size=8",  # two updates a step: the second one is off-policy
+    f"stage.max_new_tokens={MAX_NEW}",
+    "stage.kl_coef=0.02",
+    "optim.lr=5e-4",
+    f"train.max_steps={VARIANT_STEPS}",
+)
+VARIANTS = {
+    "grpo": (
+        "GRPO as published (seq_mean_token_mean, std-scaled)",
+        "stage=grpo",
+        "stage.loss_agg=seq_mean_token_mean",
+    ),
+    "dapo": (
+        "DAPO (token_mean, clip-higher 0.28, dynamic sampling, no KL)",
+        "stage=grpo",
+        "stage.loss_agg=token_mean",
+        "stage.clip_eps_high=0.28",
+        "stage.dynamic_sampling=true",
+        "stage.kl_coef=0",
+    ),
+    "dr_grpo": (
+        "Dr. GRPO (seq_sum_norm, no std scaling)",
+        "stage=grpo",
+        "stage.loss_agg=seq_sum_norm",
+        "stage.scale_rewards=false",
+    ),
+    "gspo": (
+        "GSPO (sequence ratios, clip 3e-4 / 4e-4)",
+        "stage=grpo",
+        "stage.importance_level=sequence",
+        "stage.loss_agg=seq_mean_token_mean",
+        "stage.clip_eps=0.0003",
+        "stage.clip_eps_high=0.0004",
+    ),
+    "rloo": ("RLOO (leave-one-out baseline, KL in the reward)", "stage=rloo"),
+    "reinforce": ("REINFORCE, moving-average baseline", "stage=reinforce"),
+}
+
+
+def run_variants(out: Path, seeds: list[int]) -> None:
+    """Each variant x seed into OUT/variants/<name>_s<seed> (a finished one is kept), then
+    `rlhf eval` on the held-out prompts and the table."""
+    rlhf = Runner(out, threads=0)
+    rlhf.env.pop("OMP_NUM_THREADS")
+    _, held = write_prompts(out)
+    train_prompts = out / "prompts_train.jsonl"
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for name, (_, *overrides) in VARIANTS.items():
+            run = out / "variants" / f"{name}_s{seed}"
+            result = out / "variants" / f"{name}_s{seed}.json"
+            if result.is_file():
+                continue
+            if not (run / "final").is_dir():
+                if run.exists():
+                    shutil.rmtree(run)
+                rlhf(
+                    f"var_{name}_s{seed}",
+                    "train",
+                    *COMMON,
+                    *VARIANT_COMMON,
+                    *overrides,
+                    f"data.path={train_prompts}",
+                    f"train.seed={seed}",
+                    f"run_dir={run}",
+                )
+            rlhf(
+                f"eval_var_{name}_s{seed}",
+                "eval",
+                str(run),
+                f"prompts={held}",
+                REWARD_FN,
+                f"n={VARIANT_EVAL_SAMPLES}",
+                "temperature=1",
+                f"max_new_tokens={MAX_NEW}",
+                "batch_size=64",
+                f"seed={seed}",
+                f"out={result}",
+            )
+    print(summarize_variants(out, seeds, f"{time.perf_counter() - t0:.0f} s"))
+
+
+def summarize_variants(out: Path, seeds: list[int], note: str = "") -> str:
+    table = [
+        f"| variant | complete answers of <= 20 words (held-out, T=1) | KL to the base (nats/seq) "
+        f"| mean training reward, step {VARIANT_STEPS} | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (label, *_) in VARIANTS.items():
+        done = [s for s in seeds if (out / "variants" / f"{name}_s{s}.json").is_file()]
+        if not done:
+            continue
+        evals = [read(out / "variants" / f"{name}_s{s}.json") for s in done]
+        rate = [statistics.fmean(has_property(x) for x in r["responses"]) for r in evals]
+        last = []
+        for s in done:
+            rows = (out / "variants" / f"{name}_s{s}" / "metrics.jsonl").read_text().splitlines()
+            last.append([json.loads(x) for x in rows if '"train"' in x][-1]["reward"])
+        table.append(
+            f"| {label} | {mean_std(rate)} | {mean_std([r['kl'] for r in evals])} "
+            f"| {mean_std(last)} | {len(done)} |"
+        )
+    table += ["", f"seeds {seeds}; mean ± std over the seeds" + (f"; {note}" if note else "") + "."]
+    text = "\n".join(table) + "\n"
+    (out / "variants.md").write_text(text)
+    return text
 
 
 LABELS = {

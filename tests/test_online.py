@@ -33,7 +33,7 @@ def test_bad_reward_fn_is_a_clear_error(tmp_path):
             tmp_path / "r2", "stage=grpo", "reward.fn=rlhf_cli.rewards:missing", *SHORT
         )
     res = rlhf("train", "stage=ppo", cwd=tmp_path)  # no reward source at all
-    assert res.returncode == 2 and "needs exactly one reward source" in res.stderr
+    assert res.returncode == 2 and "stage=ppo needs a reward: reward.model=" in res.stderr
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo", "reinforce"])
@@ -129,6 +129,20 @@ def test_ppo_with_a_reward_model_on_the_shared_base(tmp_path):
     final = tmp_path / "ppo" / "final"
     assert (final / "value_head.safetensors").is_file()
     assert not (final / "reward").exists() and not (final / "reference").exists()
+    # The reward model as one term of a weighted sum with a function.
+    train_in_process(
+        tmp_path / "mixed",
+        "stage=ppo",
+        CHAR,
+        f"reward.model={tmp_path / 'rm'}",
+        "reward.weights=[2.0,0.5]",
+        *SHORT,
+        "train.max_steps=1",
+    )
+    row = read_metrics(tmp_path / "mixed")[0]
+    assert row["rewards/model"] != 0 and row["rewards/char_fraction"] > 0
+    expected = 2.0 * row["rewards/char_fraction"] + 0.5 * row["rewards/model"]
+    assert row["score"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_rollout_masks_stop_at_eos():
@@ -233,12 +247,12 @@ def test_reinforce_baselines_by_hand():
 def test_zero_std_group_share_by_hand():
     import torch
 
-    from rlhf_cli.online import zero_std_fraction
+    from rlhf_cli.online import zero_std
 
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
-    assert float(zero_std_fraction(scores, 2)) == pytest.approx(2 / 3)  # [1,1], [0.5,0.5]
-    assert float(zero_std_fraction(scores, 3)) == 0.0
-    assert float(zero_std_fraction(scores, 1)) == 0.0
+    assert zero_std(scores, 2).tolist() == [True, False, True]  # [1,1], [0,1], [0.5,0.5]
+    assert zero_std(scores, 3).tolist() == [False, False]
+    assert zero_std(scores, 6).tolist() == [False]
 
 
 def test_mask_truncated_leaves_cut_off_responses_out_of_the_loss(tmp_path):
@@ -263,3 +277,242 @@ def test_mask_truncated_leaves_cut_off_responses_out_of_the_loss(tmp_path):
         assert masked["loss"] == 0.0 and masked["grad_norm"] == 0.0
     else:
         assert masked["grad_norm"] > 0
+
+
+# A reward module in the working directory, as a user writes one (found by every launcher).
+MY_REWARDS = '''
+import os
+from pathlib import Path
+
+
+def flat_or_length(prompts, responses):
+    """0 for every response to a prompt that says 'flat' (a group with nothing to learn), else
+    10 + the response's length in characters / 1000."""
+    return [0.0 if "flat" in p else 10 + len(r) / 1000 for p, r in zip(prompts, responses)]
+
+
+def length(prompts, responses, scale=1.0):
+    return [scale * len(r) for r in responses]
+
+
+def words(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+def first_is_nan(prompts, responses):
+    return [float("nan")] + [len(r) / 100 for r in responses[1:]]
+
+
+def fails_on_call_2(prompts, responses):
+    """len(r) / 100, but raises on its second call (the count kept in calls.txt)."""
+    calls = Path("calls.txt")
+    n = int(calls.read_text()) + 1 if calls.exists() else 1
+    calls.write_text(str(n))
+    if n == 2:
+        raise ValueError("the grader is down")
+    return [len(r) / 100 for r in responses]
+'''
+
+
+@pytest.fixture
+def in_user_dir(tmp_path, monkeypatch):
+    """tmp_path as the working directory, with my_rewards.py and 6 prompts in it."""
+    (tmp_path / "my_rewards.py").write_text(MY_REWARDS)
+    words = ("flat a", "flat b", "tell c", "flat d", "tell e", "tell f")
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(f'{{"prompt": "{w}: say something"}}\n' for w in words)
+    )
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+DYNAMIC = (
+    "stage=grpo",
+    "reward.fn=my_rewards:flat_or_length",
+    "data.path=prompts.jsonl",
+    "data.eval_size=0",
+    "train.shuffle=false",
+    "stage.rollout_batch_size=2",
+    "stage.group_size=4",
+    "stage.max_new_tokens=8",
+    "train.max_steps=1",
+)
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_differ(in_user_dir):
+    """Prompts in order flat, flat | tell, flat | tell, tell; 2 groups a batch. Plain: the
+    batch is the first two (both flat, score 0). Dynamic, 3 tries: the tries are sampled
+    until two groups differ: tell c and tell e, score 10 + length/1000, 3 of the 6 sampled
+    groups flat. 2 tries: only tell c differs; the batch is filled with the first flat group
+    (score (0 + 10.x) / 2)."""
+    train_in_process(in_user_dir / "plain", *DYNAMIC)
+    plain = read_metrics(in_user_dir / "plain")[0]
+    assert plain["score"] == 0.0 and plain["zero_std_groups"] == 1.0
+    assert "dynamic/tries" not in plain
+
+    train_in_process(in_user_dir / "dyn3", *DYNAMIC, "stage.dynamic_sampling=true")
+    dyn = read_metrics(in_user_dir / "dyn3")[0]
+    assert dyn["dynamic/tries"] == 3 and dyn["dynamic/filled"] == 0.0
+    assert dyn["zero_std_groups"] == 0.5
+    assert 10 < dyn["score"] < 10.1 and dyn["score_std"] > 0 and dyn["grad_norm"] > 0
+
+    train_in_process(
+        in_user_dir / "dyn2",
+        *DYNAMIC,
+        "stage.dynamic_sampling=true",
+        "stage.dynamic_sampling_max_tries=2",
+    )
+    dyn = read_metrics(in_user_dir / "dyn2")[0]
+    assert dyn["dynamic/tries"] == 2 and dyn["dynamic/filled"] == 0.5
+    assert dyn["zero_std_groups"] == 0.75
+    assert 5 < dyn["score"] < 5.05
+
+
+def test_dynamic_sampling_needs_groups(tmp_path):
+    res = rlhf("train", "stage=ppo", CHAR, "stage.dynamic_sampling=true", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "stage.dynamic_sampling" in res.stderr and "group_size >= 2" in res.stderr
+
+
+def test_join_groups_repads_prompts_and_responses():
+    """Two rollouts (prompt widths 2 and 3, response widths 2 and 3); group size 1; picking
+    row 1 of the second and row 0 of the first left-pads the picked prompts to the widest
+    picked (2) and right-pads responses to 3 (pad 0)."""
+    import torch
+
+    from rlhf_cli.online import Rollout, join_groups
+
+    def rollout(prompts, responses, width):
+        ids, attn, mask = [], [], []
+        for p, r in zip(prompts, responses):
+            left, right = width - len(p), max(map(len, responses)) - len(r)
+            ids.append([0] * left + p + r + [0] * right)
+            attn.append([0] * left + [1] * (len(p) + len(r)) + [0] * right)
+            mask.append([True] * len(r) + [False] * right)
+        return Rollout(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(attn),
+            prompt_len=width,
+            mask=torch.tensor(mask),
+            ended=torch.tensor([True] * len(prompts)),
+            prompts=prompts,
+            prompt_texts=[str(p) for p in prompts],
+            responses=responses,
+        )
+
+    a = rollout([[5, 6], [7]], [[8, 9], [10]], width=2)
+    b = rollout([[1, 2, 3], [4]], [[11], [12, 13, 14]], width=3)
+    joined = join_groups([a, b], [(1, 1), (0, 0)], 1, pad=0)
+    assert joined.prompt_len == 2
+    assert joined.input_ids.tolist() == [[0, 4, 12, 13, 14], [5, 6, 8, 9, 0]]
+    assert joined.attention_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert joined.mask.tolist() == [[True, True, True], [True, True, False]]
+    assert joined.prompts == [[4], [5, 6]] and joined.responses == [[12, 13, 14], [8, 9]]
+
+
+def test_several_weighted_rewards_are_summed_and_logged(in_user_dir):
+    """score = 2 x length + 0.5 x words, each logged; scale goes to the function that takes it."""
+    train_in_process(
+        in_user_dir / "r",
+        "stage=grpo",
+        "reward.fns=[my_rewards:length,my_rewards:words]",
+        "reward.weights=[2.0,0.5]",
+        "+reward.kwargs.scale=0.1",
+        "data.path=prompts.jsonl",
+        "data.eval_size=2",
+        "train.eval_every=1",
+        "stage.rollout_batch_size=2",
+        "stage.max_new_tokens=8",
+        "train.max_steps=2",
+    )
+    for row in read_metrics(in_user_dir / "r") + read_metrics(in_user_dir / "r", "eval"):
+        length, words = row["rewards/length"], row["rewards/words"]
+        assert length > 0 and words > 0
+        assert row["score"] == pytest.approx(2.0 * length + 0.5 * words, rel=1e-5)
+    row = read_metrics(in_user_dir / "r")[0]
+    assert row["rewards/length_std"] > 0 and "rewards/words_std" in row
+    # length got scale=0.1: a 8-token response of the tiny model is under 100 characters
+    assert row["rewards/length"] < 10
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (("reward.fns=[my_rewards:length]", "reward.weights=[1.0,2.0]"), "2 values for 1 reward"),
+        (("reward.fn=my_rewards:length", "reward.fns=[my_rewards:words]"), "both set"),
+        (("reward.fns=[my_rewards]",), "must look like package.module:function"),
+        (("reward.fns=[my_rewards:words]", "+reward.kwargs.scale=2"), "reward.kwargs.scale"),
+        (("reward.fns=[my_rewards:nope]",), "has no function 'nope'"),
+    ],
+)
+def test_bad_reward_settings_are_one_line(in_user_dir, overrides, needle):
+    res = rlhf("train", "stage=grpo", "data.path=prompts.jsonl", *overrides, cwd=in_user_dir)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert not (in_user_dir / "runs").exists() or not any((in_user_dir / "runs").rglob("*.pt"))
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_non_finite_rewards_are_dropped_and_counted(in_user_dir, stage):
+    """One NaN reward per batch: counted, left out of the loss; the update and the running
+    reward moments stay finite (whitening or group statistics would spread it)."""
+    import torch
+
+    train_in_process(
+        in_user_dir / "r",
+        f"stage={stage}",
+        "reward.fn=my_rewards:first_is_nan",
+        "stage.normalize_rewards=true",
+        "data.path=prompts.jsonl",
+        "data.eval_size=0",
+        "stage.rollout_batch_size=2",
+        "stage.group_size=2",
+        "stage.max_new_tokens=8",
+        "train.max_steps=2",
+    )
+    rows = read_metrics(in_user_dir / "r")
+    assert [r["nonfinite_rewards"] for r in rows] == [1.0, 1.0]
+    assert all(r["skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
+    assert all(r["loss"] == r["loss"] and r["score"] == r["score"] for r in rows)  # not NaN
+    state = torch.load(in_user_dir / "r" / "final" / "trainer_state.pt", weights_only=True)
+    moments = state["stage"]["moments"]
+    assert moments["count"] == 6  # 3 finite rewards a step
+    assert all(v == v for v in moments.values())
+
+
+def test_a_reward_function_that_raises_saves_and_resumes(in_user_dir):
+    """The function raises at step 2: one line naming it, exit 2, a checkpoint at step 1;
+    the resume runs steps 2-3 only and ends where an uninterrupted run ends."""
+    args = (
+        "stage=grpo",
+        "data.path=prompts.jsonl",
+        "data.eval_size=0",
+        "stage.rollout_batch_size=2",
+        "stage.max_new_tokens=8",
+        "train.max_steps=3",
+        "train.save_every=0",
+        "quant=none",
+    )
+    res = rlhf("train", *args, "reward.fn=my_rewards:fails_on_call_2", "run_dir=r", cwd=in_user_dir)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "my_rewards:fails_on_call_2 raised ValueError: the grader is down" in res.stderr
+    assert [r["step"] for r in read_metrics(in_user_dir / "r")] == [1]
+    assert (in_user_dir / "r" / "checkpoints" / "step-000001").is_dir()
+    res = rlhf(
+        "train",
+        *args,
+        "reward.fn=my_rewards:fails_on_call_2",
+        "run_dir=r",
+        "resume=auto",
+        cwd=in_user_dir,
+    )
+    assert res.returncode == 0, res.stderr
+    assert [r["step"] for r in read_metrics(in_user_dir / "r")] == [1, 2, 3]
+    # Calls 1 (step 1), 2 (raised), then 3 and 4: the resume sampled steps 2 and 3 only.
+    assert (in_user_dir / "calls.txt").read_text() == "4"
+    (in_user_dir / "calls.txt").write_text("2")  # it raises on call 2 only
+    train_in_process(in_user_dir / "full", *args, "reward.fn=my_rewards:fails_on_call_2")
+    full, resumed = read_metrics(in_user_dir / "full"), read_metrics(in_user_dir / "r")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    assert max_diff(adapter(in_user_dir / "full"), adapter(in_user_dir / "r")) < 1e-6

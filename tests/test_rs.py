@@ -233,7 +233,7 @@ def test_rs_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="keeps 16 samples a round .* one step needs 32"):
         train_in_process(tmp_path / "a", "stage=rs", CHAR, *SMALL, "train.micro_batch_size=32")
     res = rlhf("train", "stage=rs", f"run_dir={tmp_path / 'b'}")
-    assert res.returncode == 2 and "needs exactly one reward source" in res.stderr
+    assert res.returncode == 2 and "stage=rs needs a reward: reward.model=" in res.stderr
     assert "Traceback" not in res.stderr
     res = rlhf("train", "stage=rs", CHAR, "stage.select=worst", f"run_dir={tmp_path / 'c'}")
     assert res.returncode == 2 and "stage.select" in res.stderr

@@ -21,6 +21,7 @@ floor(kept x stage.epochs / step size) of them, so the run's length is known in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 
 from rlhf_cli import distributed as dist
 from rlhf_cli.data import IGNORE_INDEX, SFTExample
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import RewardError, UserError
 from rlhf_cli.loop import Position, StopRequested, epoch_order
 from rlhf_cli.models import eval_mode, generation_config
 from rlhf_cli.online import Sampler, pooled_means
@@ -49,8 +50,9 @@ def select_kept(rows: list[dict], select: str, top_fraction: float, penalty: flo
     merit is its score minus `penalty` when it did not end with EOS; ties keep the earlier one.
     best: one per prompt; top: the best round(top_fraction x all samples) (at least 1)."""
 
-    def merit(sample: dict) -> float:
-        return sample["score"] - (0.0 if sample["ended"] else penalty)
+    def merit(sample: dict) -> float:  # a non-finite score is never preferred
+        score = sample["score"] if math.isfinite(sample["score"]) else -math.inf
+        return score - (0.0 if sample["ended"] else penalty)
 
     for row in rows:
         for sample in row["samples"]:
@@ -282,7 +284,7 @@ class RSStage(Sampler, SFTStage):
         samples its share from its own seeded stream and all get every row."""
         s = self.cfg.stage
         mine = indices[dist.rank() :: dist.world_size()]
-        rows = []
+        rows, error = [], None
         if mine:
             examples = [self.prompts[i] for i in mine]
             devices = [self.device] if self.device.type == "cuda" else []
@@ -290,7 +292,10 @@ class RSStage(Sampler, SFTStage):
             with torch.random.fork_rng(devices=devices), eval_mode(self.model):
                 torch.manual_seed(seed)
                 rollout = self.rollout(examples, k=s.n)
-                scores = self.scores(rollout).tolist()
+                try:
+                    scores = self.scores(rollout).tolist()
+                except RewardError as err:  # every rank stops (below), with this message
+                    error, mine = str(err), []
             for j, i in enumerate(mine):
                 samples = []
                 for q in range(j * s.n, (j + 1) * s.n):
@@ -311,7 +316,11 @@ class RSStage(Sampler, SFTStage):
                         "samples": samples,
                     }
                 )
-        gathered = [row for part in dist.gather_objects(rows) for row in part]
+        parts = dist.gather_objects((rows, error))
+        errors = [e for _, e in parts if e]
+        if errors:
+            raise RewardError(errors[0])
+        gathered = [row for part, _ in parts for row in part]
         order = {i: n for n, i in enumerate(indices)}
         return sorted(gathered, key=lambda row: order[row["prompt_index"]])
 
