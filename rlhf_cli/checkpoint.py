@@ -135,8 +135,8 @@ def save_checkpoint(
     name: str | None = None,
     extras: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
-    full_state = state.get("trainable")
     """Write checkpoints/step-N (or `name` under run_dir) atomically; prune to keep_last."""
+    full_state = state.get("trainable")
     if not weights_finite(model, extras, full_state):
         raise CheckpointError(
             "refusing to save non-finite weights (NaN/inf in a trained parameter)"
@@ -144,7 +144,7 @@ def save_checkpoint(
     parent = run_dir if name else run_dir / "checkpoints"
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / (name or f"step-{step:06d}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=parent))
+    tmp = temp_dir(parent, target.name)
     try:
         save_weights(model, tmp, extras, full_state)
         if tokenizer is not None:
@@ -168,6 +168,105 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """A fresh `.tmp-<name>-*` directory in `parent` with the permissions the user's umask
+    gives a new directory (mkdtemp makes it 0700: a checkpoint renamed from it would be
+    unreadable to the user's group)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary directories a killed save left in `run_dir` (`.tmp-*`, `.old-*`,
+    in run_dir and run_dir/checkpoints); returns them. Call it holding the run's lock."""
+    found = [
+        d
+        for parent in (run_dir, run_dir / "checkpoints")
+        if parent.is_dir()
+        for d in parent.iterdir()
+        if d.is_dir() and d.name.startswith((".tmp-", ".old-"))
+    ]
+    for d in found:
+        shutil.rmtree(d, ignore_errors=True)
+    return found
+
+
+def safetensors_complete(path: Path) -> bool:
+    """Whether a safetensors file is whole: its header parses and its data ends where the
+    file ends (a file cut short by a crash fails)."""
+    import json
+    import struct
+
+    try:
+        with path.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+        return path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint directory (None when it is whole): its state loads and
+    every safetensors file in it is complete."""
+    try:
+        load_state(ckpt)
+    except CheckpointError as err:
+        return str(err).split(":", 1)[-1].strip()
+    for f in sorted(ckpt.rglob("*.safetensors")):
+        if not safetensors_complete(f):
+            return f"{f.relative_to(ckpt)} is incomplete"
+    return None
+
+
+def newest_whole(checkpoints: list[Path]) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that is whole, and a note for each newer one that is damaged."""
+    notes = []
+    for ckpt in reversed(checkpoints):
+        why = damage(ckpt)
+        if why is None:
+            return ckpt, notes
+        notes.append(f"{ckpt} is damaged ({why})")
+    return None, notes
+
+
+class RunLock:
+    """An exclusive lock on a run directory (an empty `.lock`, flock): a second process that
+    would write the same run stops with one line. Released when the process ends, even when
+    it is killed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fh = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a")  # never rewritten: the run directory's files stay as they were
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise CheckpointError(
+                f"{self.path.parent} is being written by another rlhf process: wait for it to "
+                "finish, or choose another run_dir"
+            ) from None
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            self.fh.close()  # closing releases the flock
+            self.fh = None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -196,6 +295,20 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         ) from err
 
 
+def whole_or_fail(checkpoints: list[Path], run_dir: Path) -> Path:
+    """The newest whole checkpoint of a run, saying which newer ones were damaged."""
+    from rlhf_cli.progress import console
+
+    found, notes = newest_whole(checkpoints)
+    for note in notes:
+        console.print(f"[yellow]warning:[/] {note}; resuming from an earlier checkpoint")
+    if found is None:
+        raise CheckpointError(
+            f"{run_dir}: every checkpoint is damaged ({'; '.join(notes)}); start a new run"
+        )
+    return found
+
+
 TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}$")
 
 
@@ -212,7 +325,7 @@ def find_resume_checkpoint(resume: str, run_dir: Path, stage: str) -> Path | Non
     if resume == "auto":
         found = list_checkpoints(run_dir)
         if found:
-            return found[-1]
+            return whole_or_fail(found, run_dir)
         siblings = (
             [
                 d
@@ -228,9 +341,15 @@ def find_resume_checkpoint(resume: str, run_dir: Path, stage: str) -> Path | Non
         return list_checkpoints(newest)[-1]
     path = Path(resume)
     if (path / STATE_FILE).is_file():
+        why = damage(path)
+        if why:
+            raise CheckpointError(
+                f"resume={resume}: the checkpoint is damaged ({why}); resume from an earlier "
+                "one, or from the run directory (its newest whole checkpoint)"
+            )
         return path
     if path.is_dir() and list_checkpoints(path):
-        return list_checkpoints(path)[-1]
+        return whole_or_fail(list_checkpoints(path), path)
     raise CheckpointError(
         f"resume={resume}: no complete checkpoint there (expected a run directory with "
         f"checkpoints/step-N/{STATE_FILE}, or such a step directory)"

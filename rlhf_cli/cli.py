@@ -43,14 +43,7 @@ HYDRA_FLAGS = {
     "--package": 1,
     "--info": 0,
 }
-EXIT_USER_ERROR = 2
-
-
-def fail(message: str, code: int = EXIT_USER_ERROR):
-    from rlhf_cli.progress import console
-
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    sys.exit(code)
+from rlhf_cli.errors import fail, guarded  # noqa: E402  (no heavy imports)
 
 
 def one_line(err: BaseException) -> str:
@@ -274,25 +267,19 @@ def _train_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from rlhf_cli.errors import Interrupted, UserError
     from rlhf_cli.train import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     cfg.run_dir = str(run_dir)
-    try:
-        config = OmegaConf.to_object(cfg)
-        run(config, OmegaConf.to_yaml(cfg, resolve=True), run_dir)  # type: ignore[arg-type]
-    except UserError as err:
-        fail(str(err))
-    except Interrupted as stop:
-        from rlhf_cli.progress import console
-
-        console.print(f"[yellow]{stop}[/]")
-        sys.exit(stop.code)
+    # Hydra runs the job and would print a traceback: the guard sits inside it.
+    guarded(lambda: run(OmegaConf.to_object(cfg), OmegaConf.to_yaml(cfg, resolve=True), run_dir))
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    guarded(lambda: dispatch(list(sys.argv[1:] if argv is None else argv)))
+
+
+def dispatch(argv: list[str]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -319,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 SCORE_USAGE = (
-    "usage: rlhf score REWARD_MODEL DATA [out=PATH] [batch_size=N] [device=auto] [force=true]"
+    "usage: rlhf score REWARD_MODEL DATA [out=PATH] [batch_size=N] [device=auto] [force=true] "
+    "[trust_remote_code=true]"
 )
 
 
@@ -329,7 +317,7 @@ def score_command(args: list[str]) -> None:
         return
     positional = [a for a in args if "=" not in a]
     options = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = set(options) - {"out", "batch_size", "device", "force"}
+    unknown = set(options) - {"out", "batch_size", "device", "force", "trust_remote_code"}
     if len(positional) != 2 or unknown:
         fail(
             f"{'unknown option ' + ', '.join(sorted(unknown)) + '; ' if unknown else ''}{SCORE_USAGE}"
@@ -342,13 +330,12 @@ def score_command(args: list[str]) -> None:
         assert batch_size >= 1
     except (ValueError, AssertionError):
         fail(f"batch_size={options['batch_size']!r} must be a whole number >= 1")
-    from rlhf_cli.errors import UserError
+    from rlhf_cli.config import allow_remote_code
     from rlhf_cli.score import score_file
 
-    try:
-        score_file(positional[0], positional[1], out, batch_size, options.get("device", "auto"))
-    except UserError as err:
-        fail(str(err))
+    allow_remote_code(options.get("trust_remote_code", "false").lower() == "true")
+
+    score_file(positional[0], positional[1], out, batch_size, options.get("device", "auto"))
 
 
 if __name__ == "__main__":

@@ -11,21 +11,22 @@ from typing import Any
 
 import yaml
 
-from rlhf_cli.cli import fail
+from rlhf_cli.errors import fail
 
 SAMPLE_USAGE = (
     "usage: rlhf sample RUN (prompts=FILE | prompt=TEXT) [out=PATH] [n=1] [max_new_tokens=N] "
     "[temperature=0 (greedy)] [top_p=1.0] [batch_size=16] [seed=0] [quant=nf4|none|...] "
-    "[device=auto] [force=true]"
+    "[device=auto] [force=true] [trust_remote_code=true]"
 )
 EVAL_USAGE = (
     "usage: rlhf eval RUN prompts=FILE [reward.fn=module:fn [reward.kwargs.KEY=VALUE ...] | "
     "reward.model=RM_RUN] [pairs=PREFERENCE_FILE] [out=JSON] [ref=RUN_OR_MODEL] [label=NAME] "
     "[beta=B] [n=1] [max_new_tokens=N] [temperature=1.0] [top_p=1.0] [batch_size=16] [seed=0] "
-    "[quant=...] [device=auto] [force=true]"
+    "[quant=...] [device=auto] [force=true] [trust_remote_code=true]"
 )
 MERGE_USAGE = (
-    "usage: rlhf merge RUN out=DIR [dtype=auto|float32|bfloat16|float16] [device=cpu] [force=true]"
+    "usage: rlhf merge RUN out=DIR [dtype=auto|float32|bfloat16|float16] [device=cpu] [force=true] "
+    "[trust_remote_code=true]"
 )
 PLOT_USAGE = (
     "usage: rlhf plot RUN [RUN ...] out=PNG [metrics=loss,rewards/margins,...]\n"
@@ -80,7 +81,7 @@ def names(value: str) -> list[str]:
     return items
 
 
-COMMON = {"device": text, "force": boolean}
+COMMON = {"device": text, "force": boolean, "trust_remote_code": boolean}
 GENERATION = {
     "n": whole(1),
     "max_new_tokens": whole(1),
@@ -115,22 +116,15 @@ def parse(
                 values[key] = options[key](value)
             except ValueError:
                 fail(f"{key}={value!r} must be {options[key].__doc__}")
+    from rlhf_cli.config import allow_remote_code
+
+    allow_remote_code(values.pop("trust_remote_code", False))
     return positional, values, extra
 
 
 def refuse_overwrite(out: str | None, force: bool) -> None:
     if out and Path(out).exists() and not force:
         fail(f"out={out} exists; choose another path or add force=true to overwrite it")
-
-
-def guarded(call: Callable[[], Any]) -> Any:
-    """Run a command; a UserError (bad path, bad data, bad value) becomes one line."""
-    from rlhf_cli.errors import UserError
-
-    try:
-        return call()
-    except UserError as err:
-        fail(str(err))
 
 
 def wants_help(args: list[str], usage: str) -> bool:
@@ -150,7 +144,7 @@ def sample_command(args: list[str]) -> None:
     refuse_overwrite(o.get("out"), o.pop("force", False))
     from rlhf_cli.sample import sample
 
-    guarded(lambda: sample(positional[0], **o))
+    sample(positional[0], **o)
 
 
 def eval_command(args: list[str]) -> None:
@@ -177,7 +171,7 @@ def eval_command(args: list[str]) -> None:
     o["reward_fn"], o["reward_model"] = o.pop("reward.fn", None), o.pop("reward.model", None)
     from rlhf_cli.evaluate import evaluate
 
-    guarded(lambda: evaluate(positional[0], reward_kwargs=kwargs, **o))
+    evaluate(positional[0], reward_kwargs=kwargs, **o)
 
 
 def merge_command(args: list[str]) -> None:
@@ -188,7 +182,7 @@ def merge_command(args: list[str]) -> None:
         fail(f"name one run and out=DIR; {MERGE_USAGE}")
     from rlhf_cli.merge import merge
 
-    guarded(lambda: merge(positional[0], **o))
+    merge(positional[0], **o)
 
 
 def plot_command(args: list[str]) -> None:
@@ -206,9 +200,9 @@ def plot_command(args: list[str]) -> None:
     if all(frontier):
         if "metrics" in o:
             fail("metrics=... applies to runs; eval JSON files make a reward-vs-KL frontier")
-        guarded(lambda: plot.plot_frontier(positional, o["out"]))
+        plot.plot_frontier(positional, o["out"])
     else:
-        guarded(lambda: plot.plot_metrics(positional, o["out"], o.get("metrics")))
+        plot.plot_metrics(positional, o["out"], o.get("metrics"))
 
 
 FETCH_USAGE = """usage: rlhf fetch-model NAME
@@ -224,7 +218,7 @@ def fetch_model_command(args: list[str]) -> None:
     from rlhf_cli.progress import console
     from rlhf_cli.real import fetch
 
-    path = guarded(lambda: fetch(args[0]))
+    path = fetch(args[0])
     console.print(f"{args[0]}: offline copy at {path}")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from rlhf_cli.errors import UserError
 
@@ -725,8 +725,13 @@ class Config:
     run_dir: str = MISSING
     """Where the run writes config.yaml, metrics.jsonl, checkpoints/ and final/."""
     resume: str | None = None
-    """null (start fresh), auto (newest complete checkpoint of this or the latest run of this
-    stage), or a checkpoint / run directory."""
+    """null (start fresh), auto (the newest whole checkpoint of run_dir; for a default
+    timestamped run_dir, of the latest run of this stage), or a checkpoint / run directory
+    (another run's is forked into run_dir)."""
+    resume_force: bool = False
+    """Resume although the config (beyond max_steps, epochs, logging and saving), the model's
+    weights or the training data changed since the checkpoint; the optimizer then takes the new
+    optim.* values."""
 
     def __post_init__(self) -> None:
         _check(
@@ -828,18 +833,49 @@ GROUP_SCHEMAS: dict[str, type] = {
 }
 
 
+_REMOTE_CODE = {"allowed": False}
+
+
+def allow_remote_code(allowed: bool) -> None:
+    """Whether models named by saved configs (runs given to sample/eval/merge/score,
+    reward.model, ref=) may run their repository's code: only when the command line says so
+    (model.trust_remote_code=true for train, trust_remote_code=true for the other commands),
+    never because a run's config.yaml says so."""
+    _REMOTE_CODE["allowed"] = bool(allowed)
+
+
+def remote_code_allowed() -> bool:
+    return _REMOTE_CODE["allowed"]
+
+
 def load_saved_config(path) -> Config:
-    """The Config a run saved (its config.yaml), validated against today's schemas."""
+    """The Config a run saved (its config.yaml), validated against today's schemas; its
+    model.trust_remote_code is the command line's (allow_remote_code), not the file's."""
     from omegaconf import OmegaConf
 
-    saved = OmegaConf.load(path)
-    saved.pop("hydra", None)
-    name = saved.get("stage", {}).get("name")
-    if name not in STAGE_SCHEMAS:
-        raise ConfigError(f"{path}: stage.name={name!r} is not one of {', '.join(STAGE_SCHEMAS)}")
-    schema = OmegaConf.structured(Config)
-    schema.stage = OmegaConf.structured(STAGE_SCHEMAS[name])
-    return OmegaConf.to_object(OmegaConf.merge(schema, saved))  # type: ignore[return-value]
+    try:
+        saved = OmegaConf.load(path)
+        if not isinstance(saved, DictConfig):
+            raise ValueError("not a YAML mapping")
+        saved.pop("hydra", None)
+        name = saved.get("stage", {}).get("name")
+        if name not in STAGE_SCHEMAS:
+            raise ConfigError(
+                f"{path}: stage.name={name!r} is not one of {', '.join(STAGE_SCHEMAS)}"
+            )
+        schema = OmegaConf.structured(Config)
+        schema.stage = OmegaConf.structured(STAGE_SCHEMAS[name])
+        cfg: Config = OmegaConf.to_object(OmegaConf.merge(schema, saved))  # type: ignore[assignment]
+    except ConfigError:
+        raise
+    except Exception as err:  # YAML or schema errors: the file is damaged or from elsewhere
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{path}: not a config this version of rlhf-cli can read ({first}); was it edited "
+            "by hand or written by another version?"
+        ) from err
+    cfg.model.trust_remote_code = remote_code_allowed()
+    return cfg
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -17,6 +17,7 @@ Row formats (after the column mapping in `data.columns`):
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -53,31 +54,46 @@ def builtin_path(name: str) -> Path:
     return Path(str(resources.files("rlhf_cli") / "assets" / f"{name}.jsonl"))
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8 (a leading byte-order mark dropped); anything else is a
+    DataError naming the first bad byte."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not UTF-8 (byte 0x{err.object[err.start]:02x} on line {line}); "
+            "re-save the file as UTF-8"
+        ) from err
+
+
 def read_jsonl(path: Path, stats: Counter, on_bad_row: str) -> list[dict]:
+    text = read_text(path)
+    if text.lstrip().startswith("["):  # a JSON list saved under .jsonl
+        return json_list_rows(path, text, stats, on_bad_row)
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                if on_bad_row == "error":
-                    raise DataError(
-                        f"{path}: line {lineno} is not valid JSON ({err.msg} at column "
-                        f"{err.colno}); fix it or set data.on_bad_row=drop"
-                    ) from err
-                stats["dropped: malformed JSON"] += 1
-                stats["_load_dropped"] += 1
-                stats.setdefault("_bad_lines", []).append(lineno)  # type: ignore[arg-type]
-                continue
-            if not isinstance(row, dict):
-                if on_bad_row == "error":
-                    raise DataError(f"{path}: line {lineno} is not a JSON object")
-                stats["dropped: not an object"] += 1
-                stats["_load_dropped"] += 1
-                continue
-            rows.append(row)
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if on_bad_row == "error":
+                raise DataError(
+                    f"{path}: line {lineno} is not valid JSON ({err.msg} at column "
+                    f"{err.colno}); fix it or set data.on_bad_row=drop"
+                ) from err
+            stats["dropped: malformed JSON"] += 1
+            stats["_load_dropped"] += 1
+            stats.setdefault("_bad_lines", []).append(lineno)  # type: ignore[arg-type]
+            continue
+        if not isinstance(row, dict):
+            if on_bad_row == "error":
+                raise DataError(f"{path}: line {lineno} is not a JSON object")
+            stats["dropped: not an object"] += 1
+            stats["_load_dropped"] += 1
+            continue
+        rows.append(row)
     return rows
 
 
@@ -91,28 +107,7 @@ def load_rows(path: str, *, name: str | None, split: str, on_bad_row: str, stats
         if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(local)):
             return read_jsonl(local, stats, on_bad_row)
         if suffix == ".json":
-            try:
-                data = json.loads(local.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{local}: not valid JSON ({err.msg}, line {err.lineno})") from err
-            if (
-                isinstance(data, dict)
-                and len(data) == 1
-                and isinstance(next(iter(data.values())), list)
-            ):
-                data = next(iter(data.values()))
-            if not isinstance(data, list):
-                raise DataError(f"{local}: expected a JSON list of rows (or JSON lines)")
-            rows = []
-            for index, row in enumerate(data):
-                if isinstance(row, dict):
-                    rows.append(row)
-                elif on_bad_row == "error":
-                    raise DataError(f"{local}: element {index} of the list is not a JSON object")
-                else:
-                    stats["dropped: not an object"] += 1
-                    stats["_load_dropped"] += 1
-            return rows
+            return json_list_rows(local, read_text(local), stats, on_bad_row)
         if suffix in LOCAL_SUFFIXES:
             return _load_with_datasets(LOCAL_SUFFIXES[suffix], data_files=str(local))
         raise DataError(
@@ -126,9 +121,30 @@ def load_rows(path: str, *, name: str | None, split: str, on_bad_row: str, stats
     return _load_with_datasets(path, split=split, name=name)
 
 
+def json_list_rows(path: Path, text: str, stats: Counter, on_bad_row: str) -> list[dict]:
+    """The rows of a JSON list (or of a {"name": [rows]} object)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from err
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows (or JSON lines)")
+    rows = []
+    for index, row in enumerate(data):
+        if isinstance(row, dict):
+            rows.append(row)
+        elif on_bad_row == "error":
+            raise DataError(f"{path}: element {index} of the list is not a JSON object")
+        else:
+            stats["dropped: not an object"] += 1
+            stats["_load_dropped"] += 1
+    return rows
+
+
 def _looks_like_jsonl(path: Path) -> bool:
-    with path.open(encoding="utf-8") as fh:
-        first = fh.readline().strip()
+    first = next((line.strip() for line in read_text(path).splitlines() if line.strip()), "")
     return first.startswith("{") and first.endswith("}")
 
 
@@ -254,6 +270,13 @@ def parse_label(value: Any) -> bool:
     raise ValueError(f"label {value!r} is not true/false")
 
 
+def _same_answer(a: Any, b: Any) -> bool:
+    """Two answers (strings or assistant messages) with the same text: a pair with nothing to
+    prefer."""
+    text = lambda x: x.get("content") if isinstance(x, dict) else x  # noqa: E731
+    return isinstance(text(a), str) and text(a).strip() == str(text(b)).strip()
+
+
 def check_columns(columns: set[str], fmt: str, cfg: DataConfig, source: str) -> None:
     for need in REQUIRED[fmt]:
         names = [getattr(cfg.columns, n) for n in need.split("|")]
@@ -272,6 +295,8 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -
     get = row.get
     margin = get(c.margin)
     margin = float(margin) if isinstance(margin, int | float) else None
+    if margin is not None and not math.isfinite(margin):
+        raise ValueError(f"margin {margin} is not a finite number")
     if fmt == "text":
         text = get(c.text)
         if not _nonempty(text):
@@ -307,6 +332,8 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -
             raise ValueError("chosen and rejected transcripts differ before the last answer")
         if not (chosen_resp.strip() and rejected_resp.strip()):
             raise ValueError("empty answer")
+        if _same_answer(chosen_resp, rejected_resp):
+            raise ValueError("chosen and rejected are the same answer")
         return Conversation(
             prompt=prompt, responses={"chosen": chosen_resp, "rejected": rejected_resp}
         )
@@ -335,17 +362,23 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -
         if not all(_is_messages(r) for r in responses.values()):
             raise ValueError("empty or malformed prompt")
         prompt = None
+    history = None  # the messages in front of the answers, when the responses carry them
     for name, resp in list(responses.items()):
         if _is_messages(resp):
             if resp[-1]["role"] != "assistant":
                 raise ValueError(f"{name} does not end with an assistant turn")
             if len(resp) > 1:  # the prompt repeated in front of the answer
+                if history is not None and list(resp[:-1]) != history:
+                    raise ValueError(f"{name} has another message history than the first answer")
+                history = list(resp[:-1])
                 if prompt is None:
-                    prompt = list(resp[:-1])
+                    prompt = history
                 resp = resp[-1]
             responses[name] = resp[0] if isinstance(resp, list) else resp
     if prompt is None:
         raise ValueError("no prompt")
+    if fmt == "preference" and _same_answer(responses["chosen"], responses["rejected"]):
+        raise ValueError("chosen and rejected are the same answer")
     if isinstance(prompt, list) != isinstance(next(iter(responses.values())), dict):
         # Mixed forms: turn the strings into messages.
         if isinstance(prompt, str):

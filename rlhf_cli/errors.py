@@ -1,4 +1,17 @@
-"""Errors caused by the user's input: printed as one line, no traceback, non-zero exit."""
+"""Errors caused by the user's input: printed as one line, no traceback, non-zero exit.
+
+The CLI's one guard (`guarded`) turns a UserError anywhere below it into that line and exit 2,
+and an Interrupted (a signal, after its checkpoint) into its exit status; any other exception
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+EXIT_USER_ERROR = 2
 
 
 class UserError(Exception):
@@ -27,3 +40,25 @@ class Interrupted(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    """Print `message` as one error line and exit with `code`."""
+    from rlhf_cli.progress import console
+
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
+
+
+def guarded(call: Callable[[], Any]) -> Any:
+    """Run a command: a UserError becomes one line and exit 2; Interrupted its message and
+    exit status."""
+    try:
+        return call()
+    except UserError as err:
+        fail(str(err))
+    except Interrupted as stop:
+        from rlhf_cli.progress import console
+
+        console.print(f"[yellow]{stop}[/]")
+        sys.exit(stop.code)

@@ -24,7 +24,7 @@ from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, OptimConfig
 from rlhf_cli.errors import Interrupted, RewardError, TrainingError, UserError
 from rlhf_cli.models import autocast, eval_mode
-from rlhf_cli.progress import Reporter
+from rlhf_cli.progress import Reporter, console
 
 
 class Stage:
@@ -185,6 +185,73 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
+def model_fingerprint(model) -> str:
+    """A hash of a sample of every frozen (base) weight: 256 values at its start and 256 in
+    its middle. Another model with the same shapes gives another hash."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        values = p.detach()
+        values = (values.to_local() if hasattr(values, "to_local") else values).reshape(-1)
+        mid = values.numel() // 2
+        digest.update(name.encode())
+        for part in (values[:256], values[mid : mid + 256]):
+            digest.update(part.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(examples: list) -> dict[str, Any]:
+    """The training examples' count and a hash of their tokens (after every data option)."""
+    import hashlib
+    import pickle
+
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(pickle.dumps(ex, protocol=4))
+    return {"rows": len(examples), "sha256": digest.hexdigest()[:16]}
+
+
+def check_fingerprint(saved: dict | None, now: dict, ckpt: Path, force: bool) -> None:
+    """Refuse to resume on another model or other data (unless `force`); say what differs."""
+    if saved is None:  # a checkpoint from before fingerprints
+        return
+    changes = []
+    if saved["model"] != now["model"]:
+        changes.append("the model's weights differ")
+    if saved["data"] != now["data"]:
+        old, new = saved["data"], now["data"]
+        changes.append(
+            f"the training data differ ({old['rows']} -> {new['rows']} examples"
+            + (", same count, other contents" if old["rows"] == new["rows"] else "")
+            + ")"
+        )
+    if not changes:
+        return
+    if not force:
+        raise UserError(
+            f"{ckpt}: {' and '.join(changes)} from the checkpoint's: resume with the same model "
+            "and data, or add resume_force=true to continue anyway"
+        )
+    console.print(f"[yellow]warning:[/] resume_force: {' and '.join(changes)}")
+
+
+def take_optim_settings(optimizer, scheduler, cfg: OptimConfig) -> None:
+    """After loading a checkpoint: the optimizer's lr, betas, eps and weight decay from the
+    config (they may have changed with resume_force), the schedule continued at its step."""
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = tuple(cfg.betas), cfg.eps
+        group["weight_decay"] = cfg.weight_decay
+        group["initial_lr"] = cfg.lr
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    lrs = [b * f(scheduler.last_epoch) for b, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 class StopRequested(Exception):
     """Raised by a stage's long work between steps when a signal asked the run to stop; the
     loop saves a checkpoint at the current step and exits as for a signal."""
@@ -323,8 +390,13 @@ def train(
     schedule = lr_lambda(cfg.optim, total * stage.updates_per_step())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     pos = Position()
+    # Rank 0's (with FSDP each rank holds another shard of the weights).
+    fingerprint = dist.broadcast_object(
+        {"model": model_fingerprint(model), "data": data_fingerprint(train_examples)}
+    )
     if resume_from is not None:
         state = ckpt_lib.load_state(resume_from)
+        check_fingerprint(state.get("fingerprint"), fingerprint, resume_from, cfg.resume_force)
         if fsdp != ("trainable" in state):
             raise UserError(
                 f"{resume_from} was saved with dist.strategy={'ddp' if fsdp else 'fsdp'}: resume "
@@ -337,6 +409,7 @@ def train(
             else:
                 optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            take_optim_settings(optimizer, scheduler, cfg.optim)
         except (ValueError, KeyError) as err:
             raise UserError(
                 f"{resume_from}: optimizer state does not fit this run ({err}); was optim.name "
@@ -368,6 +441,7 @@ def train(
             "rng": dist.gather_objects(ckpt_lib.rng_state()),  # one per rank
             "world_size": dist.world_size(),
             "step": pos.step,
+            "fingerprint": fingerprint,
         }
 
     def save(name: str | None = None) -> Path | None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from rlhf_cli.checkpoint import temp_dir
 from rlhf_cli.errors import UserError
 from rlhf_cli.models import DTYPES
 from rlhf_cli.policy import load_policy, locate
@@ -66,7 +66,7 @@ def merge(
         model = model.merge_and_unload()
     model.config.use_cache = True  # training turned it off; generation wants it
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp = temp_dir(target.parent, target.name)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)

@@ -25,6 +25,7 @@ from rlhf_cli.config import (
     QuantConfig,
     SftConfig,
     load_saved_config,
+    remote_code_allowed,
 )
 from rlhf_cli.data import PreferenceBatch, Renderer, build_examples, load_rows
 from rlhf_cli.errors import UserError
@@ -84,7 +85,7 @@ def plain_config(path: str | Path, quant: str = "none") -> Config:
     """The config of a plain model directory: defaults everywhere, the model at `path`."""
     return Config(
         stage=SftConfig(),
-        model=ModelConfig(name_or_path=str(path)),
+        model=ModelConfig(name_or_path=str(path), trust_remote_code=remote_code_allowed()),
         data=DataConfig(),
         peft=PeftConfig(),
         quant=QuantConfig(mode=quant),

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -97,7 +96,9 @@ def build_once(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if complete(target):
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        from rlhf_cli.checkpoint import temp_dir
+
+        tmp = temp_dir(target.parent, target.name)
         try:
             builder(tmp)
             if target.exists():  # left incomplete (an older version, a killed build): replace

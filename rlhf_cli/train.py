@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli import distributed as dist
-from rlhf_cli.config import Config, SamplingConfig
+from rlhf_cli.config import Config, SamplingConfig, allow_remote_code
 from rlhf_cli.data import load_datasets
 from rlhf_cli.errors import CheckpointError, UserError
 from rlhf_cli.loop import train
@@ -39,6 +40,7 @@ RESUME_FREE_KEYS = {
     "train.log_every",
     "train.eval_batches",
     "device",
+    "resume_force",
 }
 
 
@@ -147,15 +149,33 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
         and not any(hydra_dir.iterdir())
     ):
         hydra_dir.rmdir()  # the empty directory Hydra made for this rank's own timestamp
+    # One process writes a run: a second one on the same run_dir stops here (rank 0 holds
+    # the lock for all ranks).
+    with ckpt_lib.RunLock(run_dir) if dist.is_main() else nullcontext():
+        if dist.is_main():
+            for leftover in ckpt_lib.remove_leftovers(run_dir):
+                console.print(f"removed {leftover} (left by an interrupted save)")
+        return _run(cfg, config_yaml, run_dir, resume_from)
+
+
+def _run(cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None) -> dict:
     if resume_from is not None:
         saved = (
             (resume_from / "config.yaml").read_text()
             if (resume_from / "config.yaml").exists()
             else ""
         )
-        if saved:
-            for diff in config_differences(saved, config_yaml):
-                console.print(f"[yellow]warning:[/] resuming with a changed config: {diff}")
+        diffs = config_differences(saved, config_yaml) if saved else []
+        if diffs and not cfg.resume_force:
+            more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise CheckpointError(
+                f"resume={cfg.resume}: the config changed since {resume_from} ("
+                + "; ".join(diffs[:3])
+                + f"{more}): resume with the same settings, or add resume_force=true to "
+                "continue with the new ones"
+            )
+        for diff in diffs:
+            console.print(f"[yellow]warning:[/] resuming with a changed config: {diff}")
         console.print(f"resuming from {resume_from}")
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,10 +183,10 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
             (run_dir / "config.yaml").write_text(config_yaml)
 
     quiet_libraries()
+    allow_remote_code(cfg.model.trust_remote_code)  # for reward.model / ref runs too
     if isinstance(cfg.stage, SamplingConfig):
-        reward_terms(
-            cfg.reward
-        )  # a typo (or an unknown reward.kwargs) fails before any model loads
+        # A typo (or an unknown reward.kwargs) fails here, before any model loads.
+        reward_terms(cfg.reward)
     seed_everything(cfg.train.seed)
     device = dist.local_device(cfg.device) or resolve_device(cfg.device)
     amp = autocast_dtype(cfg.train.precision, device)

@@ -4,6 +4,7 @@ Every case runs through the `rlhf` CLI, as a user would."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,194 @@ def test_resuming_another_stages_run_is_refused(run_a, tmp_path):
     proc = rlhf("train", "stage=dpo", f"resume={run_a}", f"run_dir={tmp_path / 'dpo'}")
     assert_one_line_error(proc, "stage=sft run", f"model.adapter={run_a}")
     assert snapshot(run_a) == before
+
+
+def assert_stops_with(proc, *needles: str) -> str:
+    """Exit 2, no traceback, one error line (after the progress lines of what loaded)."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, out[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_resuming_with_a_changed_config_is_refused_unless_forced(run_a, tmp_path):
+    """optim.lr changed: refused (nothing written); with resume_force=true the new lr is
+    used from the checkpoint on (half the lr: half the logged lr at steps 3 and 4)."""
+    run = copy_run(run_a, tmp_path / "run")
+    (run / "final").rename(tmp_path / "final-of-run")
+    shutil.rmtree(run / "checkpoints" / "step-000004")  # resume=auto: from step 2
+    before = snapshot(run)
+    args = (*TRAIN, "train.max_steps=4", f"run_dir={run}", "resume=auto")
+    proc = rlhf("train", *args, "optim.lr=1e-4")
+    assert_one_line_error(proc, "optim.lr: 0.0002 -> 0.0001", "resume_force=true")
+    assert snapshot(run) == before
+    proc = rlhf("train", *args, "optim.lr=1e-4", "resume_force=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 (2 this run)" in proc.stdout + proc.stderr
+    full, forced = read_metrics(run_a), read_metrics(run)
+    assert [r["lr"] for r in forced[:2]] == [r["lr"] for r in full[:2]]
+    assert [r["lr"] for r in forced[2:]] == pytest.approx([r["lr"] / 2 for r in full[2:]])
+
+
+def test_resuming_on_other_data_or_another_model_is_refused(tmp_path):
+    """The checkpoint's fingerprint: the same number of rows with other contents, or a model
+    at the same path whose weights changed, are refused; resume_force=true goes on."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from rlhf_cli.tiny import tiny_model_dir
+
+    model = shutil.copytree(tiny_model_dir(), tmp_path / "model")
+    rows = [{"prompt": f"Say {i}.", "completion": f"{i} {i}."} for i in range(16)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = (
+        "stage=sft",
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        "data.eval_size=0",
+        "train.micro_batch_size=4",
+        "train.max_steps=2",
+        "train.save_every=1",
+        f"run_dir={run}",
+    )
+    assert rlhf("train", *args).returncode == 0
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step-000002")
+    rows[3]["completion"] = "three"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = snapshot(run)
+    proc = rlhf("train", *args, "resume=auto")
+    assert_stops_with(proc, "the training data differ (16 -> 16 examples, same count")
+    assert snapshot(run) == before
+    rows[3]["completion"] = "3 3."
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "layers.0.self_attn.q_proj" in k)
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    proc = rlhf("train", *args, "resume=auto")
+    assert_stops_with(proc, "the model's weights differ")
+    assert snapshot(run) == before
+    proc = rlhf("train", *args, "resume=auto", "resume_force=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 (1 this run)" in proc.stdout + proc.stderr
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(run_a, tmp_path):
+    """step-4's adapter cut short: resume=auto says so and resumes from step 2 (steps 3-6
+    run); leftover temporary directories of a killed save are removed."""
+    import shutil
+
+    run = copy_run(run_a, tmp_path / "run")
+    shutil.rmtree(run / "final")
+    weights = run / "checkpoints" / "step-000004" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    leftover = run / "checkpoints" / ".tmp-step-000006-x1y2"
+    leftover.mkdir()
+    (leftover / "trainer_state.pt").write_bytes(b"half")
+    proc = rlhf("train", *TRAIN, "train.max_steps=6", f"run_dir={run}", "resume=auto")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "step-000004 is damaged (adapter_model.safetensors is incomplete)" in out
+    assert "6 (4 this run)" in out
+    assert not leftover.exists() and "left by an interrupted save" in out
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    # Resuming from the damaged checkpoint by name is one line.
+    state = run / "checkpoints" / "step-000006" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    proc = rlhf(
+        "train", *TRAIN, "train.max_steps=8", f"run_dir={tmp_path / 'b'}", f"resume={state.parent}"
+    )
+    assert_one_line_error(proc, "the checkpoint is damaged")
+
+
+def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
+    from rlhf_cli.checkpoint import RunLock
+
+    run = tmp_path / "run"
+    with RunLock(run):
+        proc = rlhf("train", *TRAIN, "train.max_steps=1", f"run_dir={run}")
+    assert_one_line_error(proc, f"{run} is being written by another rlhf process")
+    assert not (run / "checkpoints").exists()
+    assert rlhf("train", *TRAIN, "train.max_steps=1", f"run_dir={run}").returncode == 0
+
+
+def test_outputs_follow_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        run = tmp_path / "run"
+        assert rlhf("train", *TRAIN, "train.max_steps=1", f"run_dir={run}").returncode == 0
+        assert rlhf("merge", str(run), f"out={tmp_path / 'merged'}").returncode == 0
+    finally:
+        os.umask(old)
+    for d in (run / "final", run / "checkpoints" / "step-000001", tmp_path / "merged"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o775, d
+
+
+def test_an_exception_during_a_checkpoint_write_leaves_the_previous_ones_whole(
+    tmp_path, monkeypatch
+):
+    """torch.save raises while step 2 is written: step 1 stays whole and loadable, no
+    temporary directory is left, and resume=auto continues from step 1."""
+    import torch
+
+    from rlhf_cli import checkpoint
+
+    real_save, calls = torch.save, []
+
+    def flaky(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", flaky)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full"):
+        train_in_process(run, *TRAIN, "train.max_steps=3", "train.save_every=1")
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000001"]
+    assert checkpoint.damage(run / "checkpoints" / "step-000001") is None
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    rows = train_in_process(run, *TRAIN, "train.max_steps=3", "train.save_every=1", "resume=auto")
+    assert rows["steps"] == "3 (2 this run)"
+
+
+def test_saved_configs_never_turn_on_remote_code(run_a, tmp_path):
+    """A run's config.yaml that says trust_remote_code: true is read as false; only the
+    command line allows it."""
+    from rlhf_cli.config import allow_remote_code, load_saved_config
+
+    path = tmp_path / "config.yaml"
+    text = (run_a / "config.yaml").read_text()
+    assert "trust_remote_code: false" in text
+    path.write_text(text.replace("trust_remote_code: false", "trust_remote_code: true"))
+    assert load_saved_config(path).model.trust_remote_code is False
+    allow_remote_code(True)
+    try:
+        assert load_saved_config(path).model.trust_remote_code is True
+    finally:
+        allow_remote_code(False)
+
+
+def test_a_run_config_with_an_unknown_key_is_one_line(run_a, tmp_path):
+    run = copy_run(run_a, tmp_path / "run")
+    config = run / "final" / "config.yaml"
+    config.write_text(config.read_text() + "\nsurprise: 1\n")
+    proc = rlhf("sample", str(run), "prompt=Hi", "max_new_tokens=2")
+    assert_one_line_error(proc, "not a config this version of rlhf-cli can read", "surprise")

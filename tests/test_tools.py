@@ -12,8 +12,8 @@ from conftest import rlhf, train_in_process
 from test_cli_errors import assert_one_line_error
 
 from rlhf_cli import sentiment
-from rlhf_cli.cli import EXIT_USER_ERROR, main
-from rlhf_cli.errors import UserError
+from rlhf_cli.cli import main
+from rlhf_cli.errors import EXIT_USER_ERROR, UserError
 from rlhf_cli.evaluate import evaluate
 from rlhf_cli.merge import merge
 from rlhf_cli.plot import plot_frontier, plot_metrics
