@@ -759,3 +759,56 @@ def test_sft_on_hh_transcripts_trains_on_chosen_answer(tok):
     assert report.fmt == "hh"
     assert labelled(tok, ex).strip().startswith("Hello there.")
     assert "Human: Hi?" in tok.decode(ex["input_ids"])
+
+
+# --------------------------------------------------------------------------- encodings, odd files
+
+
+def test_a_byte_order_mark_keeps_the_first_row(tmp_path, tok):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in PC_ROWS).encode())
+    train, _, report = load(path, tok, on_bad_row="error")
+    assert_consistent_report(report, 3, 3)
+    assert "Paris" in tok.decode(train[0]["input_ids"])
+
+
+def test_a_file_that_is_not_utf8_names_the_byte_and_line(tmp_path, tok):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False) for r in PC_ROWS]
+    lines[1] = lines[1].replace("primary", "primär")
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(DataError, match=r"not UTF-8 \(byte 0xe4 on line 2\); re-save"):
+        load(path, tok)
+
+
+def test_a_json_list_saved_as_jsonl_gives_every_row(tmp_path, tok):
+    path = tmp_path / "list.jsonl"
+    path.write_text(json.dumps(PC_ROWS, indent=2))
+    train, _, report = load(path, tok, on_bad_row="error")
+    assert len(train) == 3
+    assert_consistent_report(report, 3, 3)
+
+
+def test_pairs_with_nothing_to_prefer_are_bad_rows(tok):
+    """chosen == rejected (also up to whitespace, and as messages), message histories that
+    differ, and a margin of Infinity: each dropped and counted, or an error naming the row."""
+    ok = {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}
+    msgs = lambda user, answer: [  # noqa: E731
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
+    bad = [
+        {"prompt": "Hi?", "chosen": "Same.", "rejected": "Same. "},
+        {"chosen": msgs("Hi?", "Same."), "rejected": msgs("Hi?", "Same.")},
+        {"chosen": msgs("Hi?", "Hello!"), "rejected": msgs("Bye?", "Go away.")},
+        {**ok, "margin": float("inf")},
+    ]
+    examples, report = build([ok, *bad], tok, kind="preference")
+    assert len(examples) == 1
+    assert_consistent_report(report, 5, 1)
+    reasons = " | ".join(report.dropped)
+    assert "chosen and rejected are the same answer" in reasons
+    assert "another message history" in reasons and "margin inf is not a finite" in reasons
+    for row in bad:
+        with pytest.raises(DataError, match="row 2"):
+            build([ok, row], tok, kind="preference", on_bad_row="error")
