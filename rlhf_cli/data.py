@@ -410,12 +410,17 @@ class Renderer:
         self.template = template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
 
     def chat(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except TemplateError as err:  # e.g. raise_exception("roles must alternate"): this row
+            raise ValueError(f"the chat template refused it: {err}") from err
 
     def conversation_segments(
         self, turns: list[Message], only_last: bool

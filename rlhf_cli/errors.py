@@ -62,3 +62,5 @@ def guarded(call: Callable[[], Any]) -> Any:
 
         console.print(f"[yellow]{stop}[/]")
         sys.exit(stop.code)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a new checkpoint
+        fail("interrupted (a second Ctrl-C): nothing saved since the last checkpoint", 130)

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,7 @@ class StopFlag:
 
     def __init__(self):
         self.signum: int | None = None
+        self.saving = False  # a second Ctrl-C waits for the save to finish
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -275,6 +277,9 @@ class StopFlag:
 
     def handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            if self.saving:
+                os.write(2, b"\nCtrl-C: finishing the checkpoint first\n")
+                return
             raise KeyboardInterrupt
         self.signum = signum
         if dist.is_main():  # at once, not when the step ends (a step may take minutes)
@@ -286,6 +291,16 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def stop_point(stage: Stage) -> None:
+    """Raise StopRequested when a signal asked the run to stop (all ranks agree): called
+    between the batches of long work inside a step (evaluation, rollouts, precompute)."""
+    flag = float(stage.stop_requested())
+    if dist.world_size() > 1:
+        flag = dist.all_reduce_max(flag)
+    if flag:
+        raise StopRequested
 
 
 def move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -307,7 +322,12 @@ def _evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | 
         examples = examples[: max_batches * batch_size]
     examples = examples[dist.rank() :: dist.world_size()]  # each rank a share, summed below
     totals: dict[str, float] = {}
-    for i in range(0, len(examples), batch_size):
+    steps = -(-len(examples) // batch_size)
+    steps = int(dist.all_reduce_max(float(steps)))  # every rank takes each stop point
+    for i in range(0, steps * batch_size, batch_size):
+        stop_point(stage)
+        if i >= len(examples):
+            continue
         batch = stage.collate(examples[i : i + batch_size])
         with autocast(stage.amp_dtype, stage.device):
             loss_sum, metrics = stage.loss(move(batch, stage.device))
@@ -332,7 +352,8 @@ class Updater:
         self.max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         self.max_nonfinite = cfg.train.max_nonfinite
         self.pos = pos
-        self.skipped_last = False
+        self.skipped_last = False  # the last step skipped an update
+        self.skipped_now = False  # an update of the current step was skipped
 
     def apply(self, loss: torch.Tensor) -> tuple[float, float]:
         """`loss` must already be the global (all-rank) value; the gradients are summed here."""
@@ -344,20 +365,27 @@ class Updater:
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
             self.optimizer.step()
-            self.pos.streak = 0
         else:
-            self.pos.skipped += 1
-            self.pos.streak += 1
-        self.skipped_last = not finite
+            self.skipped_now = True
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return loss_value, norm_value
+
+    def end_step(self) -> None:
+        """Count the step as skipped when any of its updates was (an online step makes
+        several); train.max_nonfinite such steps in a row end the run."""
+        self.skipped_last, self.skipped_now = self.skipped_now, False
+        if not self.skipped_last:
+            self.pos.streak = 0
+            return
+        self.pos.skipped += 1
+        self.pos.streak += 1
         if self.pos.streak >= self.max_nonfinite:
             raise TrainingError(
                 f"the loss or gradient was non-finite for {self.pos.streak} steps in a row "
-                f"(step {self.pos.step + 1}); lower optim.lr, use train.precision=fp32, or check "
+                f"(step {self.pos.step}); lower optim.lr, use train.precision=fp32, or check "
                 "the data; the last good checkpoint is kept"
             )
-        return loss_value, norm_value
 
     @property
     def lr(self) -> float:
@@ -372,8 +400,10 @@ def train(
     run_dir: Path,
     config_yaml: str,
     resume_from: Path | None,
+    stop: StopFlag | None = None,
 ) -> dict[str, Any]:
-    """Run the loop to the end (or to a signal); returns the summary rows."""
+    """Run the loop to the end (or to a signal); returns the summary rows. `stop`: the
+    caller's signal handler, when it installed one before (e.g. around model loading)."""
     cfg = stage.cfg
     t = cfg.train
     model = stage.model
@@ -445,11 +475,15 @@ def train(
         }
 
     def save(name: str | None = None) -> Path | None:
-        state = state_now()  # a collective: every rank takes part
-        path = None
-        if dist.is_main():
-            path = _save(name, state)
-        dist.barrier()
+        stop.saving = True  # a second Ctrl-C now waits for the save
+        try:
+            state = state_now()  # a collective: every rank takes part
+            path = None
+            if dist.is_main():
+                path = _save(name, state)
+            dist.barrier()
+        finally:
+            stop.saving = False
         return path
 
     def _save(name: str | None, state: dict[str, Any]) -> Path:
@@ -491,7 +525,7 @@ def train(
         )
 
     stage.resumed = resume_from is not None
-    with reporter as report, StopFlag() as stop:
+    with reporter as report, nullcontext(stop) if stop else StopFlag() as stop:
         stage.stop_requested = lambda: bool(stop.signum)
         while pos.step < total:
             step_t0 = time.perf_counter()
@@ -504,13 +538,18 @@ def train(
                 raise reward_failed(err) from None
             try:
                 record, tokens = stage.train_step(examples, updater)
-            except RewardError as err:  # before any update: the step starts again on resume
+            except (RewardError, StopRequested) as err:
+                # Raised before any update (scoring, or a signal during the rollouts): the
+                # checkpoint is the state at the start of the step, which runs again on resume.
                 for key, value in asdict(before[0]).items():
                     setattr(pos, key, value)
                 ckpt_lib.set_rng_state(before[1])
+                if isinstance(err, StopRequested):
+                    raise interrupted(stop.signum or signal.SIGINT) from None
                 raise reward_failed(err) from None
             pos.step += 1
             pos.tokens += tokens
+            updater.end_step()
             elapsed = time.perf_counter() - step_t0
             last = {
                 **record,
@@ -523,7 +562,10 @@ def train(
                 report.note(f"step {pos.step}: non-finite loss/gradient, step skipped")
             report.step(pos.step, last, log=pos.step % t.log_every == 0 or pos.step == total)
             if eval_examples and t.eval_every and pos.step % t.eval_every == 0 and pos.step < total:
-                evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+                try:
+                    evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+                except StopRequested:  # the eval is dropped; the step is saved
+                    raise interrupted(stop.signum or signal.SIGINT) from None
                 report.eval(pos.step, evals)
             if t.save_every and pos.step % t.save_every == 0 and pos.step < total:
                 save()
@@ -532,7 +574,10 @@ def train(
             if signum:
                 raise interrupted(signum)
         if eval_examples and start_step < total:
-            evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+            try:
+                evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+            except StopRequested:
+                raise interrupted(stop.signum or signal.SIGINT) from None
             report.eval(pos.step, evals)
         save()
         final = save("final")

@@ -87,6 +87,27 @@ def _hub_error(what: str, name: str, err: Exception) -> UserError:
     return UserError(f"could not load {what} {name!r}: {reason} ({hint})")
 
 
+def read_chat_template(value: str) -> str:
+    """model.chat_template: a .jinja file or the template itself; either must parse."""
+    from jinja2 import Environment, TemplateSyntaxError
+
+    template = value
+    if value.endswith((".jinja", ".j2")) or ("{" not in value and "/" in value):
+        if not Path(value).is_file():
+            raise UserError(
+                f"model.chat_template={value}: no such file (give a .jinja file or the "
+                "template text)"
+            )
+        template = Path(value).read_text(encoding="utf-8")
+    try:
+        Environment().parse(template)
+    except TemplateSyntaxError as err:
+        raise UserError(
+            f"model.chat_template: not a valid Jinja template (line {err.lineno}: {err.message})"
+        ) from err
+    return template
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -98,10 +119,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     except (OSError, ValueError) as err:
         raise _hub_error("the tokenizer of", path, err) from err
     if model_cfg.chat_template:
-        template = model_cfg.chat_template
-        if template.endswith(".jinja") and Path(template).is_file():
-            template = Path(template).read_text()
-        tokenizer.chat_template = template
+        tokenizer.chat_template = read_chat_template(model_cfg.chat_template)
     if tokenizer.pad_token is None:
         # Padding is always masked out, so reusing EOS (or UNK) changes no loss.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

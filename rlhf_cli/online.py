@@ -21,7 +21,7 @@ import torch
 
 from rlhf_cli import distributed as dist
 from rlhf_cli.errors import RewardError, UserError
-from rlhf_cli.loop import Stage, Updater
+from rlhf_cli.loop import Stage, Updater, stop_point
 from rlhf_cli.losses import (
     adaptive_kl_coef,
     aggregate_loss,
@@ -383,6 +383,7 @@ class OnlineStage(Sampler, Stage):
                     for g, is_flat in enumerate(same.tolist()):
                         (flat if is_flat else kept).append((len(parts) - 1, g))
             tries += 1
+            stop_point(self)  # a signal: after this generation, not after the whole step
             failed, short = dist.all_reduce_sum(
                 torch.tensor([float(error is not None), float(len(kept) < need)])
             ).tolist()
@@ -569,7 +570,11 @@ class OnlineStage(Sampler, Stage):
         columns: dict[str, list[torch.Tensor]] = {"score": [], "kl": [], "response_length": []}
         size = self.cfg.stage.rollout_batch_size
         examples = examples[dist.rank() :: dist.world_size()]
-        for i in range(0, len(examples), size):
+        batches = int(dist.all_reduce_max(float(-(-len(examples) // size))))
+        for i in range(0, batches * size, size):
+            stop_point(self)  # every rank takes each stop point
+            if i >= len(examples):
+                continue
             rollout = self.rollout(examples[i : i + size])
             with autocast(self.amp_dtype, self.device):
                 logps = self.forward(self.model, rollout.select(slice(None)), rollout.prompt_len)[0]

@@ -24,6 +24,15 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def _parsed(line: str) -> dict | None:
+    """A metrics line as a dict; None for a blank or torn one (a run killed mid-write)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 class MetricsFile:
     """metrics.jsonl: one object per logged step/eval. On resume, lines after the checkpoint's
     step are dropped, so the file reads as if the run had never stopped."""
@@ -33,8 +42,8 @@ class MetricsFile:
         if resume_step is not None and path.exists():
             keep = [
                 line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if (row := _parsed(line)) is not None and row.get("step", 0) <= resume_step
             ]
             path.write_text("".join(line + "\n" for line in keep))
         self.fh = path.open("a", encoding="utf-8")

@@ -65,6 +65,7 @@ def score_file(
     else:
         summary["mean score"] = sum(r[0] for r in results) / len(results)
     if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with Path(out).open("w") as fh:
             for r in results:
                 fh.write(json.dumps({"scores": r} if pairs else {"score": r[0]}) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, SamplingConfig, allow_remote_code
 from rlhf_cli.data import load_datasets
-from rlhf_cli.errors import CheckpointError, UserError
-from rlhf_cli.loop import train
+from rlhf_cli.errors import CheckpointError, Interrupted, UserError
+from rlhf_cli.loop import StopFlag, StopRequested, train
 from rlhf_cli.models import (
     autocast_dtype,
     count_parameters,
@@ -159,6 +160,15 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
 
 
 def _run(cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None) -> dict:
+    # Signals are caught from here on: the model and data load, the stage prepares (reference
+    # precompute), then the loop saves and stops at its next stop point.
+    with StopFlag() as stop:
+        return _run_stopping(cfg, config_yaml, run_dir, resume_from, stop)
+
+
+def _run_stopping(
+    cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None, stop: StopFlag
+) -> dict:
     if resume_from is not None:
         saved = (
             (resume_from / "config.yaml").read_text()
@@ -212,7 +222,16 @@ def _run(cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None)
         f"autocast={'bf16' if amp else 'off'}): {trainable:,} trainable of {total:,} parameters"
     )
     stage = cls(cfg, model, tokenizer, device, amp)
-    stage.prepare(train_examples, eval_examples, run_dir)
+    stage.stop_requested = lambda: bool(stop.signum)
+    try:
+        stage.prepare(train_examples, eval_examples, run_dir)  # e.g. the reference precompute
+    except StopRequested:
+        name = signal.Signals(stop.signum or signal.SIGINT).name
+        raise Interrupted(
+            f"{name}: stopped before the first step (nothing trained, no checkpoint); run the "
+            "same command again to start",
+            128 + (stop.signum or signal.SIGINT),
+        ) from None
     if cfg.dist.strategy == "fsdp":
         dist.fsdp_wrap(model)  # after the stage set up its adapters and reference
     if dist.world_size() > 1:
@@ -227,6 +246,7 @@ def _run(cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None)
         run_dir=run_dir,
         config_yaml=config_yaml,
         resume_from=resume_from,
+        stop=stop,
     )
     summary_table(f"rlhf train stage={cfg.stage.name}: done", rows)
     return rows

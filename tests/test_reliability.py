@@ -277,3 +277,147 @@ def test_a_run_config_with_an_unknown_key_is_one_line(run_a, tmp_path):
     config.write_text(config.read_text() + "\nsurprise: 1\n")
     proc = rlhf("sample", str(run), "prompt=Hi", "max_new_tokens=2")
     assert_one_line_error(proc, "not a config this version of rlhf-cli can read", "surprise")
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@pytest.fixture
+def stopper(tmp_path, monkeypatch):
+    """A reward function (stopper:score) that sends this process SIGINT on its Nth call."""
+    import sys
+
+    from test_rs import STOPPER
+
+    (tmp_path / "stopper.py").write_text(STOPPER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("stopper", None)
+
+    def args(log: str, stop_at: int) -> tuple:
+        return (
+            "stage=grpo",
+            "reward.fn=stopper:score",
+            f"+reward.kwargs.log={tmp_path / log}",
+            f"+reward.kwargs.stop_at={stop_at}",
+            "stage.rollout_batch_size=2",
+            "stage.max_new_tokens=8",
+            "train.max_steps=3",
+            "train.save_every=0",
+            "quant=none",
+        )
+
+    return args
+
+
+def calls(log: Path) -> int:
+    return len(log.read_text().splitlines())
+
+
+def test_a_signal_during_the_rollouts_saves_the_step_start(tmp_path, stopper, monkeypatch, capfd):
+    """SIGINT while step 2 scores its rollouts: a checkpoint at step 1 (the state before step
+    2's sampling), saved although a second Ctrl-C arrives during the save; the resume samples
+    steps 2 and 3 once each and ends where an uninterrupted run ends."""
+    import os
+    import signal
+
+    from rlhf_cli import checkpoint
+    from rlhf_cli.errors import Interrupted
+
+    train_in_process(tmp_path / "full", *stopper("full.log", 0), "data.eval_size=0")
+    real_save = checkpoint.save_checkpoint
+
+    def save_with_a_second_ctrl_c(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_with_a_second_ctrl_c)
+    with pytest.raises(Interrupted, match="SIGINT: stopped at step 1/3"):
+        train_in_process(tmp_path / "run", *stopper("run.log", 2), "data.eval_size=0")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert "Ctrl-C: finishing the checkpoint first" in capfd.readouterr().err
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-000001"]
+    assert checkpoint.damage(tmp_path / "run" / "checkpoints" / "step-000001") is None
+    assert calls(tmp_path / "run.log") == 2
+    train_in_process(tmp_path / "run", *stopper("run.log", 2), "data.eval_size=0", "resume=auto")
+    assert calls(tmp_path / "run.log") == 4  # steps 2 and 3
+    full, run = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "run")
+    assert [r["step"] for r in run] == [1, 2, 3]
+    assert [r["loss"] for r in run] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "run")) < 1e-6
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, stopper):
+    """4 held-out prompts, 2 a batch: SIGINT during the step-1 evaluation's first batch; the
+    second batch is not sampled, no eval row is written, the checkpoint is at step 1."""
+    from rlhf_cli import checkpoint
+    from rlhf_cli.errors import Interrupted
+
+    args = (*stopper("run.log", 2), "data.eval_size=4", "train.eval_every=1")
+    with pytest.raises(Interrupted, match="SIGINT: stopped at step 1/3"):
+        train_in_process(tmp_path / "run", *args)
+    assert calls(tmp_path / "run.log") == 2  # step 1, then the eval's first batch only
+    assert read_metrics(tmp_path / "run", "eval") == []
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step-000001"]
+
+
+def test_a_signal_during_the_reference_precompute_stops_before_training(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from rlhf_cli.errors import Interrupted
+    from rlhf_cli.stages.dpo import DPOStage
+
+    real = DPOStage.reference_logps
+
+    def first_batch_then_ctrl_c(self, batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, batch)
+
+    monkeypatch.setattr(DPOStage, "reference_logps", first_batch_then_ctrl_c)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted, match="stopped before the first step") as stop:
+        train_in_process(
+            run,
+            "stage=dpo",
+            "ref.precompute=true",
+            "data.eval_size=0",
+            "data.max_samples=32",
+            "train.micro_batch_size=4",
+            "train.max_steps=2",
+        )
+    assert stop.value.code == 128 + signal.SIGINT
+    assert not (run / "checkpoints").exists() and not (run / "ref_logps.pt").exists()
+
+
+def test_max_nonfinite_counts_steps_not_updates():
+    """Two updates a step (as an online stage makes): a step with a non-finite update counts
+    once; a clean step resets the streak; max_nonfinite=2 bad steps in a row stop the run."""
+    import torch
+    from conftest import compose
+
+    from rlhf_cli.errors import TrainingError
+    from rlhf_cli.loop import Position, Updater
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = compose("train.max_nonfinite=2", "optim.max_grad_norm=0")
+    pos = Position()
+    up = Updater([p], opt, sched, cfg, pos)
+
+    def step(*losses: float) -> None:
+        for loss in losses:
+            p.grad = torch.ones(2)
+            up.apply(torch.tensor(loss))
+        pos.step += 1
+        up.end_step()
+
+    step(1.0, float("nan"))
+    assert (pos.skipped, pos.streak, up.skipped_last) == (1, 1, True)
+    step(1.0, 1.0)
+    assert (pos.skipped, pos.streak, up.skipped_last) == (1, 0, False)
+    step(float("nan"), float("nan"))
+    assert (pos.skipped, pos.streak) == (2, 1)
+    with pytest.raises(TrainingError, match="non-finite for 2 steps in a row"):
+        step(float("inf"), 1.0)
+    assert p.tolist() == pytest.approx([1 - 0.1 * 4] * 2)  # the 4 finite updates applied

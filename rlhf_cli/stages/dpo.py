@@ -29,7 +29,7 @@ from rlhf_cli import distributed as dist
 from rlhf_cli.config import REFERENCE_FREE
 from rlhf_cli.data import PreferenceBatch, collate_preference
 from rlhf_cli.errors import UserError
-from rlhf_cli.loop import Stage, move
+from rlhf_cli.loop import Stage, StopRequested, move
 from rlhf_cli.losses import dpo_loss, orpo_loss, plackett_luce_loss, simpo_loss
 from rlhf_cli.models import (
     adapter_switched,
@@ -130,7 +130,11 @@ class DPOStage(Stage):
             )
             return
         if cache.is_file():
-            saved = torch.load(cache, weights_only=True)
+            try:
+                saved = torch.load(cache, weights_only=True)
+            except Exception:  # noqa: BLE001 - a cut-off or foreign file: it is only a cache
+                console.print(f"[yellow]warning:[/] {cache} is unreadable: computing it again")
+                saved = {}
             if saved.get("key") == key:
                 self._attach(train_examples + eval_examples, saved["logps"])
                 console.print(f"{self.name}: reference log-probs from {cache}")
@@ -140,6 +144,8 @@ class DPOStage(Stage):
         size = self.cfg.train.micro_batch_size
         everything = train_examples + eval_examples
         for i in range(0, len(everything), size):
+            if self.stop_requested():  # a signal: stop before training (nothing to save yet)
+                raise StopRequested
             chunk = [
                 {k: v for k, v in ex.items() if k != "ref_logps"} for ex in everything[i : i + size]
             ]

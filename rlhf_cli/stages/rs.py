@@ -31,7 +31,7 @@ import torch
 from rlhf_cli import distributed as dist
 from rlhf_cli.data import IGNORE_INDEX, SFTExample
 from rlhf_cli.errors import RewardError, UserError
-from rlhf_cli.loop import Position, StopRequested, epoch_order
+from rlhf_cli.loop import Position, StopRequested, epoch_order, stop_point
 from rlhf_cli.models import eval_mode, generation_config
 from rlhf_cli.online import Sampler, pooled_means
 from rlhf_cli.progress import console
@@ -338,9 +338,14 @@ class RSStage(Sampler, SFTStage):
         s = self.cfg.stage
         mine = examples[dist.rank() :: dist.world_size()]
         scores, lengths, ended = [], [], []
+        size = s.rollout_batch_size
+        batches = int(dist.all_reduce_max(float(-(-len(mine) // size))))
         with eval_mode(self.model):
-            for i in range(0, len(mine), s.rollout_batch_size):
-                rollout = self.rollout(mine[i : i + s.rollout_batch_size], 1, self.greedy)
+            for i in range(0, batches * size, size):
+                stop_point(self)  # every rank takes each stop point
+                if i >= len(mine):
+                    continue
+                rollout = self.rollout(mine[i : i + size], 1, self.greedy)
                 scores += self.scores(rollout).tolist()
                 lengths += rollout.mask.sum(-1).tolist()
                 ended += rollout.ended.tolist()
