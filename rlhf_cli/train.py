@@ -129,9 +129,31 @@ def seed_everything(seed: int) -> None:
 
 
 def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
-    """Train one stage end to end; returns the summary rows."""
+    """Train one stage end to end; returns the summary rows. A user mistake found before
+    anything was trained leaves no trace: a run directory that was empty (Hydra makes it) and
+    still holds no checkpoint and no metrics is removed again."""
     dist.init()
     console.quiet = not dist.is_main()
+    was_empty = dist.is_main() and (not run_dir.exists() or not any(run_dir.iterdir()))
+    try:
+        return _decide_and_run(cfg, config_yaml, run_dir)
+    except UserError:
+        if was_empty and not _holds_results(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """Anything worth keeping: a checkpoint, final/, or metrics of trained steps."""
+    metrics = run_dir / "metrics.jsonl"
+    return (
+        bool(ckpt_lib.list_checkpoints(run_dir))
+        or (run_dir / "final").exists()
+        or (metrics.is_file() and metrics.stat().st_size > 0)
+    )
+
+
+def _decide_and_run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
     hydra_dir = run_dir
     # Rank 0 decides where the run goes (and what it resumes); every rank follows.
     decided: tuple | str
@@ -160,8 +182,8 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
 
 
 def _run(cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None) -> dict:
-    # Signals are caught from here on: the model and data load, the stage prepares (reference
-    # precompute), then the loop saves and stops at its next stop point.
+    # Signals are caught from here on: the model and data load, the stage prepares (the
+    # reference precompute), then the loop saves and stops at its next stop point.
     with StopFlag() as stop:
         return _run_stopping(cfg, config_yaml, run_dir, resume_from, stop)
 

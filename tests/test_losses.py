@@ -312,11 +312,19 @@ def test_masked_mean():
 
 
 def test_masked_whiten():
-    """Valid [1, 3]: mean 2, (biased) variance 1 -> [-1, 1]; scale only -> [1, 3]."""
-    x = torch.tensor([1.0, 3.0, 100.0])
-    mask = torch.tensor([True, True, False])
-    _close(L.masked_whiten(x, mask), [-1.0, 1.0, 0.0], atol=1e-6)
-    _close(L.masked_whiten(x, mask, shift_mean=False), [1.0, 3.0, 0.0], atol=1e-6)
+    """Valid [1, 5, 6]: mean 4, (biased) variance (9 + 1 + 4) / 3 = 14/3 -> (x - 4) / sqrt(14/3);
+    scale only adds the mean back. A variance other than 1 and a count other than 2: a missing
+    division, or the unbiased n - 1, changes the answer."""
+    x = torch.tensor([1.0, 5.0, 100.0, 6.0])
+    mask = torch.tensor([True, True, False, True])
+    std = (14 / 3) ** 0.5
+    expected = [-3 / std, 1 / std, 0.0, 2 / std]
+    _close(L.masked_whiten(x, mask), expected, atol=1e-6)
+    _close(
+        L.masked_whiten(x, mask, shift_mean=False),
+        [v + 4 if m else 0.0 for v, m in zip(expected, mask.tolist())],
+        atol=1e-6,
+    )
 
 
 # --------------------------------------------------------------------------- GAE, groups

@@ -99,6 +99,37 @@ def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_the_online_options_compose_on_the_real_model(tmp_path):
+    """Dynamic sampling, two weighted rewards, Dr. GRPO's aggregation, clip-higher, sequence
+    ratios and overlong masking in one 4-bit run: each shows in the metrics."""
+    train_in_process(
+        tmp_path / "r",
+        "stage=grpo",
+        *SMALL,
+        "quant=nf4",
+        "train.max_steps=2",
+        "reward.fns=[rlhf_cli.rewards:char_fraction,rlhf_cli.rewards:concise]",
+        "reward.weights=[2.0,0.5]",
+        "+reward.kwargs.words=3",
+        *ONLINE[1:],
+        "stage.dynamic_sampling=true",
+        "stage.dynamic_sampling_max_tries=2",
+        "stage.loss_agg=seq_sum_norm",
+        "stage.scale_rewards=false",
+        "stage.clip_eps_high=0.28",
+        "stage.importance_level=sequence",
+        "stage.mask_truncated=true",
+        "optim.lr=1e-3",
+    )
+    rows = read_metrics(tmp_path / "r")
+    assert len(rows) == 2
+    for r in rows:
+        assert r["dynamic/tries"] in (1.0, 2.0) and 0 <= r["dynamic/filled"] <= 1
+        expected = 2.0 * r["rewards/char_fraction"] + 0.5 * r["rewards/concise"]
+        assert r["score"] == pytest.approx(expected, rel=1e-5)
+        assert math.isfinite(r["loss"]) and r["nonfinite_rewards"] == 0
+
+
 def test_kto_separates_desirable_from_undesirable_on_the_real_model(tmp_path):
     """8 shipped pairs, split into 8 desirable and 8 undesirable answers: trained on them, the
     implicit rewards of the desirable answers rise above those of the undesirable ones (at
