@@ -57,11 +57,13 @@ def train_in_process(run_dir: Path, *overrides: str) -> dict:
 
 
 def rlhf(
-    *args: str, cwd: Path | None = None, timeout: int = 300, **kw
+    *args: str, cwd: Path | None = None, timeout: int = 300, script: bool = False, **kw
 ) -> subprocess.CompletedProcess:
-    """The CLI in a subprocess, as a user runs it."""
+    """The CLI in a subprocess, as a user runs it (`script`: the installed `rlhf` console
+    script instead of `python -m rlhf_cli`)."""
+    command = [str(Path(sys.executable).parent / "rlhf")] if script else RLHF
     return subprocess.run(
-        [*RLHF, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, **kw
+        [*command, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, **kw
     )
 
 
@@ -99,9 +101,13 @@ def assert_resume_equals(
     """Train `args` to the end; copy the run as it was after its last_step checkpoint and
     resume it: the resumed run's metrics (`keys`), adapter and extra saved `files` (e.g. a
     reward head) equal the uninterrupted run's. Returns both runs' metrics."""
-    train_in_process(tmp_path / "full", *args)
+    done = train_in_process(tmp_path / "full", *args)
     stopped_copy(tmp_path / "full", tmp_path / "resumed", last_step=last_step)
-    train_in_process(tmp_path / "resumed", *args, "resume=auto")
+    rows = train_in_process(tmp_path / "resumed", *args, "resume=auto")
+    # Only the steps after the checkpoint ran (a silent restart from step 0 would give the
+    # same numbers: training is deterministic).
+    total = int(done["steps"].split()[0])
+    assert rows["steps"] == f"{total} ({total - last_step} this run)", rows["steps"]
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     for key in keys:
         assert [r[key] for r in resumed] == pytest.approx([r[key] for r in full], abs=1e-6), key

@@ -495,7 +495,14 @@ def test_a_reward_function_that_raises_saves_and_resumes(in_user_dir):
         "train.save_every=0",
         "quant=none",
     )
-    res = rlhf("train", *args, "reward.fn=my_rewards:fails_on_call_2", "run_dir=r", cwd=in_user_dir)
+    res = rlhf(  # the installed script: it finds my_rewards.py in the working directory too
+        "train",
+        *args,
+        "reward.fn=my_rewards:fails_on_call_2",
+        "run_dir=r",
+        cwd=in_user_dir,
+        script=True,
+    )
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     assert "my_rewards:fails_on_call_2 raised ValueError: the grader is down" in res.stderr
