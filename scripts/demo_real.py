@@ -288,15 +288,16 @@ VARIANT_COMMON = (
     "stage.group_size=4",
     "stage.minibatch_size=8",  # two updates a step: the second one is off-policy
     f"stage.max_new_tokens={MAX_NEW}",
-    "stage.kl_coef=0.02",
     "optim.lr=5e-4",
     f"train.max_steps={VARIANT_STEPS}",
 )
+KL = "stage.kl_coef=0.02"  # every variant but DAPO (no KL term)
 VARIANTS = {
     "grpo": (
         "GRPO as published (seq_mean_token_mean, std-scaled)",
         "stage=grpo",
         "stage.loss_agg=seq_mean_token_mean",
+        KL,
     ),
     "dapo": (
         "DAPO (token_mean, clip-higher 0.28, dynamic sampling, no KL)",
@@ -311,6 +312,7 @@ VARIANTS = {
         "stage=grpo",
         "stage.loss_agg=seq_sum_norm",
         "stage.scale_rewards=false",
+        KL,
     ),
     "gspo": (
         "GSPO (sequence ratios, clip 3e-4 / 4e-4)",
@@ -319,9 +321,10 @@ VARIANTS = {
         "stage.loss_agg=seq_mean_token_mean",
         "stage.clip_eps=0.0003",
         "stage.clip_eps_high=0.0004",
+        KL,
     ),
-    "rloo": ("RLOO (leave-one-out baseline, KL in the reward)", "stage=rloo"),
-    "reinforce": ("REINFORCE, moving-average baseline", "stage=reinforce"),
+    "rloo": ("RLOO (leave-one-out baseline, KL in the reward)", "stage=rloo", KL),
+    "reinforce": ("REINFORCE, moving-average baseline", "stage=reinforce", KL),
 }
 
 
@@ -371,7 +374,7 @@ def run_variants(out: Path, seeds: list[int]) -> None:
 def summarize_variants(out: Path, seeds: list[int], note: str = "") -> str:
     table = [
         f"| variant | complete answers of <= 20 words (held-out, T=1) | KL to the base (nats/seq) "
-        f"| mean training reward, step {VARIANT_STEPS} | seeds |",
+        f"| mean training reward, steps {VARIANT_STEPS - 2}-{VARIANT_STEPS} | seeds |",
         "|---|---|---|---|---|",
     ]
     for name, (label, *_) in VARIANTS.items():
@@ -383,7 +386,8 @@ def summarize_variants(out: Path, seeds: list[int], note: str = "") -> str:
         last = []
         for s in done:
             rows = (out / "variants" / f"{name}_s{s}" / "metrics.jsonl").read_text().splitlines()
-            last.append([json.loads(x) for x in rows if '"train"' in x][-1]["reward"])
+            train = [json.loads(x) for x in rows if '"train"' in x]
+            last.append(statistics.fmean(r["reward"] for r in train[-3:]))
         table.append(
             f"| {label} | {mean_std(rate)} | {mean_std([r['kl'] for r in evals])} "
             f"| {mean_std(last)} | {len(done)} |"
