@@ -134,8 +134,10 @@ def save_checkpoint(
     tokenizer=None,
     name: str | None = None,
     extras: dict[str, torch.nn.Module] | None = None,
+    card: str | None = None,
 ) -> Path:
-    """Write checkpoints/step-N (or `name` under run_dir) atomically; prune to keep_last."""
+    """Write checkpoints/step-N (or `name` under run_dir) atomically, with `card` as its
+    README.md when given; prune to keep_last."""
     full_state = state.get("trainable")
     if not weights_finite(model, extras, full_state):
         raise CheckpointError(
@@ -151,6 +153,8 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / "config.yaml").write_text(config_yaml)
+        if card is not None:  # replaces the placeholder card PEFT writes
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         for f in tmp.rglob("*"):
             if f.is_file():
                 with f.open("rb") as fh:

@@ -487,6 +487,12 @@ def train(
         return path
 
     def _save(name: str | None, state: dict[str, Any]) -> Path:
+        card = None
+        if name == "final":
+            from rlhf_cli.card import command_line, model_card
+
+            kind = "adapter" if ckpt_lib.is_peft(model) else "full"
+            card = model_card(cfg, config_yaml, kind, last, evals, command_line())
         return ckpt_lib.save_checkpoint(
             run_dir,
             pos.step,
@@ -497,6 +503,7 @@ def train(
             stage.tokenizer if name else None,
             name,
             extras,
+            card,
         )
 
     updater = Updater(params, optimizer, scheduler, cfg, pos)

@@ -10,6 +10,7 @@ but not bit-identical with, the run as trained on its 4-bit base.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -46,6 +47,26 @@ def check_target(target: Path, run: Path, force: bool) -> None:
         )
 
 
+def merged_card(found) -> str:
+    """The run's model card for its merged model: the config and the run's last metrics."""
+    from rlhf_cli.card import model_card
+
+    config = (found.weights / "config.yaml").read_text(encoding="utf-8")
+    metrics: dict[str, dict] = {"train": {}, "eval": {}}
+    for run_dir in (found.weights, found.weights.parent, found.weights.parent.parent):
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and row.get("split") in metrics:
+                    metrics[row["split"]] = row
+            break
+    return model_card(found.cfg, config, "merged", metrics["train"], metrics["eval"])
+
+
 def merge(
     run: str, out: str, force: bool = False, dtype: str = "auto", device: str = "cpu"
 ) -> Path:
@@ -70,6 +91,7 @@ def merge(
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(merged_card(found), encoding="utf-8")
         # Written beside the target, then renamed: a half-written model is never loaded.
         if target.is_dir():  # force=true
             shutil.rmtree(target)
