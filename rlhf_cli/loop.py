@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import checkpoint as ckpt_lib
+from rlhf_cli import diagnostics
 from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, OptimConfig
 from rlhf_cli.errors import Interrupted, RewardError, TrainingError, UserError
@@ -532,6 +533,9 @@ def train(
         )
 
     stage.resumed = resume_from is not None
+    history: list[dict[str, Any]] = []  # this run's train records, for the diagnostics
+    noted: dict[str, str] = {}
+    max_new = getattr(cfg.stage, "max_new_tokens", 0)
     with reporter as report, nullcontext(stop) if stop else StopFlag() as stop:
         stage.stop_requested = lambda: bool(stop.signum)
         while pos.step < total:
@@ -568,6 +572,11 @@ def train(
             if updater.skipped_last:
                 report.note(f"step {pos.step}: non-finite loss/gradient, step skipped")
             report.step(pos.step, last, log=pos.step % t.log_every == 0 or pos.step == total)
+            history.append(last)
+            for kind, text in diagnostics.notes(stage.name, history, max_new).items():
+                if kind not in noted:  # each kind once, when first seen
+                    noted[kind] = text
+                    report.note(f"[yellow]note (step {pos.step}):[/] {text}")
             if eval_examples and t.eval_every and pos.step % t.eval_every == 0 and pos.step < total:
                 try:
                     evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
@@ -598,6 +607,7 @@ def train(
         **{f"final {k}": last[k] for k in ("score", "kl") if k in last},
         **{f"eval {k}": v for k, v in evals.items()},
         "skipped steps": pos.skipped,
+        **({"notes": ", ".join(noted)} if noted else {}),
         "time": f"{elapsed:.1f}s",
         "tokens/s": round(pos.tokens / elapsed) if trained_steps else 0,
         "peak memory": peak_memory(stage.device),
