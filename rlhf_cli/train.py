@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import signal
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -95,8 +95,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> tuple[Path, Path | None]:
         return run_dir, found
     if ckpt_lib.is_default_run_dir(run_dir, cfg.stage.name):
         # No run_dir named: continue the checkpoint's own run; drop the empty directory Hydra
-        # made for this invocation.
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
+        # made for this invocation (its lock file aside).
+        if run_dir.is_dir() and not any(p.name != ".lock" for p in run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)
         return source, found
     if holds_run:
@@ -129,18 +129,38 @@ def seed_everything(seed: int) -> None:
 
 
 def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
-    """Train one stage end to end; returns the summary rows. A user mistake found before
-    anything was trained leaves no trace: a run directory that was empty (Hydra makes it) and
-    still holds no checkpoint and no metrics is removed again."""
+    """Train one stage end to end; returns the summary rows.
+
+    One process writes a run: rank 0 locks `run_dir` (and the run it continues, when that is
+    another), and a second process on the same run stops with one line. A user mistake found
+    before anything was trained leaves no trace: a run directory that was empty (Hydra makes
+    it) and holds no checkpoint and no metrics is removed again, by the process that locked
+    it."""
     dist.init()
     console.quiet = not dist.is_main()
-    was_empty = dist.is_main() and (not run_dir.exists() or not any(run_dir.iterdir()))
-    try:
-        return _decide_and_run(cfg, config_yaml, run_dir)
-    except UserError:
-        if was_empty and not _holds_results(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    with ExitStack() as locks:
+        created = False  # this process locked an empty run_dir: it may remove it again
+        decided: tuple | str = ""
+        if dist.is_main():
+            was_empty = not run_dir.exists() or not any(run_dir.iterdir())
+            try:
+                locks.enter_context(ckpt_lib.RunLock(run_dir))
+                created = was_empty
+                decided = prepare_run_dir(cfg, run_dir)
+                if decided[0].resolve() != run_dir.resolve():  # continuing another run, in it
+                    locks.enter_context(ckpt_lib.RunLock(decided[0]))
+            except UserError as err:
+                decided = str(err)
+        # Rank 0 decides where the run goes (and what it resumes); every rank follows.
+        decided = dist.broadcast_object(decided)
+        try:
+            if isinstance(decided, str):
+                raise CheckpointError(decided)
+            return _run_in(cfg, config_yaml, run_dir, *decided)
+        except UserError:
+            if created and run_dir.exists() and not _holds_results(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def _holds_results(run_dir: Path) -> bool:
@@ -153,18 +173,9 @@ def _holds_results(run_dir: Path) -> bool:
     )
 
 
-def _decide_and_run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
-    hydra_dir = run_dir
-    # Rank 0 decides where the run goes (and what it resumes); every rank follows.
-    decided: tuple | str
-    try:
-        decided = prepare_run_dir(cfg, run_dir) if dist.is_main() else ""
-    except UserError as err:
-        decided = str(err)
-    decided = dist.broadcast_object(decided)
-    if isinstance(decided, str):
-        raise CheckpointError(decided)
-    run_dir, resume_from = decided
+def _run_in(
+    cfg: Config, config_yaml: str, hydra_dir: Path, run_dir: Path, resume_from: Path | None
+) -> dict:
     if (
         not dist.is_main()
         and hydra_dir != run_dir
@@ -172,13 +183,10 @@ def _decide_and_run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
         and not any(hydra_dir.iterdir())
     ):
         hydra_dir.rmdir()  # the empty directory Hydra made for this rank's own timestamp
-    # One process writes a run: a second one on the same run_dir stops here (rank 0 holds
-    # the lock for all ranks).
-    with ckpt_lib.RunLock(run_dir) if dist.is_main() else nullcontext():
-        if dist.is_main():
-            for leftover in ckpt_lib.remove_leftovers(run_dir):
-                console.print(f"removed {leftover} (left by an interrupted save)")
-        return _run(cfg, config_yaml, run_dir, resume_from)
+    if dist.is_main():
+        for leftover in ckpt_lib.remove_leftovers(run_dir):
+            console.print(f"removed {leftover} (left by an interrupted save)")
+    return _run(cfg, config_yaml, run_dir, resume_from)
 
 
 def _run(cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None) -> dict:
