@@ -699,6 +699,36 @@ class TrainConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment tracking besides metrics.jsonl (which is always written): TensorBoard event
+    files in the run directory and Weights & Biases, from rank 0 only."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files into <run_dir>/tensorboard (needs the tensorboard package:
+    pip install 'rlhf-cli[tensorboard]'); `tensorboard --logdir runs` shows every run."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs wandb: pip install 'rlhf-cli[wandb]'); resume= continues
+    the same W&B run."""
+    project: str = "rlhf-cli"
+    """The W&B project."""
+    name: str | None = None
+    """The W&B run name; null = the run directory's path."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags (the stage is always one): log.tags=[baseline,lr-sweep]."""
+    wandb_mode: str | None = None
+    """online, offline (files in <run_dir>/wandb, `wandb sync` later) or disabled; null =
+    wandb's own choice (the WANDB_MODE variable, else online)."""
+    samples: int = 4
+    """Online stages: how many prompt/response/reward rows of each logged step go to TensorBoard
+    and W&B as text (0 = none)."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode is not None:
+            _choice("log.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        _non_negative("log.samples", self.samples)
+
+
+@dataclass
 class Config:
     stage: StageConfig = MISSING
     """The training stage (a config group: stage=sft)."""
@@ -720,6 +750,8 @@ class Config:
     """The reward of the online stages (ppo, grpo, rloo) and of rejection sampling (rs)."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Multi-process training under torchrun."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Experiment tracking: TensorBoard and Weights & Biases (metrics.jsonl is always written)."""
     device: str = "auto"
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     run_dir: str = MISSING
@@ -830,6 +862,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "ref": RefConfig,
     "reward": RewardConfig,
     "dist": DistConfig,
+    "log": LogConfig,
 }
 
 

@@ -41,6 +41,8 @@ class Stage:
     data_kind = "sft"  # the examples data.build_examples makes: sft, preference, unpaired, prompt
     resumed = False  # set by the loop: this run continues from a checkpoint
     stop_requested = staticmethod(lambda: False)  # set by the loop: a signal asked to stop
+    # A few prompt/response/reward rows of the last step (online stages), for TensorBoard/W&B.
+    samples: list[dict[str, Any]] = []
 
     def __init__(self, cfg: Config, model, tokenizer, device: torch.device, amp_dtype):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
@@ -514,7 +516,15 @@ def train(
     last: dict[str, Any] = {}
     evals: dict[str, Any] = {}
     start_step, t0 = pos.step, time.perf_counter()
-    reporter = Reporter(run_dir, total, pos.step, resume_from is not None, enabled=dist.is_main())
+    trackers = None
+    if dist.is_main() and (cfg.log.tensorboard or cfg.log.wandb):
+        from rlhf_cli.tracking import Trackers
+
+        resumed_at = pos.step if resume_from is not None else None
+        trackers = Trackers(cfg.log, run_dir, config_yaml, stage.name, resumed_at)
+    reporter = Reporter(
+        run_dir, total, pos.step, resume_from is not None, dist.is_main(), trackers
+    )
 
     def interrupted(signum: int) -> Interrupted:
         path = save()
@@ -571,7 +581,10 @@ def train(
             }
             if updater.skipped_last:
                 report.note(f"step {pos.step}: non-finite loss/gradient, step skipped")
-            report.step(pos.step, last, log=pos.step % t.log_every == 0 or pos.step == total)
+            logged = pos.step % t.log_every == 0 or pos.step == total
+            report.step(pos.step, last, log=logged)
+            if logged and stage.samples:
+                report.samples(pos.step, stage.samples)
             history.append(last)
             for kind, text in diagnostics.notes(stage.name, history, max_new).items():
                 if kind not in noted:  # each kind once, when first seen

@@ -552,10 +552,26 @@ class OnlineStage(Sampler, Stage):
         if len(terms) > 1:
             for name, values in terms.items():
                 record.update(finite_stats(f"rewards/{name}", values))
+        self.samples = self.sample_rows(rollout, score)
         # Responses whose reward was not finite (dropped from the loss), summed over ranks.
         weighted["nonfinite_rewards"] = float((~valid).sum())
         record = over_ranks(record, weighted)
         return record, int(dist.all_reduce_sum(rollout.attention_mask.sum()))
+
+    def sample_rows(self, rollout: Rollout, score: torch.Tensor) -> list[dict]:
+        """The first log.samples prompt/response/score rows of this rank's rollout, when a
+        tracker (TensorBoard, W&B) will show them; else none."""
+        log = self.cfg.log
+        if not (log.tensorboard or log.wandb) or not dist.is_main():
+            return []
+        return [
+            {
+                "prompt": rollout.prompt_texts[i],
+                "response": self.tokenizer.decode(rollout.responses[i], skip_special_tokens=True),
+                "score": float(score[i]),
+            }
+            for i in range(min(log.samples, len(rollout.responses)))
+        ]
 
     @torch.no_grad()
     def evaluate(self, examples: list) -> dict[str, float]:

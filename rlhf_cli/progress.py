@@ -64,10 +64,17 @@ class Reporter:
     """Progress display + metrics file for one run."""
 
     def __init__(
-        self, run_dir: Path, total_steps: int, start_step: int, resumed: bool, enabled: bool = True
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        resumed: bool,
+        enabled: bool = True,
+        trackers=None,
     ):
         # Only one process of a distributed run (rank 0) shows and writes anything.
         self.enabled = enabled
+        self.trackers = trackers if enabled else None  # tracking.Trackers: TensorBoard, W&B
         self.metrics = (
             MetricsFile(run_dir / "metrics.jsonl", start_step if resumed else None)
             if enabled
@@ -103,12 +110,16 @@ class Reporter:
             self.progress.stop()
         if self.metrics is not None:
             self.metrics.close()
+        if self.trackers is not None:
+            self.trackers.close(failed=exc[0] is not None)
 
     def step(self, step: int, record: dict[str, Any], log: bool) -> None:
         if not self.enabled:
             return
         if log:
             self.metrics.write({"step": step, "split": "train", **record})
+            if self.trackers is not None:
+                self.trackers.scalars(step, "train", record)
         info = (
             f"loss {fmt(record.get('loss', float('nan')))}  lr {record.get('lr', 0):.2e}  "
             f"{record.get('tokens_per_s', 0):,.0f} tok/s"
@@ -127,11 +138,18 @@ class Reporter:
         if not self.enabled:
             return
         self.metrics.write({"step": step, "split": "eval", **record})
+        if self.trackers is not None:
+            self.trackers.scalars(step, "eval", record)
         text = "  ".join(f"{k} {fmt(v)}" for k, v in record.items())
         if self.progress is not None:
             self.progress.console.print(f"eval @ step {step}: {text}")
         else:
             console.print(f"eval @ step {step}: {text}")
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A few of the step's samples (online stages), for the trackers."""
+        if self.trackers is not None and rows:
+            self.trackers.samples(step, rows)
 
     def note(self, text: str) -> None:
         if not self.enabled:

@@ -28,6 +28,7 @@ from rlhf_cli.models import (
 from rlhf_cli.progress import console, summary_table
 from rlhf_cli.rewards import reward_terms
 from rlhf_cli.stages import stage_class
+from rlhf_cli.tracking import check_available as check_trackers
 
 # Keys that may change between a run and its resumption without a warning.
 RESUME_FREE_KEYS = {
@@ -43,6 +44,7 @@ RESUME_FREE_KEYS = {
     "device",
     "resume_force",
 }
+RESUME_FREE_PREFIXES = ("log.",)  # tracking may be switched on or off when resuming
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -59,7 +61,9 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
     old = _flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))  # type: ignore[arg-type]
     new = _flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))  # type: ignore[arg-type]
-    keys = sorted((set(old) | set(new)) - RESUME_FREE_KEYS)
+    keys = sorted(
+        k for k in (set(old) | set(new)) - RESUME_FREE_KEYS if not k.startswith(RESUME_FREE_PREFIXES)
+    )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
@@ -199,6 +203,7 @@ def _run(cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None)
 def _run_stopping(
     cfg: Config, config_yaml: str, run_dir: Path, resume_from: Path | None, stop: StopFlag
 ) -> dict:
+    check_trackers(cfg.log)  # a missing tensorboard / wandb package, before anything is written
     if resume_from is not None:
         saved = (
             (resume_from / "config.yaml").read_text()

@@ -69,10 +69,19 @@ def test_two_rank_grpo_matches_one_rank(tmp_path):
         "stage.max_new_tokens=8",
         "train.max_steps=2",
     )
-    assert_ok(torchrun(*common, f"run_dir={tmp_path / 'two'}"))
+    assert_ok(torchrun(*common, f"run_dir={tmp_path / 'two'}", "log.tensorboard=true"))
     train_in_process(tmp_path / "one", *common)
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert set(two[0]) == set(one[0])
+    # Only rank 0 writes TensorBoard events: one file, one point per step, metrics.jsonl's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "two" / "tensorboard").iterdir()
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/score")] == [
+        (r["step"], pytest.approx(r["score"], rel=1e-6)) for r in two
+    ]
     for run in (two, one):  # before any update the policy is the reference
         assert run[0]["kl"] == pytest.approx(0.0, abs=1e-6)
         assert run[0]["policy/ratio_first"] == pytest.approx(1.0, abs=1e-5)

@@ -99,9 +99,17 @@ def test_every_stage_trains_on_the_real_model(tmp_path, stage, quant):
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_the_online_options_compose_on_the_real_model(tmp_path):
+def test_the_online_options_compose_on_the_real_model(tmp_path, monkeypatch):
     """Dynamic sampling, two weighted rewards, Dr. GRPO's aggregation, clip-higher, sequence
-    ratios and overlong masking in one 4-bit run: each shows in the metrics."""
+    ratios and overlong masking in one 4-bit run: each shows in the metrics, and in the
+    TensorBoard and (offline) W&B logs, with the real model's samples."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from test_tracking import tensorboard_events, wandb_run
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     train_in_process(
         tmp_path / "r",
         "stage=grpo",
@@ -120,6 +128,9 @@ def test_the_online_options_compose_on_the_real_model(tmp_path):
         "stage.importance_level=sequence",
         "stage.mask_truncated=true",
         "optim.lr=1e-3",
+        "log.tensorboard=true",
+        "log.wandb=true",
+        "log.wandb_mode=offline",
     )
     rows = read_metrics(tmp_path / "r")
     assert len(rows) == 2
@@ -128,6 +139,19 @@ def test_the_online_options_compose_on_the_real_model(tmp_path):
         expected = 2.0 * r["rewards/char_fraction"] + 0.5 * r["rewards/concise"]
         assert r["score"] == pytest.approx(expected, rel=1e-5)
         assert math.isfinite(r["loss"]) and r["nonfinite_rewards"] == 0
+    acc = tensorboard_events(tmp_path / "r")
+    for key in ("score", "rewards/concise", "dynamic/filled"):
+        points = [(e.step, e.value) for e in acc.Scalars(f"train/{key}")]
+        assert points == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows]
+    table = acc.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert table.splitlines()[0] == "| prompt | response | score |" and len(table.splitlines()) == 6
+    (run_file,) = (tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb")
+    run, history = wandb_run(run_file)
+    assert run["config"]["model"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    logged = [h for h in history if "train/score" in h]
+    assert [(h["step"], h["train/score"]) for h in logged] == [
+        (r["step"], pytest.approx(r["score"])) for r in rows
+    ]
 
 
 def test_kto_separates_desirable_from_undesirable_on_the_real_model(tmp_path):
