@@ -522,9 +522,7 @@ def train(
 
         resumed_at = pos.step if resume_from is not None else None
         trackers = Trackers(cfg.log, run_dir, config_yaml, stage.name, resumed_at)
-    reporter = Reporter(
-        run_dir, total, pos.step, resume_from is not None, dist.is_main(), trackers
-    )
+    reporter = Reporter(run_dir, total, pos.step, resume_from is not None, dist.is_main(), trackers)
 
     def interrupted(signum: int) -> Interrupted:
         path = save()

@@ -62,7 +62,9 @@ def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
     old = _flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))  # type: ignore[arg-type]
     new = _flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))  # type: ignore[arg-type]
     keys = sorted(
-        k for k in (set(old) | set(new)) - RESUME_FREE_KEYS if not k.startswith(RESUME_FREE_PREFIXES)
+        k
+        for k in (set(old) | set(new)) - RESUME_FREE_KEYS
+        if not k.startswith(RESUME_FREE_PREFIXES)
     )
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
