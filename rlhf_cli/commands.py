@@ -247,8 +247,58 @@ def data_command(args: list[str]) -> None:
     inspect_data(overrides, n)
 
 
+PLAN_USAGE = (
+    "usage: rlhf plan [gpu_gib=24] [measure=true] [stage=...] [model=...] [quant=...] "
+    "[train.*=...] ... (the memory one device needs for `rlhf train` with the same overrides; "
+    "device=cpu plans for a CPU; measure=true loads the model and checks the plan on this device)"
+)
+
+
+def plan_command(args: list[str]) -> None:
+    if wants_help(args, PLAN_USAGE):
+        return
+    own = {"gpu_gib": None, "measure": "false"}
+    overrides = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        key = key.removeprefix("plan.")
+        if key in own and value:
+            own[key] = value
+        else:
+            overrides.append(arg)
+    gpu = None
+    if own["gpu_gib"] is not None:
+        try:
+            gpu = float(own["gpu_gib"])
+            assert gpu > 0
+        except (ValueError, AssertionError):
+            fail(f"gpu_gib={own['gpu_gib']!r} must be a number of GiB > 0")
+    if own["measure"] not in ("true", "false"):
+        fail(f"measure={own['measure']!r} must be true or false")
+    from rlhf_cli.cli import compose_checked
+    from rlhf_cli.plan import check_measurable, measure, show, show_measured
+
+    cfg = compose_checked(overrides)
+    if own["measure"] == "true":
+        check_measurable(cfg)
+    device = "cpu" if cfg.device == "cpu" else "cuda"
+    if gpu is None and device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(cfg.device if cfg.device.startswith("cuda:") else "cuda").index
+            gpu = torch.cuda.get_device_properties(index or 0).total_memory / 2**30
+        else:
+            gpu = 24.0
+    show(cfg, device, gpu)
+    if own["measure"] == "true":
+        _, measured = measure(cfg)
+        show_measured(measured)
+
+
 COMMANDS = {
     "data": data_command,
+    "plan": plan_command,
     "fetch-model": fetch_model_command,
     "sample": sample_command,
     "eval": eval_command,

@@ -1,0 +1,768 @@
+"""`rlhf plan`: the memory one device needs for a run, from the config alone (nothing loads).
+
+The model's shape comes from its config.json: a local directory's, a bundled copy for the presets
+(assets/model_configs.json, so it works offline), else the hub's (config.json only). Each row is
+a formula over that shape and the run's settings; the activation rows count what autograd keeps
+for the backward of a Llama-family decoder layer as transformers 5 runs it with SDPA attention
+(measured with saved-tensor hooks: `rlhf plan ... measure=true` and tests/test_plan.py compare).
+
+Rows are an upper bound for rows of data.max_length tokens (the longest a batch can be); what a
+step needs at its peak is the static part (weights, adapters, gradients, optimizer) plus one
+micro-batch's activations plus the largest transient of the step (logits, the rollout's
+log-probs, one layer's recomputation under gradient checkpointing).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from rlhf_cli.config import Config, DpoConfig, KtoConfig, OnlineConfig, PpoConfig, RsConfig
+from rlhf_cli.errors import UserError
+
+GIB = 2**30
+# A CUDA context plus cuBLAS workspaces: memory the process holds that torch's allocator does not
+# count (typically 0.4-0.9 GiB); not part of the checked rows.
+CUDA_CONTEXT_GIB = 0.6
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes' 4-bit block and its double-quant block
+ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # bitsandbytes: smaller tensors keep 32-bit states
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shape of a decoder-only transformer (Llama, Mistral, Qwen2 families)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attn_bias: bool = False
+
+    @classmethod
+    def from_config(cls, c: dict) -> Arch:
+        try:
+            heads = int(c["num_attention_heads"])
+            hidden = int(c["hidden_size"])
+            return cls(
+                hidden=hidden,
+                intermediate=int(c["intermediate_size"]),
+                layers=int(c["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=int(c.get("num_key_value_heads") or heads),
+                head_dim=int(c.get("head_dim") or hidden // heads),
+                vocab=int(c["vocab_size"]),
+                tied=bool(c.get("tie_word_embeddings", False)),
+                attn_bias=bool(c.get("attention_bias", c.get("model_type") == "qwen2")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(
+                f"the model config lacks {err} (rlhf plan reads Llama-style configs: "
+                "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size)"
+            ) from err
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder layer."""
+        q, kv, h, i = (
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.hidden,
+            self.intermediate,
+        )
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder layers' linear layers (what 4/8-bit quantization stores)."""
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, LM head, norms and biases (kept unquantized)."""
+        h = self.hidden
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.attn_bias else 0
+        head = 0 if self.tied else self.vocab * h
+        return self.vocab * h + head + (2 * self.layers + 1) * h + self.layers * bias
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+def bundled_configs() -> dict[str, dict]:
+    text = resources.files("rlhf_cli.assets").joinpath("model_configs.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def model_arch(cfg: Config) -> tuple[Arch, str]:
+    """(the model's shape, where it came from), without loading any weights."""
+    name = cfg.model.name_or_path
+    if name == "tiny":
+        from rlhf_cli.tiny import TINY_RECIPE
+
+        return Arch.from_config(TINY_RECIPE), "the built-in tiny recipe"
+    local = Path(name).expanduser()
+    if (local / "config.json").is_file():
+        return Arch.from_config(json.loads((local / "config.json").read_text())), str(local)
+    bundled = bundled_configs()
+    if name in bundled:
+        return Arch.from_config(bundled[name]), "the bundled preset config"
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.name_or_path={name}: no config.json found ({str(err).splitlines()[0]}); "
+            "give a local model directory, a preset (model=llama2-7b, ...) or a hub id "
+            "reachable from here"
+        ) from err
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return Arch.from_config(text.to_dict()), f"{name} (hub config)"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the rows depend on, resolved from the config for one device type."""
+
+    device: str  # cuda | cpu
+    quant: str  # nf4 | fp4 | int8 | none
+    double_quant: bool
+    full: bool  # peft=full
+    lora_r: int
+    lora_dropout: float
+    targets: tuple[str, ...]
+    compute_bytes: int  # activations: 2 under bf16 autocast, else 4
+    base_bytes: int  # the unquantized parts of the base
+    optim8bit: bool
+    checkpointing: bool
+    micro: int
+    length: int
+    shared_prompt: bool  # rm/dpo: responses attend to their prompt's KV cache
+
+
+def settings(cfg: Config, device: str) -> Settings:
+    from rlhf_cli.models import DTYPES
+
+    amp = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "cuda")
+    full = cfg.peft.method == "full"
+    if cfg.model.dtype != "auto":
+        base = DTYPES[cfg.model.dtype].itemsize
+    else:
+        base = 2 if (not full and amp) else 4  # models.base_dtype
+    targets = tuple(cfg.peft.target_modules)
+    if targets == ("all-linear",):
+        targets = LINEAR_NAMES
+    # DPO and KTO turn dropout off unless stage.dropout=true; the online stages always do.
+    st = cfg.stage
+    dropout = cfg.peft.dropout
+    if isinstance(st, OnlineConfig) or (isinstance(st, DpoConfig | KtoConfig) and not st.dropout):
+        dropout = 0.0
+    shared = (
+        st.name in ("rm", "dpo")
+        and cfg.train.shared_prompt
+        and not cfg.train.gradient_checkpointing
+    )
+    return Settings(
+        device=device,
+        quant=cfg.quant.mode,
+        double_quant=cfg.quant.double_quant,
+        full=full,
+        lora_r=cfg.peft.r,
+        lora_dropout=dropout,
+        targets=tuple(t for t in LINEAR_NAMES if t in targets),
+        compute_bytes=2 if amp else 4,
+        base_bytes=base,
+        optim8bit=cfg.optim.name == "adamw8bit",
+        checkpointing=cfg.train.gradient_checkpointing,
+        micro=cfg.train.micro_batch_size,
+        length=cfg.data.max_length,
+        shared_prompt=shared,
+    )
+
+
+def base_weight_bytes(arch: Arch, s: Settings) -> float:
+    """The frozen (or, for peft=full, trained) base as stored."""
+    lin = arch.linear_params
+    if s.quant in ("nf4", "fp4"):
+        blocks = lin / NF4_BLOCK
+        scales = blocks * (1 + 4 / DQ_BLOCK) if s.double_quant else blocks * 4
+        stored = lin / 2 + scales
+    elif s.quant == "int8":
+        outs = arch.layers * sum(o for _, o in arch.linears().values())
+        stored = lin + 4 * outs  # int8 weights + one fp32 scale per output row
+    else:
+        stored = lin * s.base_bytes
+    return stored + arch.other_params * s.base_bytes
+
+
+def lora_params(arch: Arch, s: Settings) -> list[int]:
+    """The LoRA matrices (A and B of every adapted layer), element counts."""
+    out = []
+    for name, (i, o) in arch.linears().items():
+        if name in s.targets:
+            out += [s.lora_r * i, s.lora_r * o] * arch.layers
+    return out
+
+
+def trainable_counts(arch: Arch, s: Settings) -> list[int]:
+    if s.full:
+        return [arch.params]
+    return lora_params(arch, s)
+
+
+def optimizer_bytes(counts: list[int], eight_bit: bool) -> float:
+    """AdamW's two moments in fp32; bitsandbytes' 8-bit AdamW: one byte each plus a fp32 scale
+    per block of 256, and two shared quantization maps; tensors under 4096 elements keep fp32
+    moments."""
+    if not eight_bit:
+        return 8.0 * sum(counts)
+    blocks = sum(
+        8.0 * n if n < ADAM8_MIN_SIZE else 2 * n + 8 * -(-n // ADAM8_BLOCK) for n in counts
+    )
+    return blocks + 2 * 256 * 4  # the two 256-entry fp32 quantization maps, shared
+
+
+def layer_activation_bytes(arch: Arch, s: Settings, seq_len: int) -> float:
+    """What one decoder layer keeps for the backward, per token (SDPA attention).
+
+    Always: each RMSNorm's float32 input and 1/rms (2 norms), the rotated query, key and value
+    and the attention output with its log-sum-exp (SDPA), the MLP's gate, up and SiLU(gate).
+    The inputs of the layers that train: LoRA A's input (the normed hidden states, the attention
+    output, the MLP product; with LoRA dropout, each adapted layer's own dropped copy and a
+    1-byte mask instead), the A outputs (r each); a full fine-tune keeps every linear's input.
+    """
+    h, i, c = arch.hidden, arch.intermediate, s.compute_bytes
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    fp32 = 4 * (2 * h + 2 + arch.heads)
+    if s.shared_prompt:
+        # The responses attend to the prompt's cache plus their own keys and values, repeated
+        # to every query head, under an explicit float mask.
+        kv, fp32 = q, fp32 + 4 * seq_len
+    kept = c * (q + 2 * kv + q + 3 * i)
+    linears = arch.linears()
+    if s.full:
+        inputs = c * (2 * h + i)  # normed states (q/k/v and gate/up) + MLP product; o's = attn out
+    elif s.lora_dropout > 0:
+        ins = sum(linears[n][0] for n in s.targets)
+        inputs = (c + 1) * ins + c * s.lora_r * len(s.targets)
+    else:
+        groups = {
+            "attn_in": any(n in s.targets for n in ("q_proj", "k_proj", "v_proj")),
+            "mlp_in": any(n in s.targets for n in ("gate_proj", "up_proj")),
+            "down": "down_proj" in s.targets,
+        }
+        inputs = c * (h * groups["attn_in"] + h * groups["mlp_in"] + i * groups["down"])
+        inputs += c * s.lora_r * len(s.targets)
+    return fp32 + kept + inputs
+
+
+def activation_bytes(arch: Arch, s: Settings, tokens: int, seq_len: int) -> float:
+    """Saved activations of one forward over `tokens` tokens (sequences of seq_len)."""
+    final_norm = tokens * (4 * arch.hidden + 4)
+    if s.checkpointing:  # each layer keeps its input (the plan's transient: one layer recomputed)
+        return arch.layers * tokens * arch.hidden * s.base_bytes + final_norm
+    return arch.layers * layer_activation_bytes(arch, s, seq_len) * tokens + final_norm
+
+
+def logits_bytes(arch: Arch, s: Settings, positions: int) -> tuple[float, float]:
+    """(kept for the backward, transient) of the LM head over `positions` positions: the
+    float32 logits the fused log-softmax keeps; while its backward runs, the gradient coming in
+    and the one going out (float32 each), plus the compute-dtype logits under autocast."""
+    n = positions * arch.vocab
+    return 4.0 * n, 8.0 * n + (s.compute_bytes if s.compute_bytes != 4 else 0) * n
+
+
+@dataclass
+class Row:
+    name: str
+    bytes: float
+    note: str = ""
+    peak: bool = True  # counted in the total
+
+
+@dataclass
+class Plan:
+    rows: list[Row]
+    arch: Arch
+    source: str
+    settings: Settings
+
+    @property
+    def total(self) -> float:
+        return sum(r.bytes for r in self.rows if r.peak)
+
+
+def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: str = "") -> Plan:
+    """The rows of memory one device needs for this config (one rank of a DDP run)."""
+    if arch is None:
+        arch, source = model_arch(cfg)
+    s = settings(cfg, device)
+    st = cfg.stage
+    rows: list[Row] = []
+    quant = {"none": f"{'bf16' if s.base_bytes == 2 else 'fp32'}"}.get(s.quant, s.quant)
+    dq = " + double quant" if s.quant in ("nf4", "fp4") and s.double_quant else ""
+    rows.append(
+        Row(
+            "base weights",
+            base_weight_bytes(arch, s),
+            f"{arch.params / 1e9:.2f}B parameters, linear layers {quant}{dq}, the rest "
+            f"{'bf16' if s.base_bytes == 2 else 'fp32'}",
+        )
+    )
+    counts = trainable_counts(arch, s)
+    n_train = sum(counts)
+    what = (
+        "the whole model, fp32"
+        if s.full
+        else f"LoRA r={s.lora_r} on {len(s.targets)} layers/block, fp32"
+    )
+    rows.append(
+        Row(
+            "trainable parameters",
+            4.0 * n_train if not s.full else 0.0,
+            f"{n_train / 1e6:.1f}M: {what}",
+        )
+    )
+    rows.append(Row("gradients", 4.0 * n_train, "fp32, one per trainable parameter"))
+    rows.append(
+        Row(
+            "optimizer states",
+            optimizer_bytes(counts, s.optim8bit),
+            "8-bit AdamW (bitsandbytes)" if s.optim8bit else "AdamW: two fp32 moments",
+        )
+    )
+
+    # The sequences of one micro-batch through the trained model.
+    seqs, length, positions = s.micro, s.length, s.micro * s.length
+    extra_rows: list[Row] = []
+    transient: list[tuple[str, float]] = []
+    if st.name in ("rm",):
+        seqs = 2 * s.micro
+        positions = 0
+        rows.append(
+            Row("reward head", 4.0 * 3 * (arch.hidden + 1), "fp32 + its gradient and moments")
+        )
+    elif isinstance(st, (DpoConfig, KtoConfig)):
+        seqs = 2 * s.micro  # chosen + rejected, or an example + its KL pair
+        positions = seqs * length
+    elif isinstance(st, OnlineConfig):
+        prompt, new = cfg.data.max_prompt_length, st.max_new_tokens
+        length = prompt + new
+        seqs, positions = s.micro, s.micro * new
+        rollout = st.rollout_batch_size * st.group_size
+        kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * s.compute_bytes * rollout * length
+        transient.append(("KV cache of the rollout", kv))
+        # Old and reference log-probs run over the whole rollout at once (no gradient).
+        transient.append(("rollout log-probs", 8.0 * rollout * new * arch.vocab))
+        if isinstance(st, PpoConfig):
+            rows.append(Row("value head", 4.0 * 4 * (arch.hidden + 1), "fp32 + gradient + moments"))
+    elif isinstance(st, RsConfig):
+        prompt, new = cfg.data.max_prompt_length, st.max_new_tokens
+        batch = st.rollout_batch_size * st.n  # prompts x completions per generation batch
+        kv = (
+            2
+            * arch.layers
+            * arch.kv_heads
+            * arch.head_dim
+            * s.compute_bytes
+            * batch
+            * (prompt + new)
+        )
+        transient.append(("KV cache of the sampling", kv))
+    tokens = seqs * length
+    act = activation_bytes(arch, s, tokens, length)
+    kept_logits, logits_tmp = logits_bytes(arch, s, positions)
+    gc = "with gradient checkpointing" if s.checkpointing else "no gradient checkpointing"
+    rows.append(
+        Row(
+            "activations",
+            act,
+            f"{seqs} sequences x {length} tokens, {gc}, "
+            f"{'bf16' if s.compute_bytes == 2 else 'fp32'}",
+        )
+    )
+    # A layer's backward holds the gradients of its MLP's intermediates (about four of them);
+    # under gradient checkpointing, the layer's recomputed activations (its gradients take
+    # their place as the backward goes).
+    if s.checkpointing:
+        layer = layer_activation_bytes(arch, s, length) * tokens
+        transient.append(("one layer recomputed", layer))
+    else:
+        transient.append(("one layer's backward", 4 * arch.intermediate * s.compute_bytes * tokens))
+    if positions:
+        rows.append(
+            Row("logits", kept_logits, f"{positions} positions x {arch.vocab} vocabulary, fp32")
+        )
+        transient.append(("logits in the backward", logits_tmp))
+    # The reference policy.
+    ref_name = getattr(cfg.ref, "model", None)
+    if isinstance(st, (DpoConfig, KtoConfig, OnlineConfig)) and ref_name:
+        rows.append(
+            Row(
+                "reference model",
+                base_weight_bytes(arch, s),
+                f"ref.model={ref_name}: a second base",
+            )
+        )
+    if isinstance(st, (DpoConfig, KtoConfig)) and cfg.ref.precompute:
+        extra_rows.append(
+            Row(
+                "precomputed reference",
+                0.0,
+                "log-probs cached on disk: no reference forward",
+                peak=False,
+            )
+        )
+    if isinstance(st, OnlineConfig) and cfg.reward.model:
+        rows.append(
+            Row(
+                "reward model",
+                4.0 * sum(lora_params(arch, s)) + 4.0 * (arch.hidden + 1),
+                "a second adapter + head on the same base (another base: add its weights)",
+            )
+        )
+    name, peak = max(transient, key=lambda t: t[1]) if transient else ("", 0.0)
+    if peak:
+        rows.append(Row("largest transient", peak, name))
+    if device == "cuda":
+        rows.append(Row("CUDA context", CUDA_CONTEXT_GIB * GIB, "held outside torch's allocator"))
+    return Plan(rows + extra_rows, arch, source, s)
+
+
+KNOBS: list[tuple[str, dict]] = [
+    ("train.gradient_checkpointing=true", {"train.gradient_checkpointing": True}),
+    ("peft.dropout=0", {"peft.dropout": 0.0}),
+    ("quant=nf4", {"quant.mode": "nf4"}),
+    ("optim=adamw8bit", {"optim.name": "adamw8bit"}),
+    ("halve train.micro_batch_size (double train.grad_accum)", {"train.micro_batch_size": "half"}),
+    ("ref.precompute=true", {"ref.precompute": True}),
+]
+
+
+def with_change(cfg: Config, change: dict) -> Config | None:
+    """A copy of cfg with the knob applied, or None when it does not apply."""
+    import copy
+
+    new = copy.deepcopy(cfg)
+    for key, value in change.items():
+        section, field = key.split(".")
+        obj = getattr(new, section)
+        old = getattr(obj, field)
+        if value == "half":
+            if old <= 1:
+                return None
+            value = old // 2
+        if old == value:
+            return None
+        if key in ("quant.mode", "peft.dropout") and new.peft.method == "full":
+            return None
+        if key == "ref.precompute" and not (
+            isinstance(new.stage, DpoConfig | KtoConfig) and new.ref.model
+        ):
+            return None
+        setattr(obj, field, value)
+    return new
+
+
+def knobs(cfg: Config, device: str, budget: float, arch: Arch) -> list[tuple[str, float]]:
+    """Each applicable knob with the total it gives, most saving first."""
+    out = []
+    for label, change in KNOBS:
+        new = with_change(cfg, change)
+        if new is not None:
+            out.append((label, plan(new, device, arch).total))
+    return sorted(out, key=lambda t: t[1])
+
+
+def gib(n: float) -> str:
+    x = n / GIB
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 0.1 else f"{x:.4f}"
+
+
+def stdout():
+    """The plan is the command's output: stdout (progress and errors go to stderr)."""
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def show(cfg: Config, device: str, gpu_gib: float | None) -> Plan:
+    from rich.table import Table
+
+    console = stdout()
+    p = plan(cfg, device)
+    budget = gpu_gib
+    a = p.arch
+    console.print(
+        f"rlhf plan stage={cfg.stage.name} model={cfg.model.name_or_path} ({p.source}): "
+        f"{a.layers} layers, hidden {a.hidden}, {a.heads} heads / {a.kv_heads} KV, vocabulary "
+        f"{a.vocab}; one {device.upper()} device"
+    )
+    table = Table(show_header=True, title_justify="left")
+    table.add_column("memory")
+    table.add_column("GiB", justify="right")
+    table.add_column("what")
+    for r in p.rows:
+        table.add_row(r.name, gib(r.bytes) if r.peak else "-", r.note)
+    table.add_row("[bold]total (peak)", f"[bold]{gib(p.total)}", "")
+    console.print(table, soft_wrap=False)
+    if budget:
+        fits = p.total <= budget * GIB
+        verdict = "fits" if fits else "does not fit"
+        console.print(f"{verdict} in {budget:g} GiB ({100 * p.total / (budget * GIB):.0f}%)")
+        if not fits:
+            for label, total in knobs(cfg, device, budget * GIB, a):
+                mark = "fits" if total <= budget * GIB else "still over"
+                console.print(f"  {label}: {gib(total)} GiB ({mark})")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# measure=true: the plan's rows against what this device holds
+
+
+MEASURED_STAGES = ("sft", "rm", "dpo")
+
+
+def check_measurable(cfg: Config) -> None:
+    """One line when measure=true cannot run this config."""
+    if cfg.stage.name not in MEASURED_STAGES:
+        raise UserError(
+            f"measure=true covers stage={', '.join(MEASURED_STAGES)}; stage={cfg.stage.name} "
+            "is planned only"
+        )
+    if cfg.ref.precompute or cfg.ref.model:
+        raise UserError(
+            "measure=true runs the reference as the base with the adapter off: drop ref.model "
+            "and ref.precompute"
+        )
+
+
+def synthetic_examples(
+    kind: str, n: int, length: int, prompt_len: int, vocab: int, eos: int
+) -> list:
+    """n examples at the plan's worst case: every row data.max_length tokens long, ending with
+    EOS (pairs: a `prompt_len`-token prompt, both responses filling the rest)."""
+    g = __import__("random").Random(0)
+    special = {eos}
+
+    def ids(k: int) -> list[int]:
+        out = []
+        while len(out) < k - 1:
+            t = g.randrange(3, vocab)
+            if t not in special:
+                out.append(t)
+        return out + [eos]
+
+    if kind == "sft":
+        rows = [ids(length) for _ in range(n)]
+        return [{"input_ids": r, "labels": [-100] + r[1:]} for r in rows]
+    return [
+        {
+            "prompt_ids": ids(prompt_len),
+            "responses_ids": [ids(length - prompt_len), ids(length - prompt_len)],
+            "margin": None,
+        }
+        for _ in range(n)
+    ]
+
+
+def stored_bytes(tensors) -> int:
+    """Bytes of the distinct storages among `tensors`."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and hasattr(t, "untyped_storage"):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def base_tensors(model):
+    """The frozen weights, buffers and bitsandbytes quantization states of a model."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            yield param
+            state = getattr(param, "quant_state", None)
+            if state is not None:
+                yield state.absmax
+                yield state.code
+                if getattr(state, "state2", None) is not None:
+                    yield state.state2.absmax
+                    yield state.state2.code
+            yield getattr(param, "SCB", None)  # int8 row scales
+    yield from model.buffers()
+
+
+def saved_activation_bytes(fn, exclude: set[int]):
+    """(what `fn` left for the backward, in bytes; its result): autograd's saved tensors,
+    counted once per storage, weights excluded."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def measure(cfg: Config) -> tuple[Plan, dict[str, tuple[float, float]]]:
+    """Load the model on this run's device, put one worst-case micro-batch through the stage's
+    loss and one optimizer update, and return the plan with {row: (planned, measured)} bytes:
+    base weights, trainable parameters, optimizer states, activations + logits (autograd's saved
+    tensors), and on CUDA the peak of torch's allocator over two steps."""
+    import tempfile
+
+    import torch
+
+    from rlhf_cli.loop import make_optimizer, move
+    from rlhf_cli.models import (
+        autocast,
+        autocast_dtype,
+        load_model,
+        load_tokenizer,
+        quiet_libraries,
+        resolve_device,
+    )
+    from rlhf_cli.stages import stage_class
+    from rlhf_cli.train import seed_everything
+
+    check_measurable(cfg)
+    quiet_libraries()
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.device)
+    p = plan(cfg, "cuda" if device.type == "cuda" else "cpu")
+    amp = autocast_dtype(cfg.train.precision, device)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg, device, tokenizer)
+    cls = stage_class(cfg.stage.name)
+    stage = cls(cfg, model, tokenizer, device, amp)
+    micro = cfg.train.micro_batch_size
+    examples = synthetic_examples(
+        cls.data_kind,
+        micro,
+        cfg.data.max_length,
+        1,
+        min(len(tokenizer), p.arch.vocab),
+        tokenizer.eos_token_id,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        stage.prepare(examples, [], Path(tmp))
+    extras = stage.extra_modules()
+    params = [q for m in (model, *extras.values()) for q in m.parameters() if q.requires_grad]
+    weights = {t.untyped_storage().data_ptr() for t in base_tensors(model) if t is not None}
+    weights |= {q.untyped_storage().data_ptr() for q in params}
+    optimizer = make_optimizer(params, cfg.optim)
+    model.train()
+    batch = move(stage.collate(examples), device)
+    saved = 0.0
+    with allocation_peak(device) as peak:
+        for step in range(2):
+            with autocast(amp, device):
+                if step == 0:
+                    saved, (loss, _) = saved_activation_bytes(lambda: stage.loss(batch), weights)
+                else:
+                    loss, _ = stage.loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+    rows = {r.name: r.bytes for r in p.rows}
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    base = list(base_tensors(model))
+    if cfg.peft.method == "full":  # the trained weights are the base
+        base += list(model.parameters())
+    trainable = 4.0 * sum(trainable_counts(p.arch, p.settings))
+    # What the two steps allocated at their peak beyond what was there before (the model),
+    # against the rows that come with a step.
+    step_rows = ("gradients", "optimizer states", "activations", "logits", "largest transient")
+    out = {
+        "base weights": (rows["base weights"], float(stored_bytes(base))),
+        "trainable parameters": (trainable, float(stored_bytes(params))),
+        "optimizer states": (rows["optimizer states"], float(stored_bytes(state))),
+        "activations + logits": (rows["activations"] + rows.get("logits", 0.0), float(saved)),
+        "step peak (allocated)": (
+            sum(r.bytes for r in p.rows if r.name in step_rows),
+            float(peak.bytes),
+        ),
+    }
+    return p, out
+
+
+class allocation_peak:
+    """The peak of torch's allocated bytes inside the block, above the level at its start: the
+    CUDA allocator's statistics, or on a CPU the profiler's allocation events (exact, unlike the
+    resident memory, which keeps what the C allocator has not returned)."""
+
+    def __init__(self, device):
+        self.device, self.bytes = device, 0
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+            return
+        self.prof.__exit__(*exc)
+        cpu = torch.autograd.DeviceType.CPU
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in self.prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == cpu
+        )
+        live = 0
+        for _, n in events:
+            live += n
+            self.bytes = max(self.bytes, live)
+
+
+def show_measured(measured: dict[str, tuple[float, float]]) -> None:
+    from rich.table import Table
+
+    console = stdout()
+    table = Table(show_header=True, title="planned vs measured", title_justify="left")
+    for col in ("memory", "planned GiB", "measured GiB", "measured / planned"):
+        table.add_column(col, justify="left" if col == "memory" else "right")
+    for name, (planned, got) in measured.items():
+        ratio = f"{got / planned:.3f}" if planned else "-"
+        table.add_row(name, f"{planned / GIB:.4f}", f"{got / GIB:.4f}", ratio)
+    console.print(table, soft_wrap=False)
