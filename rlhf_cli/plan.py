@@ -14,7 +14,10 @@ log-probs, one layer's recomputation under gradient checkpointing).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -486,11 +489,12 @@ def with_change(cfg: Config, change: dict) -> Config | None:
 
 def knobs(cfg: Config, device: str, budget: float, arch: Arch) -> list[tuple[str, float]]:
     """Each applicable knob with the total it gives, most saving first."""
+    now = plan(cfg, device, arch).total
     out = []
     for label, change in KNOBS:
         new = with_change(cfg, change)
-        if new is not None:
-            out.append((label, plan(new, device, arch).total))
+        if new is not None and (total := plan(new, device, arch).total) < now:
+            out.append((label, total))
     return sorted(out, key=lambda t: t[1])
 
 
@@ -732,7 +736,8 @@ class allocation_peak:
             from torch.profiler import ProfilerActivity, profile
 
             self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
+            with native_stderr_silenced():  # the profiler's start/stop lines
+                self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -742,7 +747,8 @@ class allocation_peak:
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
             return
-        self.prof.__exit__(*exc)
+        with native_stderr_silenced():
+            self.prof.__exit__(*exc)
         cpu = torch.autograd.DeviceType.CPU
         events = sorted(
             (e.start_ns(), e.nbytes())
@@ -753,6 +759,20 @@ class allocation_peak:
         for _, n in events:
             live += n
             self.bytes = max(self.bytes, live)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 to /dev/null for the block (what C++ libraries print there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def show_measured(measured: dict[str, tuple[float, float]]) -> None:

@@ -123,6 +123,7 @@ MEASURED_REAL = [
     (*SMALL, "stage=dpo"),
     (*SMALL, "stage=rm"),
     (*SMALL, "stage=sft", "quant=none", "train.gradient_checkpointing=true"),
+    (*SMALL, "stage=sft", "quant=int8"),
     (*SMALL, "stage=dpo", "quant=none", "train.precision=bf16", "stage.dropout=true"),
 ]
 
