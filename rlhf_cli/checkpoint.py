@@ -63,10 +63,16 @@ def save_weights(
         model.save_pretrained(
             out, safe_serialization=True, selected_adapters=[model.active_adapter], **kwargs
         )
-    elif full_state is not None:
-        save_file({k: v.contiguous() for k, v in full_state.items()}, str(out / FULL_WEIGHTS))
     else:
-        save_model(model, str(out / FULL_WEIGHTS))
+        if full_state is not None:
+            save_file({k: v.contiguous() for k, v in full_state.items()}, str(out / FULL_WEIGHTS))
+        else:
+            save_model(model, str(out / FULL_WEIGHTS))
+        # With its config beside the weights, a full fine-tune is a model directory that
+        # transformers loads as it is (AutoModelForCausalLM.from_pretrained(final)).
+        for part in ("config", "generation_config"):
+            if getattr(model, part, None) is not None:
+                getattr(model, part).save_pretrained(out)
     for name, module in (extras or {}).items():
         save_model(module, str(out / f"{name}.safetensors"))
 

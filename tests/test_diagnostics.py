@@ -88,3 +88,59 @@ def test_an_online_run_with_a_reward_that_never_differs_is_told_so(tmp_path):
         "train.max_steps=3",
     )
     assert summary["notes"] == "equal_rewards"
+
+
+ONLINE_RUN = (
+    "stage=grpo",
+    "quant=none",
+    "stage.kl_coef=0",
+    "optim.scheduler=constant",
+    "stage.rollout_batch_size=8",
+    "stage.group_size=4",
+    "data.eval_size=0",
+)
+
+
+def test_an_online_run_that_collapses_onto_its_reward_is_told_so(tmp_path):
+    """A share of the letter e as the reward, no KL penalty, a learning rate far too high: the
+    policy leaves the reference (KL 5 -> 28 nats in 12 steps) and its sampling turns nearly
+    deterministic (entropy 6.4 -> 0.5 nats per token)."""
+    summary = train_in_process(
+        tmp_path / "r",
+        *ONLINE_RUN,
+        "reward.fn=rlhf_cli.rewards:char_fraction",
+        "optim.lr=1e-1",
+        "stage.max_new_tokens=8",
+        "train.max_steps=30",
+    )
+    assert summary["notes"] == "kl_runaway, entropy_collapse"
+    history = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert history[0]["entropy"] > 6 and history[-1]["entropy"] < 0.3
+
+
+def test_an_online_run_whose_answers_stop_ending_is_told_so(tmp_path):
+    """A policy that ends its answers (the tiny model fine-tuned on the shipped answers: 18
+    tokens, all with EOS) rewarded for length: the answers grow to stage.max_new_tokens."""
+    sft = train_in_process(
+        tmp_path / "sft",
+        "stage=sft",
+        "peft=full",
+        "quant=none",
+        "optim.lr=2e-3",
+        "train.max_steps=300",
+        "data.eval_size=0",
+    )
+    summary = train_in_process(
+        tmp_path / "r",
+        *ONLINE_RUN,
+        f"model.name_or_path={sft['model']}",
+        "reward.fn=rlhf_cli.rewards:length_target",
+        "+reward.kwargs.words=200",
+        "optim.lr=5e-3",
+        "stage.max_new_tokens=48",
+        "train.max_steps=12",
+    )
+    assert summary["notes"] == "kl_runaway, length_runaway"
+    history = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert history[0]["eos_fraction"] == 1.0 and history[0]["response_length"] < 20
+    assert history[-1]["response_length"] > 44

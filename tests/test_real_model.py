@@ -145,6 +145,12 @@ def test_the_online_options_compose_on_the_real_model(tmp_path, monkeypatch):
         assert points == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows]
     table = acc.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert table.splitlines()[0] == "| prompt | response | score |" and len(table.splitlines()) == 6
+    # The model card names the hub id of the real base (not the offline copy's path).
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "r" / "final" / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.library_name == "peft" and "grpo" in card.data.tags
     (run_file,) = (tmp_path / "r" / "wandb").glob("offline-run-*/run-*.wandb")
     run, history = wandb_run(run_file)
     assert run["config"]["model"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

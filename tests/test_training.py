@@ -387,3 +387,32 @@ def test_qlora_unquantized_weights_follow_the_run_dtype(precision, dtype):
     assert any(p.__class__.__name__ == "Params4bit" for p in base.parameters())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
+
+
+def test_a_full_fine_tune_saves_a_model_directory_transformers_loads(tmp_path):
+    """final/ of peft=full holds config.json beside the weights: from_pretrained(final) gives
+    the trained model (its logits equal the run's last saved weights, applied to the base)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    rows = train_in_process(tmp_path / "r", *FAST, "quant=none", "peft=full", "optim.lr=1e-3")
+    final = Path(rows["model"])
+    assert (final / "config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    saved = load_file(str(final / "model.safetensors"))
+    state = model.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    base = AutoModelForCausalLM.from_pretrained(model_path_of_tiny())
+    diff = max((state[k] - v).abs().max().item() for k, v in base.state_dict().items())
+    assert diff > 1e-4  # trained weights, not the base's
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def model_path_of_tiny() -> str:
+    from conftest import compose
+
+    from rlhf_cli.models import model_path
+
+    return model_path(compose().model)
