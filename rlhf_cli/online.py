@@ -49,6 +49,9 @@ from rlhf_cli.progress import console
 from rlhf_cli.rewards import call_reward_fn, reward_terms
 
 REWARD_ADAPTER = "reward"
+# Response positions whose float32 logits exist at once in OnlineStage.forward (whole rows of
+# them): 1024 x vocabulary x 4 bytes, 200 MB for a 49k vocabulary, instead of the whole batch.
+LOGIT_TOKENS = 1024
 
 
 @dataclass
@@ -280,11 +283,18 @@ class OnlineStage(Sampler, Stage):
         self.generation = generation_config(tokenizer, s.max_new_tokens, s.temperature, s.top_p)
 
     def forward(
-        self, model, batch: dict[str, torch.Tensor], prompt_len: int, with_values: bool = False
+        self,
+        model,
+        batch: dict[str, torch.Tensor],
+        prompt_len: int,
+        with_values: bool = False,
+        with_entropy: bool = False,
     ):
-        """(response log-probs (B, R), values (B, R) or None, logits (B, R, V)) at the sampling
-        temperature. Only the response positions go through the LM head (and the family's logit
-        transform, models.lm_logits); a family whose transform is unknown runs its own forward."""
+        """(response log-probs (B, R), values (B, R) or None, entropies (B, R) or None) at the
+        sampling temperature. Only the response positions go through the LM head (and the
+        family's logit transform, models.lm_logits), whole rows of up to LOGIT_TOKENS positions
+        at a time, so the float32 logits of the whole batch never exist at once; a family whose transform is unknown runs
+        its own forward. The entropy (no gradient) is H = logsumexp(z) - sum softmax(z) z."""
         inputs = dict(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -294,17 +304,34 @@ class OnlineStage(Sampler, Stage):
         window = slice(prompt_len - 1, -1)
         if own_logits(model):
             out = model(**inputs, output_hidden_states=True)
-            states, logits = out.hidden_states[-1][:, window], out.logits[:, window]
+            states = out.hidden_states[-1][:, window]
+
+            def head(rows: slice) -> torch.Tensor:
+                return out.logits[rows, window]
         else:
             states = decoder(model)(**inputs).last_hidden_state[:, window]
-            logits = lm_logits(model, states)
-        logits = logits.float() / self.cfg.stage.temperature
+
+            def head(rows: slice) -> torch.Tensor:
+                return lm_logits(model, states[rows])
+
         response = batch["input_ids"][:, prompt_len:]
-        # log softmax at the sampled token only: gather minus logsumexp (no (B, R, V) copy).
-        picked = logits.gather(-1, response.unsqueeze(-1)).squeeze(-1)
-        logps = (picked - torch.logsumexp(logits, -1)) * batch["attention_mask"][:, prompt_len:]
+        temperature = self.cfg.stage.temperature
+        logps, entropies = [], []
+        step = max(1, LOGIT_TOKENS // max(1, response.shape[1]))
+        for start in range(0, states.shape[0], step):
+            rows = slice(start, start + step)
+            logits = head(rows).float() / temperature
+            # log softmax at the sampled token only: gather minus logsumexp (no (B, R, V) copy).
+            picked = logits.gather(-1, response[rows].unsqueeze(-1)).squeeze(-1)
+            lse = torch.logsumexp(logits, -1)
+            logps.append(picked - lse)
+            if with_entropy:
+                with torch.no_grad():
+                    probs = torch.softmax(logits, -1)
+                    entropies.append(lse - (probs * logits).sum(-1))
+        logps = torch.cat(logps) * batch["attention_mask"][:, prompt_len:]
         values = self.value_head(states) if with_values and self.value_head is not None else None
-        return logps, values, logits
+        return logps, values, torch.cat(entropies) if with_entropy else None
 
     @torch.no_grad()
     def reference_logps(self, rollout: Rollout) -> torch.Tensor:
@@ -483,8 +510,12 @@ class OnlineStage(Sampler, Stage):
                     idx = mb_idx[m0 : m0 + self.cfg.train.micro_batch_size].to(self.device)
                     m, lm = mask[idx], loss_mask[idx]
                     with autocast(self.amp_dtype, self.device):
-                        logps, values, logits = self.forward(
-                            self.model, rollout.select(idx), rollout.prompt_len, with_values=True
+                        logps, values, entropy = self.forward(
+                            self.model,
+                            rollout.select(idx),
+                            rollout.prompt_len,
+                            with_values=True,
+                            with_entropy=first,
                         )
                     adv = old["advantages"][idx]
                     token_losses, pstats = policy_token_losses(
@@ -510,13 +541,9 @@ class OnlineStage(Sampler, Stage):
                     if first:  # KL 0 / ratio 1 before any update: a check that is cheap here
                         with torch.no_grad():
                             ratio = masked_mean(torch.exp(logps - old_logps[idx]), m)
-                            probs = torch.softmax(logits, -1)
-                            entropy = masked_mean(
-                                -(probs * torch.log_softmax(logits, -1)).sum(-1), m
-                            )
                         stats["policy/ratio_first"] = float(ratio)
                         stats["policy/approx_kl_first"] = float(pstats["approx_kl"])
-                        stats["entropy"] = float(entropy)
+                        stats["entropy"] = float(masked_mean(entropy, m))
                         first = False
                     for key, value in {**pstats, **estats}.items():
                         name = key if "/" in key else f"policy/{key}"

@@ -375,8 +375,12 @@ def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: st
         rollout = st.rollout_batch_size * st.group_size
         kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * s.compute_bytes * rollout * length
         transient.append(("KV cache of the rollout", kv))
-        # Old and reference log-probs run over the whole rollout at once (no gradient).
-        transient.append(("rollout log-probs", 8.0 * rollout * new * arch.vocab))
+        # Old and reference log-probs (no gradient): float32 logits and logsumexp's exp, for
+        # whole rows of up to LOGIT_TOKENS positions at a time.
+        from rlhf_cli.online import LOGIT_TOKENS
+
+        rows = min(rollout, max(1, LOGIT_TOKENS // max(1, new)))
+        transient.append(("rollout log-probs", 8.0 * rows * new * arch.vocab))
         if isinstance(st, PpoConfig):
             rows.append(Row("value head", 4.0 * 4 * (arch.hidden + 1), "fp32 + gradient + moments"))
     elif isinstance(st, RsConfig):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from rlhf_cli.checkpoint import FULL_WEIGHTS
+from rlhf_cli.checkpoint import FULL_WEIGHTS, STATE_FILE
 from rlhf_cli.config import (
     Config,
     DataConfig,
@@ -65,8 +65,9 @@ def locate(path: str | Path) -> Located:
             candidate / FULL_WEIGHTS
         ).is_file()
         if (candidate / "config.yaml").is_file() and has_weights:
-            if (candidate / "config.json").is_file():
+            if (candidate / "config.json").is_file() and not (candidate / STATE_FILE).is_file():
                 break  # a transformers directory that happens to hold a config.yaml
+            # (a full fine-tune's final/ holds config.json too, beside the trainer state)
             return Located(candidate, load_saved_config(candidate / "config.yaml"))
     if (path / "config.json").is_file():
         return Located(path, None)

@@ -147,13 +147,25 @@ def test_logps_equal_log_softmax_of_the_models_own_logits(model_type):
             cfg=SimpleNamespace(stage=SimpleNamespace(temperature=0.7)), value_head=None
         )
         batch = {"input_ids": ids, "attention_mask": attn}
-        logps, _, _ = OnlineStage.forward(stage, model, batch, prompt_len)
-        from rlhf_cli.online import position_ids
+        from rlhf_cli import online
 
-        full = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits
-        want = torch.log_softmax(full[:, prompt_len - 1 : -1].float() / 0.7, -1)
-        want = want.gather(-1, ids[:, prompt_len:, None]).squeeze(-1)
-        torch.testing.assert_close(logps, want, atol=1e-5, rtol=1e-5)
+        full = model(
+            input_ids=ids, attention_mask=attn, position_ids=online.position_ids(attn)
+        ).logits
+        log_probs = torch.log_softmax(full[:, prompt_len - 1 : -1].float() / 0.7, -1)
+        want = log_probs.gather(-1, ids[:, prompt_len:, None]).squeeze(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        # The LM head one row at a time and the whole batch at once give the same numbers.
+        for tokens in (1, 10**6):
+            saved, online.LOGIT_TOKENS = online.LOGIT_TOKENS, tokens
+            try:
+                logps, _, got_entropy = OnlineStage.forward(
+                    stage, model, batch, prompt_len, with_entropy=True
+                )
+            finally:
+                online.LOGIT_TOKENS = saved
+            torch.testing.assert_close(logps, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_entropy, entropy, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
