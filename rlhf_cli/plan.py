@@ -379,8 +379,8 @@ def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: st
         # whole rows of up to LOGIT_TOKENS positions at a time.
         from rlhf_cli.online import LOGIT_TOKENS
 
-        rows = min(rollout, max(1, LOGIT_TOKENS // max(1, new)))
-        transient.append(("rollout log-probs", 8.0 * rows * new * arch.vocab))
+        chunk = min(rollout, max(1, LOGIT_TOKENS // max(1, new)))
+        transient.append(("rollout log-probs", 8.0 * chunk * new * arch.vocab))
         if isinstance(st, PpoConfig):
             rows.append(Row("value head", 4.0 * 4 * (arch.hidden + 1), "fp32 + gradient + moments"))
     elif isinstance(st, RsConfig):
