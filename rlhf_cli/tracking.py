@@ -115,7 +115,15 @@ class Trackers:
                 self.tb.add_text("config", "```\n" + config_yaml + "\n```", 0)
         if log.wandb:
             config = yaml.safe_load(config_yaml)
-            self.wandb_run = self._start_wandb(log, run_dir, config, stage, resume_step)
+            try:
+                self.wandb_run = self._start_wandb(log, run_dir, config, stage, resume_step)
+            except Exception as err:  # no login, a bad project, no network: one line
+                self.close(failed=True)
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(
+                    f"log.wandb=true: W&B did not start ({first}); log in with `wandb login` "
+                    "(or set WANDB_API_KEY), or add log.wandb_mode=offline and `wandb sync` later"
+                ) from err
 
     @staticmethod
     def _start_wandb(log: LogConfig, run_dir: Path, config, stage: str, resume_step):

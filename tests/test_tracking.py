@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,21 @@ def test_a_bad_wandb_mode_is_one_line(tmp_path):
         "error: config: log.wandb_mode='cloud' is not one of: online, offline, disabled"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_wandb_without_a_login_is_one_line_and_leaves_no_run(tmp_path):
+    """Online mode with no API key (an empty W&B config directory): W&B refuses at once; the
+    run stops with one line and the fresh run directory is removed again."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_CONFIG_DIR=str(tmp_path / "cfg"), WANDB_MODE="online", HF_HUB_OFFLINE="1")
+    run = tmp_path / "run"
+    out = rlhf(
+        "train", *FAST, "log.wandb=true", f"run_dir={run}", env=env, stdin=subprocess.DEVNULL
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: log.wandb=true: W&B did not start (") and "wandb login" in last
+    assert "Traceback" not in out.stderr
+    assert not run.exists()
