@@ -293,8 +293,9 @@ class OnlineStage(Sampler, Stage):
         """(response log-probs (B, R), values (B, R) or None, entropies (B, R) or None) at the
         sampling temperature. Only the response positions go through the LM head (and the
         family's logit transform, models.lm_logits), whole rows of up to LOGIT_TOKENS positions
-        at a time, so the float32 logits of the whole batch never exist at once; a family whose transform is unknown runs
-        its own forward. The entropy (no gradient) is H = logsumexp(z) - sum softmax(z) z."""
+        at a time, so the float32 logits of the whole batch never exist at once; a family whose
+        transform is unknown runs its own forward (and its logits are whole). The entropy (no
+        gradient) is H = logsumexp(z) - sum softmax(z) z."""
         inputs = dict(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],

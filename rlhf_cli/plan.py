@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -491,7 +492,7 @@ def with_change(cfg: Config, change: dict) -> Config | None:
     return new
 
 
-def knobs(cfg: Config, device: str, budget: float, arch: Arch) -> list[tuple[str, float]]:
+def knobs(cfg: Config, device: str, arch: Arch) -> list[tuple[str, float]]:
     """Each applicable knob with the total it gives, most saving first."""
     now = plan(cfg, device, arch).total
     out = []
@@ -539,7 +540,7 @@ def show(cfg: Config, device: str, gpu_gib: float | None) -> Plan:
         verdict = "fits" if fits else "does not fit"
         console.print(f"{verdict} in {budget:g} GiB ({100 * p.total / (budget * GIB):.0f}%)")
         if not fits:
-            for label, total in knobs(cfg, device, budget * GIB, a):
+            for label, total in knobs(cfg, device, a):
                 mark = "fits" if total <= budget * GIB else "still over"
                 console.print(f"  {label}: {gib(total)} GiB ({mark})")
     return p
@@ -571,7 +572,7 @@ def synthetic_examples(
 ) -> list:
     """n examples at the plan's worst case: every row data.max_length tokens long, ending with
     EOS (pairs: a `prompt_len`-token prompt, both responses filling the rest)."""
-    g = __import__("random").Random(0)
+    g = random.Random(0)
     special = {eos}
 
     def ids(k: int) -> list[int]:
