@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_cli.config import Config, ModelConfig
 from rlhf_cli.errors import UserError
@@ -584,16 +585,93 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return transform(logits) if transform is not None else logits
 
 
+# Label positions per LM-head chunk: the float32 logits that exist at once are at most
+# HEAD_CHUNK x vocab (1024 x 49k = 200 MB for SmolLM2), whatever the batch.
+HEAD_CHUNK = 1024
+
+
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log p(target_i) = z_i[t_i] - logsumexp(z_i), z_i = W h_i + b, for a frozen head, a chunk
+    of rows at a time. The gradient needs no logits: d logp_i / d h_i = W^T (onehot(t_i) -
+    softmax(z_i)), an (n, H) tensor computed in the forward from each chunk's logits, so the
+    backward only scales it by the incoming gradient (as Liger's fused linear cross-entropy does
+    for a scalar loss; here per row, since DPO's loss is not a sum of log-probs)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grads = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            # One (chunk, vocab) float32 buffer, worked in place: the logits, shifted by their
+            # max, exponentiated, then (for the gradient) onehot - softmax.
+            z = F.linear(hidden[start:end], weight, bias).float()
+            t = targets[start:end]
+            z.sub_(z.amax(dim=-1, keepdim=True))
+            picked = z.gather(1, t[:, None]).squeeze(1)
+            total = z.exp_().sum(dim=-1)
+            out[start:end] = picked - total.log()
+            if grads is not None:
+                g = z.div_(total[:, None]).neg_()
+                g[torch.arange(end - start, device=g.device), t] += 1
+                # The dtype the head's backward would use (the compute dtype under autocast).
+                device = hidden.device.type
+                w = weight
+                if torch.is_autocast_enabled(device):
+                    w = weight.to(torch.get_autocast_dtype(device))
+                grads[start:end] = g.to(w.dtype) @ w
+        ctx.save_for_backward(grads)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grads,) = ctx.saved_tensors
+        grad_hidden = None
+        if grads is not None:
+            grad_hidden = grads * grad_out[:, None].to(grads.dtype)
+        return grad_hidden, None, None, None, None
+
+
+def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under the model's LM head (and its family's logit transform) for rows of
+    hidden states (n, H) -> (n,) float32, HEAD_CHUNK rows at a time: no (n, vocab) logits are
+    ever kept. A frozen plain head (LoRA's usual case) gets its gradient computed in the forward
+    (_FrozenHeadLogps); a trained head or a logit transform recomputes each chunk's logits in the
+    backward (activation checkpointing), one chunk at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    head = model.get_output_embeddings()
+    plain = (
+        type(head) is torch.nn.Linear
+        and not head.weight.requires_grad
+        and (head.bias is None or not head.bias.requires_grad)
+        and model.config.model_type not in LOGIT_TRANSFORMS
+    )
+    if plain:
+        return _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, HEAD_CHUNK)
+
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(lm_logits(model, h).float(), t, reduction="none")
+
+    pieces = [hidden.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        h, t = hidden[start : start + HEAD_CHUNK], targets[start : start + HEAD_CHUNK]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(chunk_logps, h, t, use_reentrant=False))
+        else:
+            pieces.append(chunk_logps(h, t))
+    return torch.cat(pieces)
+
+
 def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled tokens only, and the row each comes from: (n,), (n,).
 
     The LM head runs only at the positions that predict a label (never on prompt or padding),
-    followed by the family's logit transform (lm_logits), and the log-softmax is one fused
-    cross-entropy, so no (B, T, V) logits exist. A family whose transform is unknown takes the
-    model's own forward instead.
+    followed by the family's logit transform (lm_logits), HEAD_CHUNK positions at a time
+    (head_logps), so neither (B, T, V) nor (labels, V) logits exist. A family whose transform is
+    unknown takes the model's own forward instead.
     """
-    import torch.nn.functional as F
-
     from rlhf_cli.losses import IGNORE_INDEX, token_logps
 
     targets = batch["labels"][:, 1:]
@@ -612,8 +690,7 @@ def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state[:, :-1]
         keep = targets != IGNORE_INDEX
-    logits = lm_logits(model, hidden[keep]).float()
-    return -F.cross_entropy(logits, targets[keep], reduction="none"), keep.nonzero()[:, 0]
+    return head_logps(model, hidden[keep], targets[keep]), keep.nonzero()[:, 0]
 
 
 class ScalarHead(torch.nn.Module):

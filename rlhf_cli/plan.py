@@ -288,12 +288,26 @@ def activation_bytes(arch: Arch, s: Settings, tokens: int, seq_len: int) -> floa
     return arch.layers * layer_activation_bytes(arch, s, seq_len) * tokens + final_norm
 
 
-def logits_bytes(arch: Arch, s: Settings, positions: int) -> tuple[float, float]:
-    """(kept for the backward, transient) of the LM head over `positions` positions: the
-    float32 logits the fused log-softmax keeps; while its backward runs, the gradient coming in
-    and the one going out (float32 each), plus the compute-dtype logits under autocast."""
-    n = positions * arch.vocab
-    return 4.0 * n, 8.0 * n + (s.compute_bytes if s.compute_bytes != 4 else 0) * n
+def logits_bytes(
+    arch: Arch, s: Settings, positions: int, chunk: int | None = None
+) -> tuple[float, float]:
+    """(kept for the backward, transient) of the LM head over `positions` positions.
+
+    Whole rows at once (chunk None, the online update): the float32 logits the log-softmax
+    keeps; while its backward runs, the gradient coming in and the one going out (float32
+    each), plus the compute-dtype logits under autocast. In chunks (models.head_logps, the
+    offline stages): a frozen head keeps only d logp / d hidden (positions x hidden, the hidden
+    states' dtype) and one chunk's float32 logits (softmaxed in place) exist at a time, with
+    under autocast its compute-dtype logits or gradient beside them; a trained head recomputes each chunk
+    in the backward, so nothing stays and one chunk takes the whole-rows transient."""
+    low = s.compute_bytes if s.compute_bytes != 4 else 0
+    if chunk is None:
+        n = positions * arch.vocab
+        return 4.0 * n, 8.0 * n + low * n
+    c = min(positions, chunk) * arch.vocab
+    if not s.full:
+        return float(positions * arch.hidden * s.base_bytes), 4.0 * c + low * c
+    return 0.0, 12.0 * c + low * c
 
 
 @dataclass
@@ -399,7 +413,10 @@ def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: st
         transient.append(("KV cache of the sampling", kv))
     tokens = seqs * length
     act = activation_bytes(arch, s, tokens, length)
-    kept_logits, logits_tmp = logits_bytes(arch, s, positions)
+    from rlhf_cli.models import HEAD_CHUNK
+
+    online = isinstance(st, OnlineConfig)
+    kept_logits, logits_tmp = logits_bytes(arch, s, positions, None if online else HEAD_CHUNK)
     gc = "with gradient checkpointing" if s.checkpointing else "no gradient checkpointing"
     rows.append(
         Row(
@@ -418,9 +435,12 @@ def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: st
     else:
         transient.append(("one layer's backward", 4 * arch.intermediate * s.compute_bytes * tokens))
     if positions:
-        rows.append(
-            Row("logits", kept_logits, f"{positions} positions x {arch.vocab} vocabulary, fp32")
+        what = (
+            f"{positions} positions x {arch.vocab} vocabulary, fp32"
+            if online
+            else f"{positions} positions, in chunks of {HEAD_CHUNK} (d logp / d hidden kept)"
         )
+        rows.append(Row("logits", kept_logits, what))
         transient.append(("logits in the backward", logits_tmp))
     # The reference policy.
     ref_name = getattr(cfg.ref, "model", None)

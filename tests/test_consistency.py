@@ -168,6 +168,72 @@ def test_logps_equal_log_softmax_of_the_models_own_logits(model_type):
             torch.testing.assert_close(got_entropy, entropy, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "model_type, trained_head, precision",
+    [
+        ("llama", False, "fp32"),  # frozen plain head: the gradient computed in the forward
+        ("llama", False, "bf16"),
+        ("llama", True, "fp32"),  # a trained head: chunks recomputed in the backward
+        ("gemma2", False, "fp32"),  # a logit transform (soft-capping): recomputed too
+    ],
+)
+def test_chunked_head_logps_equal_whole_logits_with_gradients(
+    model_type, trained_head, precision, monkeypatch
+):
+    """head_logps, 3 rows a chunk or all at once, gives the log-probs and the gradients (hidden
+    states, and a trained head's weight) of log_softmax over the whole (n, vocab) logits; each
+    row's gradient is scaled by its own incoming gradient; and nothing of size vocab is kept
+    for the backward."""
+    from rlhf_cli import models
+    from rlhf_cli.models import head_logps, lm_logits
+
+    model = tiny_family(model_type)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(trained_head)
+    vocab = head.weight.shape[0]
+    g = torch.Generator().manual_seed(3)
+    hidden0 = torch.randn(7, head.weight.shape[1], generator=g)
+    targets = torch.randint(0, vocab, (7,), generator=g)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0])  # d loss / d logp_i
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def run(fn):
+        hidden = hidden0.clone().requires_grad_(True)
+        head.weight.grad = None
+        with autocast:
+            logps = fn(hidden)
+        (logps * weights).sum().backward()
+        return logps.detach(), hidden.grad, head.weight.grad
+
+    def whole(hidden):
+        logits = lm_logits(model, hidden).float()
+        return torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+
+    want = run(whole)
+    assert (want[1].abs().sum(-1) > 0).all()
+    tol = dict(atol=2e-2, rtol=2e-2) if precision == "bf16" else dict(atol=1e-5, rtol=1e-5)
+    for chunk in (3, 1024):
+        monkeypatch.setattr(models, "HEAD_CHUNK", chunk)
+        saved_shapes: list[tuple] = []
+
+        def chunked(hidden, shapes=saved_shapes):
+            def pack(t):
+                shapes.append(tuple(t.shape))
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                return head_logps(model, hidden, targets)
+
+        got = run(chunked)
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        if trained_head:
+            torch.testing.assert_close(got[2], want[2], **tol)
+        assert not any(shape and shape[-1] == vocab for shape in saved_shapes), saved_shapes
+        with torch.no_grad(), autocast:  # no gradient wanted: the same numbers
+            torch.testing.assert_close(head_logps(model, hidden0, targets), want[0], **tol)
+
+
 # ---------------------------------------------------------------------------------------------
 # dropout and modes
 
