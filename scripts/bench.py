@@ -90,8 +90,11 @@ SIZES = {
         num_key_value_heads=8,
     ),
 }
+# Real checkpoints (rlhf_cli.real's offline copies): their own tokenizer and chat template.
+REAL = {"smollm2": "smollm2-135m"}
+ALL_SIZES = (*SIZES, *REAL)
 STAGES = ("sft", "rm", "dpo", "grpo")
-OURS_ONLY = ("grpo",)  # rollout speed: generation tokens/s of our online stages
+OURS_ONLY: tuple[str, ...] = ()  # stages that only ours runs (none: TRL's GRPOTrainer is in)
 MODES = ("lora", "qlora")
 PRECISIONS = ("fp32", "bf16")
 TOOLS = ("ours", "trl")
@@ -134,8 +137,13 @@ def _build_once(target: Path, builder) -> Path:
 
 
 def model_dir(size: str) -> Path:
-    """The benchmark model of this size, built on first use."""
+    """The benchmark model of this size, built on first use (a real one: its offline copy)."""
     from rlhf_cli.tiny import SPECIAL_TOKENS, cache_root, corpus
+
+    if size in REAL:
+        from rlhf_cli.real import fetch
+
+        return fetch(REAL[size])
 
     recipe = SIZES[size]
     texts = corpus(CORPUS_FILES)
@@ -153,21 +161,30 @@ def _build_model(out: Path, recipe: dict, texts: list[str]) -> None:
     build_llama(out, texts, dict(recipe, max_position_embeddings=1024, seed=0), None)
 
 
+def shape(size: str) -> dict:
+    """The model's shape: the recipe of a toy, the config.json of a real checkpoint."""
+    if size in REAL:
+        return json.loads((model_dir(size) / "config.json").read_text())
+    return dict(SIZES[size], tie_word_embeddings=False)
+
+
 def linear_params(size: str, with_lm_head: bool) -> int:
     """Parameters of the linear layers a token goes through (for the FLOP estimate)."""
-    r = SIZES[size]
+    r = shape(size)
     h, i, layers = r["hidden_size"], r["intermediate_size"], r["num_hidden_layers"]
-    head_dim = h // r["num_attention_heads"]
+    head_dim = r.get("head_dim") or h // r["num_attention_heads"]
     kv = r["num_key_value_heads"] * head_dim
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    q = r["num_attention_heads"] * head_dim
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * i
     return layers * per_layer + (r["vocab_size"] * h if with_lm_head else 0)
 
 
 def total_params(size: str) -> int:
-    r = SIZES[size]
+    r = shape(size)
     h, layers = r["hidden_size"], r["num_hidden_layers"]
     norms = (2 * layers + 1) * h
-    return linear_params(size, True) + r["vocab_size"] * h + norms
+    embeddings = 0 if r.get("tie_word_embeddings") else r["vocab_size"] * h
+    return linear_params(size, True) + embeddings + norms
 
 
 def _word_stream(texts: list[str], rng: random.Random):
@@ -225,6 +242,64 @@ def data_files(n_rows: int) -> dict[str, Path]:
 
     _build_once(target, build)
     return {name: target / f"{name}.jsonl" for name in ("pairs", "sft", "prompts")}
+
+
+def real_data_files(n_rows: int) -> dict[str, Path]:
+    """The shipped short question/answer pairs (rlhf_cli/assets/preference.jsonl, cycled to
+    n_rows) in the conversational format both tools read and render with the model's own chat
+    template: {"pairs": prompt/chosen/rejected, "sft": prompt/completion, "prompts": prompt}."""
+    from rlhf_cli.tiny import cache_root
+
+    source = (ASSETS / "preference.jsonl").read_text(encoding="utf-8")
+    target = cache_root() / f"bench-realdata-{_digest(n_rows, source)}"
+    rows = [json.loads(line) for line in source.splitlines() if line.strip()]
+
+    def build(out: Path) -> None:
+        def user(text):
+            return [{"role": "user", "content": text}]
+
+        def assistant(text):
+            return [{"role": "assistant", "content": text}]
+
+        picked = [rows[i % len(rows)] for i in range(n_rows)]
+        files = {
+            "pairs": [
+                {
+                    "prompt": user(r["prompt"]),
+                    "chosen": assistant(r["chosen"]),
+                    "rejected": assistant(r["rejected"]),
+                }
+                for r in picked
+            ],
+            "sft": [
+                {"prompt": user(r["prompt"]), "completion": assistant(r["chosen"])} for r in picked
+            ],
+            "prompts": [{"prompt": user(r["prompt"])} for r in picked],
+        }
+        for name, items in files.items():
+            with (out / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+                for item in items:
+                    fh.write(json.dumps(item) + "\n")
+
+    _build_once(target, build)
+    return {name: target / f"{name}.jsonl" for name in ("pairs", "sft", "prompts")}
+
+
+def real_lengths(model_path: Path, pairs_path: Path) -> dict:
+    """Mean tokens of the rendered prompt (chat template, generation prompt) and responses."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    lengths = {"prompt": [], "chosen": [], "rejected": []}
+    for line in pairs_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        head = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+        lengths["prompt"].append(n_head)
+        for key in ("chosen", "rejected"):
+            full = tok.apply_chat_template(row["prompt"] + row[key], tokenize=False)
+            lengths[key].append(len(tok(full, add_special_tokens=False)["input_ids"]) - n_head)
+    return {k: round(statistics.mean(v), 1) for k, v in lengths.items()}
 
 
 def check_same_tokens(model_path: Path, pairs_path: Path) -> dict:
@@ -506,24 +581,74 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
         trainer_cls = trl.RewardTrainer
         args = trl.RewardConfig(**common, disable_dropout=False)
         peft_config = LoraConfig(task_type="SEQ_CLS", **lora)
-    else:
+    elif stage == "dpo":
         trainer_cls = trl.DPOTrainer
+        # Dropout off in the policy: TRL's default, and ours (stage.dropout=false).
         args = trl.DPOConfig(
             **common,
             beta=0.1,
             loss_type=["sigmoid"],
-            disable_dropout=False,
             precompute_ref_log_probs=bool(spec["precompute"]),
         )
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
+    else:
+        # As ours: BATCH prompts x GROUP samples of up to ROLLOUT_TOKENS tokens, one update on
+        # all of them per step (no reuse: num_iterations 1), KL (k3) to the adapter-off base at
+        # beta 0.04, token-mean loss (TRL's "dapo", ours token_mean), std-scaled group
+        # advantages, dropout off (both tools' default), plain model.generate (no vLLM).
+        trainer_cls = trl.GRPOTrainer
+        grpo = {k: v for k, v in common.items() if k != "max_length"}
+        grpo["per_device_train_batch_size"] = BATCH * GROUP
+        args = trl.GRPOConfig(
+            **grpo,
+            num_generations=GROUP,
+            steps_per_generation=1,
+            num_iterations=1,
+            max_completion_length=ROLLOUT_TOKENS,
+            beta=0.04,
+            loss_type="dapo",
+            temperature=1.0,
+            log_completions=False,
+        )
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
+
+    generation: dict[str, list] = {"seconds": [], "tokens": []}
 
     class Counted(trainer_cls):  # counts the non-padding tokens of every step's batch
         def training_step(self, model, inputs, *a, **k):
+            if stage == "grpo":  # raw prompts: the tokens are counted after generation
+                return super().training_step(model, inputs, *a, **k)
             mask = inputs.get("attention_mask")
             if mask is None:
                 mask = inputs["input_ids"] != self.processing_class.pad_token_id
             tokens.append(int(mask.sum()))
             return super().training_step(model, inputs, *a, **k)
+
+        if stage == "grpo":
+
+            def _generate(self, prompts):
+                t = time.perf_counter()
+                out = super()._generate(prompts)
+                generation["seconds"].append(time.perf_counter() - t)
+                return out
+
+            def _generate_and_score_completions(self, inputs):
+                out = super()._generate_and_score_completions(inputs)
+                sampled = int(out["completion_mask"].sum())
+                generation["tokens"].append(sampled)
+                # Prompt + response tokens, as ours counts its rollouts.
+                tokens.append(int(out["prompt_mask"].sum()) + sampled)
+                return out
+
+    extra = {}
+    if stage == "grpo":
+        from rlhf_cli.rewards import length_target
+
+        def length_reward(prompts, completions, **kwargs):
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return length_target(prompts, texts)
+
+        extra["reward_funcs"] = length_reward
 
     from transformers import AutoTokenizer
 
@@ -537,6 +662,7 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
         peft_config=peft_config,
         quantization_config=quant,
         callbacks=[Timer()],
+        **extra,
     )
     model = trainer.model
     if quant is not None and not bf16:
@@ -552,6 +678,11 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
     out = _rate(begins, ends, tokens, spec["warmup"])
     out["setup_s"] = (begins[0] - t0) if begins else None
     out.update(trainable=trainable, total=total, trl_version=trl.__version__)
+    if generation["seconds"]:
+        w = spec["warmup"]
+        rates = [n / t for n, t in zip(generation["tokens"][w:], generation["seconds"][w:])]
+        out["gen_tokens_per_s"] = statistics.median(rates)
+        out["rollout_fraction"] = statistics.median(generation["seconds"][w:]) * out["steps_per_s"]
     return out
 
 
@@ -679,6 +810,9 @@ def combine(repeats: list[dict]) -> dict:
 
 def flops_per_token(job: dict) -> int:
     n = linear_params(job["size"], with_lm_head=job["stage"] != "rm")
+    if job["stage"] == "grpo":
+        # Per prompt + response token: sampling (prefill or decode) 2N, reference 2N, update 6N.
+        return 10 * n
     reference = job["stage"] == "dpo" and not job["precompute"]
     return (8 if reference else 6) * n
 
@@ -711,9 +845,11 @@ def build_rows(results: list[tuple[dict, dict]], peaks: dict) -> list[dict]:
             )
             if same and same.get("ok"):
                 row["vs_trl"] = res["steps_per_s"] / same["steps_per_s"]
+                row["tok_vs_trl"] = res["tokens_per_s"] / same["tokens_per_s"]
                 row["rss_vs_trl"] = res["peak_rss_mb"] / same["peak_rss_mb"]
             if best and best.get("ok"):
                 row["vs_trl_best"] = res["steps_per_s"] / best["steps_per_s"]
+                row["tok_vs_trl_best"] = res["tokens_per_s"] / best["tokens_per_s"]
         rows.append(row)
     return rows
 
@@ -734,6 +870,8 @@ COLUMNS = [
     ("rollout share", "rollout_fraction"),
     ("ours/TRL", "vs_trl"),
     ("ours/TRL best", "vs_trl_best"),
+    ("tok/s ours/TRL", "tok_vs_trl"),
+    ("tok/s ours/TRL best", "tok_vs_trl_best"),
     ("RSS ours/TRL", "rss_vs_trl"),
     ("error", "error"),
 ]
@@ -744,7 +882,7 @@ def cell(key: str, value) -> str:
         return ""
     if key in ("peak_fraction", "rollout_fraction"):
         return f"{100 * value:.1f}%"
-    if key in ("vs_trl", "vs_trl_best", "rss_vs_trl"):
+    if key in ("vs_trl", "vs_trl_best", "rss_vs_trl", "tok_vs_trl", "tok_vs_trl_best"):
         return f"{value:.2f}x"
     if key in ("tokens_per_s", "tokens_per_step", "peak_rss_mb", "gen_tokens_per_s"):
         return f"{value:,.0f}"
@@ -827,7 +965,7 @@ def parse_args(argv: list[str] | None = None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--stages", type=listed(STAGES), default=list(STAGES), help="comma list")
-    p.add_argument("--sizes", type=listed(tuple(SIZES)), default=list(SIZES), help="comma list")
+    p.add_argument("--sizes", type=listed(ALL_SIZES), default=list(ALL_SIZES), help="comma list")
     p.add_argument("--modes", type=listed(MODES), default=list(MODES), help="comma list")
     p.add_argument(
         "--precisions", type=listed(PRECISIONS), default=list(PRECISIONS), help="comma list"
@@ -849,6 +987,13 @@ def parse_args(argv: list[str] | None = None):
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument(
+        "--peak-drift",
+        type=float,
+        default=0.2,
+        help="throw a pair away when the matmul peak moved by more than this fraction across it",
+    )
+    p.add_argument("--retries", type=int, default=2, help="extra pairs per configuration at most")
     p.add_argument("--out", type=Path, help="write the table to OUT (.md) and OUT's .json")
     p.add_argument("--verbose", action="store_true", help="show a failing run's stderr")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -874,36 +1019,76 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     n_rows = BATCH * (args.steps + args.warmup)  # one epoch, every step full
-    data = data_files(n_rows)
     models = {size: model_dir(size) for size in args.sizes}
-    lengths = {size: check_same_tokens(models[size], data["pairs"]) for size in args.sizes}
+    data = {size: (real_data_files if size in REAL else data_files)(n_rows) for size in args.sizes}
+    lengths = {
+        size: (real_lengths if size in REAL else check_same_tokens)(
+            models[size], data[size]["pairs"]
+        )
+        for size in args.sizes
+    }
     log(f"assets ready in {time.perf_counter() - t0:.1f}s under {models[args.sizes[0]].parent}")
     peaks = {p: matmul_peak_gflops(p, args.device) for p in PRECISIONS}
     log("matmul peak: " + ", ".join(f"{p} {v:,.0f} GFLOP/s" for p, v in peaks.items()))
 
     jobs = plan(args)
     runs: dict[tuple, list[dict]] = {job_key(job): [] for job in jobs}
-    total = len(jobs) * args.repeats
+    # A pair = the tools' runs of one configuration, back to back (ours, then TRL), between two
+    # measurements of the matmul peak; a pair whose peak moved by more than --peak-drift is
+    # thrown away and run again (at most --retries extra pairs per configuration). Rounds sweep
+    # every configuration once, so a slow spell of a shared machine hits all of them alike.
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        groups.setdefault(job_key(job)[1:], []).append(job)
+    kept = {g: 0 for g in groups}
+    tries = {g: 0 for g in groups}
+    thrown: list[str] = []
+    drift: list[float] = []
     i = 0
-    # Each repeat sweeps the whole grid, so a slow spell of a shared machine hits every
-    # configuration and both tools alike rather than one of them.
-    for _ in range(args.repeats):
-        for job in jobs:
-            i += 1
-            name = " ".join(
-                [job["tool"], job["stage"], job["size"], job["mode"], precision_label(job)]
-            )
-            log(f"[{i}/{total}] {name} ...")
-            res = run_child(job, args, models, data)
-            if res.get("ok"):
-                log(
-                    f"[{i}/{total}] {name}: {res['steps_per_s']:.2f} steps/s, "
-                    f"{res['tokens_per_s']:,.0f} tok/s, {res['peak_rss_mb']:,.0f} MB RSS "
-                    f"({res['wall_s']:.0f}s)"
+    while True:
+        todo = [
+            g for g in groups if kept[g] < args.repeats and tries[g] < args.repeats + args.retries
+        ]
+        if not todo:
+            break
+        for g in todo:
+            members = groups[g]
+            tries[g] += 1
+            precision = members[0]["precision"]
+            before = matmul_peak_gflops(precision, args.device)
+            pair = []
+            for job in members:
+                i += 1
+                name = " ".join(
+                    [job["tool"], job["stage"], job["size"], job["mode"], precision_label(job)]
                 )
-            else:
-                log(f"[{i}/{total}] {name}: FAILED {res.get('error')}")
-            runs[job_key(job)].append(res)
+                log(f"[{i}] {name} (pair {tries[g]}) ...")
+                res = run_child(job, args, models, data[job["size"]])
+                if res.get("ok"):
+                    log(
+                        f"[{i}] {name}: {res['steps_per_s']:.3f} steps/s, "
+                        f"{res['tokens_per_s']:,.0f} tok/s, {res['peak_rss_mb']:,.0f} MB RSS "
+                        f"({res['wall_s']:.0f}s)"
+                    )
+                else:
+                    log(f"[{i}] {name}: FAILED {res.get('error')}")
+                pair.append((job, res))
+            after = matmul_peak_gflops(precision, args.device)
+            moved = after / before - 1
+            drift.append(moved)
+            label = " ".join(str(x) for x in g if x is not None)
+            if abs(moved) > args.peak_drift and len(members) > 1:
+                thrown.append(f"{label} ({before:,.0f} -> {after:,.0f} GFLOP/s)")
+                log(f"pair thrown away: matmul peak {before:,.0f} -> {after:,.0f} GFLOP/s")
+                continue
+            log(f"matmul peak {before:,.0f} -> {after:,.0f} GFLOP/s ({100 * moved:+.0f}%)")
+            kept[g] += 1
+            for job, res in pair:
+                res["peak_before"], res["peak_after"] = before, after
+                runs[job_key(job)].append(res)
+    for job in jobs:
+        if not runs[job_key(job)]:
+            runs[job_key(job)].append({"ok": False, "error": "every pair was thrown away"})
     results = [(job, combine(runs[job_key(job)])) for job in jobs]
 
     info = machine_info(args)
@@ -917,17 +1102,31 @@ def main(argv: list[str] | None = None) -> int:
         + f", TRL {info['trl']}",
         f"matmul peak (torch.matmul 2048x2048): fp32 {peaks['fp32']:,.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:,.0f} GFLOP/s",
-        f"settings: {args.warmup} warmup + {args.steps} timed steps, (lower) median of {args.repeats} "
-        f"run(s) (peak memory: the highest), batch {BATCH} "
+        f"pairs: each configuration ran as (ours, TRL) back to back, {args.repeats} pair(s) kept, "
+        f"the matmul peak measured before and after each pair (it moved "
+        f"{100 * min(drift, default=0):+.0f}% to {100 * max(drift, default=0):+.0f}%); "
+        + (
+            f"{len(thrown)} pair(s) thrown away for a peak that moved > {100 * args.peak_drift:.0f}%: "
+            + "; ".join(thrown)
+            if thrown
+            else f"none thrown away (limit {100 * args.peak_drift:.0f}%)"
+        ),
+        f"settings: {args.warmup} warmup + {args.steps} timed steps, (lower) median of the kept "
+        f"runs (peak memory: the highest), batch {BATCH} "
         f"(pairs for rm/dpo), max_length {MAX_LENGTH}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
-        f"dropout={LORA['dropout']} all-linear, AdamW lr {LR}, no grad checkpointing",
+        f"dropout={LORA['dropout']} all-linear (dpo, grpo: dropout off, both tools' default), "
+        f"AdamW lr {LR}, no grad checkpointing; grpo: {BATCH} prompts x {GROUP} samples of <= "
+        f"{ROLLOUT_TOKENS} new tokens, one update per rollout, KL beta 0.04, no vLLM",
         "data: mean tokens per row "
         + "; ".join(
             f"{size}: prompt {v['prompt']}, chosen {v['chosen']}, rejected {v['rejected']}"
             for size, v in lengths.items()
         )
-        + " (identical token sequences for both tools: checked on every row)",
-        "model FLOP/s = tokens/s x (6 N, or 8 N when DPO runs the reference forward each step),"
+        + " (toys: identical token sequences for both tools, checked on every row; real models:"
+        " conversational rows rendered by the model's chat template in both tools, tok/step shows"
+        " what each fed the model)",
+        "model FLOP/s = tokens/s x (6 N, or 8 N when DPO runs the reference forward each step;"
+        " grpo: 10 N per prompt + response token: sampling 2 N, reference 2 N, update 6 N),"
         " N = linear-layer parameters ("
         + ", ".join(
             f"{s}: {linear_params(s, True) / 1e6:.1f}M of {total_params(s) / 1e6:.1f}M"
@@ -935,7 +1134,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "; RM without the LM head); % peak = of the matmul peak at the run's precision",
         "+pre = reference log-probs precomputed (ours: ref.precompute=true, TRL:"
-        " precompute_ref_log_probs=True); ours/TRL = steps/s ratio at the same settings;"
+        " precompute_ref_log_probs=True); ours/TRL = steps/s ratio at the same settings"
+        " (tok/s ours/TRL: tokens/s ratio, fairer where the tools batch other rows per step);"
         " ours/TRL best = vs TRL bf16 (+pre for dpo); RSS ours/TRL = peak RSS ratio, same settings",
     ]
     print()

@@ -357,3 +357,36 @@ def test_a_reward_model_with_another_vocabulary_reads_the_same_text_online_and_i
     evaluated = eval_rm_score(model, head, rtok, tokenizer, prompt, response)
     assert evaluated == pytest.approx(online_score, abs=1e-6)
     assert online_score != pytest.approx(0.0, abs=1e-4)
+
+
+def test_the_benchmark_rows_are_what_both_tools_feed_the_model(tokenizer):
+    """scripts/bench.py on the real model: its parameter count (the FLOP estimate) is the
+    published 134,515,008, and each conversational pair becomes, in our pipeline, exactly the
+    tokens of the chat template rendered over prompt + response (what TRL tokenizes), EOS
+    (<|im_end|>) included."""
+    import importlib.util
+    from collections import Counter
+
+    from conftest import compose
+
+    from rlhf_cli.data import Renderer, build_examples
+
+    spec = importlib.util.spec_from_file_location(
+        "bench", Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.total_params("smollm2") == 134_515_008
+    assert bench.linear_params("smollm2", with_lm_head=False) == 106_168_320
+
+    files = bench.real_data_files(6)
+    rows = [json.loads(line) for line in files["pairs"].read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["prompt"][0]["role"] == "user"
+    cfg = compose(REAL, "stage=dpo").data
+    examples, _ = build_examples(rows, "rows", cfg, Renderer(tokenizer), "preference", Counter())
+    for row, ex in zip(rows, examples):
+        for key, ids in zip(("chosen", "rejected"), ex["responses_ids"]):
+            text = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
+            want = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert ex["prompt_ids"] + ids == want
+            assert tokenizer.eos_token_id in ids[-2:]
