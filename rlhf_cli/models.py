@@ -602,6 +602,12 @@ class _FrozenHeadLogps(torch.autograd.Function):
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grads = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # The weight in the dtype the head's backward would use (the compute dtype under
+        # autocast), cast once for all chunks.
+        device = hidden.device.type
+        w = weight
+        if grads is not None and torch.is_autocast_enabled(device):
+            w = weight.to(torch.get_autocast_dtype(device))
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             # One (chunk, vocab) float32 buffer, worked in place: the logits, shifted by their
@@ -615,11 +621,6 @@ class _FrozenHeadLogps(torch.autograd.Function):
             if grads is not None:
                 g = z.div_(total[:, None]).neg_()
                 g[torch.arange(end - start, device=g.device), t] += 1
-                # The dtype the head's backward would use (the compute dtype under autocast).
-                device = hidden.device.type
-                w = weight
-                if torch.is_autocast_enabled(device):
-                    w = weight.to(torch.get_autocast_dtype(device))
                 grads[start:end] = g.to(w.dtype) @ w
         ctx.save_for_backward(grads)
         return out

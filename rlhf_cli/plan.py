@@ -298,8 +298,8 @@ def logits_bytes(
     each), plus the compute-dtype logits under autocast. In chunks (models.head_logps, the
     offline stages): a frozen head keeps only d logp / d hidden (positions x hidden, the hidden
     states' dtype) and one chunk's float32 logits (softmaxed in place) exist at a time, with
-    under autocast its compute-dtype logits or gradient beside them; a trained head recomputes each chunk
-    in the backward, so nothing stays and one chunk takes the whole-rows transient."""
+    under autocast its compute-dtype logits or gradient beside them; a trained head recomputes
+    each chunk in the backward, so nothing stays and one chunk takes the whole-rows transient."""
     low = s.compute_bytes if s.compute_bytes != 4 else 0
     if chunk is None:
         n = positions * arch.vocab

@@ -4,9 +4,13 @@
     python scripts/bench.py --stages dpo --sizes small --modes lora --precisions fp32 --steps 3
     python scripts/bench.py --out bench.md                    # also bench.md + bench.json
 
-`make bench` runs it with the venv's python (installing the `bench` extra, i.e. TRL, first).
+`make bench` (the toys) and `make bench-real` (SmolLM2-135M-Instruct) run it with the venv's
+python (installing the `bench` extra, i.e. TRL, first).
 
 What it does:
+- `--sizes smollm2`: the real model, rlhf_cli.real's offline copy (`rlhf fetch-model
+  smollm2-135m`), on the shipped question/answer pairs in the conversational format, which both
+  tools render with the model's own chat template.
 - Builds two random-init Llama models offline and deterministically into the cache directory
   (RLHF_CLI_CACHE or ~/.cache/rlhf_cli, subdirectories bench-*): `small` (hidden 256, 4 layers,
   vocab 2048, ~4.2M parameters) and `medium` (hidden 512, 8 layers, vocab 4096, ~30M), each with
@@ -25,10 +29,13 @@ What it does:
   compute dtype follows the precision (float32 or bfloat16), for both tools.
   Variant `best` (both tools): bf16 autocast, and for DPO reference log-probs precomputed once
   (ours: ref.precompute=true; TRL: precompute_ref_log_probs=True).
-- Rollout speed (stage grpo, ours only): our GRPO with BATCH prompts x 4 samples of up to 64
-  new tokens per step (reward: rlhf_cli.rewards:length_target), KV-cache sampling with
-  model.generate; the row shows generation tokens/s (sampled tokens over the generate() time,
-  median over the timed steps) and the share of the step spent generating.
+- GRPO (ours and TRL's GRPOTrainer, no vLLM): BATCH prompts x 4 samples of up to 64 new tokens
+  per step (reward: rlhf_cli.rewards:length_target), KV-cache sampling with model.generate; the
+  row also shows generation tokens/s (sampled tokens over the generate() time, median over the
+  timed steps) and the share of the step spent generating.
+- Pairs: each configuration runs as (ours, TRL) back to back between two measurements of the
+  matmul peak; a pair whose peak moved by more than --peak-drift is thrown away and run again
+  (at most --retries extra pairs), and the header lists every thrown pair.
 - Step time = time between the ends of consecutive optimizer steps (everything the loop does per
   step: data, forward, backward, optimizer, logging), over the timed steps. Tokens = non-padding
   tokens (attention mask) of the step's batch (chosen + rejected rows for RM/DPO).
@@ -94,7 +101,6 @@ SIZES = {
 REAL = {"smollm2": "smollm2-135m"}
 ALL_SIZES = (*SIZES, *REAL)
 STAGES = ("sft", "rm", "dpo", "grpo")
-OURS_ONLY: tuple[str, ...] = ()  # stages that only ours runs (none: TRL's GRPOTrainer is in)
 MODES = ("lora", "qlora")
 PRECISIONS = ("fp32", "bf16")
 TOOLS = ("ours", "trl")
@@ -737,7 +743,7 @@ def plan(args) -> list[dict]:
                     configs += [(p, False, "default") for p in args.precisions]
                 if "best" in args.variants:
                     configs.append(("bf16", stage == "dpo", "best"))
-                tools = [t for t in args.tools if t == "ours" or stage not in OURS_ONLY]
+                tools = list(args.tools)
                 for tool in tools:
                     for precision, precompute, variant in configs:
                         job = dict(
@@ -834,7 +840,7 @@ def build_rows(results: list[tuple[dict, dict]], peaks: dict) -> list[dict]:
             "variant": job["variant"],
             **{k: v for k, v in res.items()},
         }
-        if res.get("ok") and job["stage"] not in OURS_ONLY:
+        if res.get("ok"):
             flops = res["tokens_per_s"] * flops_per_token(job)
             row["model_gflops"] = flops / 1e9
             row["peak_fraction"] = flops / 1e9 / peaks[job["precision"]]
