@@ -153,8 +153,18 @@ def dpo_loss(
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, accurate everywhere (Maechler 2012): log(-expm1(x)) near 0,
-    log1p(-exp(x)) far from it. At x = 0 it is -inf (1 - e^0 = 0)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    log1p(-exp(x)) far from it.
+
+    Each branch gets only inputs where it is finite: torch.where takes the gradient of both
+    branches, and a branch that is inf where it is not selected makes 0 * inf = NaN. Near 0 the
+    input is capped at -tiny (the smallest normal float of the dtype), so x = 0 gives
+    log(tiny) (-87.3 in float32) with gradient 0 instead of -inf: an ORPO mean log-prob of
+    exactly 0 (a confident model) leaves a finite loss and gradient."""
+    near = x > -math.log(2)
+    tiny = torch.finfo(x.dtype).tiny
+    near_zero = torch.log(-torch.expm1(torch.where(near, x.clamp(max=-tiny), -1.0)))
+    far = torch.log1p(-torch.exp(torch.where(near, -1.0, x)))
+    return torch.where(near, near_zero, far)
 
 
 def kto_loss(

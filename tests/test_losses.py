@@ -515,6 +515,32 @@ def test_log1mexp_is_accurate_near_zero_in_float32():
     assert torch.isfinite(L.orpo_loss(torch.tensor([-1e-7]), torch.tensor([-2.0]), lam=1.0)).all()
 
 
+def test_log1mexp_gradient_is_finite_up_to_zero():
+    """f(x) = log(1 - e^x), f'(x) = -e^x / (1 - e^x) = e^x / expm1(x).
+    x = -1e-9: f = log(1e-9) = -20.7233, f' = -1 / 1e-9 = -1e9 (the far branch, log1p(-exp(x)),
+    is inf there: before each branch got a safe input, torch.where made its 0 * inf a NaN).
+    x = -0.5: f = log(1 - 0.6065307) = -0.9327521, f' = -0.6065307 / 0.3934693 = -1.5414940.
+    x = -50: f = log1p(-e^-50) = -1.9287e-22, f' = -1.9287e-22.
+    x = 0: capped at -tiny (1.1755e-38): f = log(1.1755e-38) = -87.3365, f' = 0 (capped)."""
+    x = torch.tensor([0.0, -1e-9, -0.5, -50.0], requires_grad=True)
+    y = L.log1mexp(x)
+    y.sum().backward()
+    torch.testing.assert_close(
+        y.detach(),
+        torch.tensor([-87.33655, -20.723267, -0.9327521, -1.9287499e-22]),
+        rtol=1e-6,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        x.grad, torch.tensor([0.0, -1e9, -1.5414940, -1.9287499e-22]), rtol=1e-5, atol=0
+    )
+    # ORPO with a chosen mean log-prob of exactly 0 (a confident model): a finite step.
+    c, r = torch.tensor([0.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    (-c + L.orpo_loss(c, r, lam=1.0)).sum().backward()
+    assert torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
+    assert float(c.grad) == pytest.approx(-1.0, abs=1e-6)  # the NLL term's, the odds term ~0
+
+
 def test_simpo_by_hand():
     """beta = 2, gamma = 0.5, c = -1, r = -2: 2 * 1 - 0.5 = 1.5, -log sigma(1.5) = log(1 + e^-1.5)
     = 0.2014133; c == r with gamma = 0: log 2."""
