@@ -90,7 +90,8 @@ class DpoConfig(StageConfig):
     label_smoothing: float = 0.0
     """cDPO: the probability that a preference label is flipped (sigmoid only, < 0.5)."""
     rpo_alpha: float = 0.0
-    """Weight of a length-normalised NLL term on the chosen response (RPO); 0 = off."""
+    """Weight of a length-normalised NLL term on the chosen response (RPO; with simpo it is
+    CPO-SimPO; orpo has the term already); 0 = off."""
     length_normalize: bool = False
     """Use per-token average log-probs instead of sums (IPO always does)."""
     orpo_lambda: float = 0.1

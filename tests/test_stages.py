@@ -345,6 +345,31 @@ def test_reference_free_losses_follow_their_formulas_and_learn(tmp_path, loss_ty
     assert final["rewards/accuracies"] > 0.9, final
 
 
+def test_simpo_takes_rpo_alpha(tmp_path):
+    """CPO-SimPO: stage.rpo_alpha adds alpha x the chosen response's NLL (its token mean, -c) to
+    SimPO; one pair per step, so each logged loss is rebuilt from the logged rewards (c =
+    rewards/chosen / beta). alpha = 0.7 moves the first step's loss by 0.7 x -c (about 4.8 on the
+    tiny model), far beyond the tolerance."""
+    from rlhf_cli.losses import simpo_loss
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", shipped_pairs(8))
+    train_in_process(
+        tmp_path / "r",
+        "stage=dpo",
+        "stage.loss_type=simpo",
+        "stage.rpo_alpha=0.7",
+        f"data.path={data}",
+        "data.eval_size=0",
+        "train.micro_batch_size=1",
+        "train.max_steps=2",
+    )
+    for row in read_metrics(tmp_path / "r"):
+        c, r = row["rewards/chosen"] / 2.0, row["rewards/rejected"] / 2.0
+        simpo = float(simpo_loss(torch.tensor([c]), torch.tensor([r]), beta=2.0, gamma=0.5)[0])
+        assert row["nll"] == pytest.approx(-c, rel=1e-4)
+        assert row["loss"] == pytest.approx(simpo + 0.7 * -c, rel=1e-4)
+
+
 def test_reference_free_loss_types_take_no_reference(tmp_path):
     from conftest import compose
 

@@ -6,7 +6,8 @@ Plackett-Luce loss over the implicit rewards beta * (logp_pi - logp_ref).
 
 The reference-free losses run the policy only, on mean log-probs per response token: ORPO
 (Hong et al. 2024; NLL of the chosen response + orpo_lambda times the odds-ratio term) and SimPO
-(Meng et al. 2024; -log sigmoid(beta (c - r) - gamma)).
+(Meng et al. 2024; -log sigmoid(beta (c - r) - gamma)); stage.rpo_alpha adds the chosen
+response's NLL to SimPO (CPO-SimPO, as TRL's CPOTrainer) and to the other losses (RPO).
 
 The reference policy, in order of preference:
 - ref.model: a separate frozen model;
@@ -246,6 +247,9 @@ class DPOStage(Stage):
             metrics["odds_ratio_loss"] = odds.detach().sum()
         else:
             losses, scale = simpo_loss(chosen, rejected, beta=s.beta, gamma=s.simpo_gamma), s.beta
+            if s.rpo_alpha:  # CPO-SimPO: + alpha x the NLL of the chosen response (token mean)
+                losses = losses + s.rpo_alpha * -chosen
+                metrics["nll"] = (-chosen).detach().sum()
         chosen_r, rejected_r = scale * chosen.detach(), scale * rejected.detach()
         metrics.update(
             {
