@@ -203,7 +203,10 @@ class OnlineConfig(SamplingConfig):
     kl_coef: float = 0.05
     """Weight of the KL to the reference (in the reward for ppo/rloo, in the loss for grpo)."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator: k1 = log pi - log ref, k2, or k3 (non-negative, low variance)."""
+    """Per-token KL estimator: k1 = log pi - log ref, k2 = (log pi - log ref)^2 / 2, or k3 =
+    ref/pi - 1 - log(ref/pi) (non-negative, low variance). In a reward (ppo, rloo, reinforce)
+    each estimates KL(pi || ref); as a loss term (grpo) what counts is the gradient: k2's is
+    that of KL(pi || ref), k3's that of KL(ref || pi), k1's is 0 in expectation (refused)."""
     normalize_rewards: bool = False
     """Standardise scores with running mean/std before computing advantages."""
     dynamic_sampling: bool = False
@@ -242,6 +245,17 @@ class OnlineConfig(SamplingConfig):
         )
         _non_negative("stage.kl_coef", self.kl_coef)
         _choice("stage.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+
+    def notes(self) -> list[str]:
+        """Settings that are valid but probably not what was meant (printed as warnings)."""
+        notes = []
+        if self.importance_level == "sequence" and self.loss_agg != "seq_mean_token_mean":
+            notes.append(
+                f"stage.importance_level=sequence with stage.loss_agg={self.loss_agg} weights "
+                "each response's sequence-level term by its length: GSPO as published "
+                "averages one term per response, stage.loss_agg=seq_mean_token_mean"
+            )
+        return notes
 
 
 @dataclass
@@ -290,7 +304,9 @@ class GrpoConfig(OnlineConfig):
     kl_coef: float = 0.04
     """Weight (beta) of the KL to the reference in the loss."""
     kl_estimator: str = "k3"
-    """Per-token KL estimator in the loss."""
+    """Per-token KL estimator in the loss: k3 (its gradient is that of KL(ref || pi), as in
+    the GRPO paper) or k2 (that of KL(pi || ref)); k1 is refused: as a loss term its expected
+    gradient is 0, so it would regularise nothing."""
     minibatch_size: int = 64
     """Sequences per optimizer update."""
     scale_rewards: bool = True
@@ -300,6 +316,12 @@ class GrpoConfig(OnlineConfig):
         super().__post_init__()
         _check(
             self.group_size >= 2, f"stage.group_size must be >= 2 for grpo, got {self.group_size}"
+        )
+        _check(
+            self.kl_estimator != "k1",
+            "stage.kl_estimator=k1 in grpo's loss has zero expected gradient (no KL "
+            "regularisation at all): use k3 (the default; the gradient of KL(ref || pi)) or k2 "
+            "(the gradient of KL(pi || ref))",
         )
 
 

@@ -268,6 +268,8 @@ class OnlineStage(Sampler, Stage):
                 f"{self.minibatch_size} are global: both must divide by the {world} ranks"
             )
         self.local_minibatch = self.minibatch_size // world
+        for note in s.notes():
+            console.print(f"[yellow]warning:[/] {note}")
         self.kl_coef = float(s.kl_coef)
         self.moments = RunningMoments()
         self.value_head = (

@@ -73,6 +73,16 @@ CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
         ("group_size >= 2",),
     ),
     ("clip-higher below clip", (*T, "stage=grpo", "stage.clip_eps_high=0.1"), ("clip_eps_high",)),
+    (
+        "grpo with k1 in its loss",
+        (*T, "stage=grpo", "reward.fn=rlhf_cli.rewards:concise", "stage.kl_estimator=k1"),
+        ("stage.kl_estimator=k1", "zero expected gradient", "k3"),
+    ),
+    (
+        "kto with one example a step",
+        (*T, "stage=kto", "train.micro_batch_size=1", "train.grad_accum=1"),
+        ("stage=kto", "train.micro_batch_size", ">= 2"),
+    ),
     ("full fine-tune of 4-bit", (*T, "peft=full"), ("quant=none",)),
     ("chat template missing", (*T, "model.chat_template=nope.jinja"), ("no such file",)),
     ("chat template broken", (*T, "model.chat_template=bad.jinja"), ("not a valid Jinja",)),

@@ -613,3 +613,75 @@ def test_sequence_level_importance_ratio_gspo():
     _close(stats["clipfrac"], 1.0)
     token, _ = L.clipped_policy_loss(logp.detach(), old, torch.tensor([1.0]), one, 0.2)
     _close(token, (-1.2 - 1.0) / 2)
+
+
+def test_gspo_needs_one_term_per_response():
+    """GSPO's objective (Zheng et al. 2025) is the mean over the G responses of
+    min(s_i A_i, clip(s_i) A_i), s_i = exp(mean token log-ratio of response i). Two responses of
+    3 and 1 tokens (ratios inside the clip range), A = (1, -0.5): seq_mean_token_mean gives that
+    objective's gradient; token_mean weights response i by |y_i| / 4 instead of 1 / 2, so the
+    long response's gradient is 1.5x the paper's and the short one's 0.5x (the config warns)."""
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -0.5])
+    start = torch.tensor([[0.05, -0.02, 0.03], [0.04, 0.0, 0.0]])
+
+    def grad(loss_fn):
+        logp = start.clone().requires_grad_()
+        loss_fn(logp).backward()
+        return logp.grad
+
+    def paper(logp):
+        s = torch.exp((logp * mask).sum(-1) / mask.sum(-1))
+        return -torch.minimum(s * adv, s.clamp(0.8, 1.2) * adv).mean()
+
+    def ours(agg):
+        return lambda logp: L.clipped_policy_loss(
+            logp, old, adv, mask, 0.2, None, "sequence", loss_agg=agg
+        )[0]
+
+    want = grad(paper)
+    torch.testing.assert_close(grad(ours("seq_mean_token_mean")), want, rtol=1e-6, atol=1e-9)
+    token = grad(ours("token_mean"))
+    _close(token[0] / want[0], [1.5] * 3)
+    _close(token[1, :1] / want[1, :1], [0.5])
+    from rlhf_cli.config import GrpoConfig
+
+    assert (
+        GrpoConfig(importance_level="sequence")
+        .notes()[0]
+        .endswith("stage.loss_agg=seq_mean_token_mean")
+    )
+    assert GrpoConfig(importance_level="sequence", loss_agg="seq_mean_token_mean").notes() == []
+    assert GrpoConfig().notes() == []
+
+
+def test_kl_estimators_as_loss_terms_by_exact_enumeration():
+    """A term k(log pi(y), log ref(y)) in the loss, on samples y ~ pi (gradient through log pi
+    only), has the expected gradient sum_y pi(y) grad k. Enumerating a 3-token vocabulary:
+    k1's is 0 (no regularisation: grpo refuses it), k2's is grad KL(pi || ref), k3's is
+    grad KL(ref || pi)."""
+    theta0 = torch.tensor([0.3, -1.2, 0.8], dtype=torch.float64)
+    log_ref = torch.log(torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
+
+    def grad(f):
+        theta = theta0.clone().requires_grad_()
+        f(theta).backward()
+        return theta.grad
+
+    def expected(est):
+        def f(theta):
+            logp = torch.log_softmax(theta, -1)
+            return (logp.exp().detach() * L.kl_penalty(logp, log_ref, est)).sum()
+
+        return grad(f)
+
+    def kl(p_log, q_log):
+        return (p_log.exp() * (p_log - q_log)).sum()
+
+    torch.testing.assert_close(expected("k1"), torch.zeros(3, dtype=torch.float64))
+    forward = grad(lambda t: kl(torch.log_softmax(t, -1), log_ref))
+    reverse = grad(lambda t: kl(log_ref, torch.log_softmax(t, -1)))
+    assert forward.abs().min() > 1e-2 and (forward - reverse).abs().max() > 1e-2
+    torch.testing.assert_close(expected("k2"), forward)
+    torch.testing.assert_close(expected("k3"), reverse)
