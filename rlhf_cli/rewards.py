@@ -20,6 +20,7 @@ from typing import Any
 from rlhf_cli.errors import RewardError, UserError
 
 RewardFn = Callable[..., list[float]]
+MODEL_TERM = "model"  # the reward model's term: rewards/model
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -57,15 +58,13 @@ def reward_terms(reward) -> list[RewardTerm]:
     specs = [reward.fn] if reward.fn else list(reward.fns)
     weights = [float(w) for w in reward.weights] or [1.0] * (len(specs) + bool(reward.model))
     kwargs: dict[str, Any] = dict(reward.kwargs)
-    terms, taken, names = [], set(), set()
+    terms, taken = [], set()
+    names = {MODEL_TERM}  # the reward model's: a function named model is logged as model_2
     for spec, weight in zip(specs, weights):
         fn = load_reward_fn(spec)
         accepted = _accepted(fn, kwargs)
         taken |= set(accepted)
-        name = base = spec.rpartition(":")[2]
-        while name in names:  # the same function twice: concise, concise_2, ...
-            name = f"{base}_{sum(n.startswith(base) for n in names) + 1}"
-        names.add(name)
+        names.add(name := free_name(spec.rpartition(":")[2], names))
         terms.append(RewardTerm(name, spec, weight, functools.partial(fn, **accepted)))
     unused = sorted(set(kwargs) - taken)
     if unused:
@@ -74,8 +73,17 @@ def reward_terms(reward) -> list[RewardTerm]:
             "takes this argument: drop it or fix its name"
         )
     if reward.model:
-        terms.append(RewardTerm("model", str(reward.model), weights[-1]))
+        terms.append(RewardTerm(MODEL_TERM, str(reward.model), weights[-1]))
     return terms
+
+
+def free_name(base: str, taken: set[str]) -> str:
+    """`base`, or the first of base_2, base_3, ... not in `taken` (the same function twice:
+    concise, concise_2)."""
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 def _accepted(fn: RewardFn, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -304,6 +304,13 @@ def first_is_nan(prompts, responses):
     return [float("nan")] + [len(r) / 100 for r in responses[1:]]
 
 
+def model(prompts, responses):
+    return [1.0 for r in responses]
+
+
+f = f_3 = model
+
+
 def fails_on_call_2(prompts, responses):
     """len(r) / 100, but raises on its second call (the count kept in calls.txt)."""
     calls = Path("calls.txt")
@@ -434,6 +441,31 @@ def test_several_weighted_rewards_are_summed_and_logged(in_user_dir):
     assert row["rewards/length_std"] > 0 and "rewards/words_std" in row
     # length got scale=0.1: a 8-token response of the tiny model is under 100 characters
     assert row["rewards/length"] < 10
+
+
+def test_reward_term_names_never_collide(in_user_dir):
+    """Each term gets its own rewards/<name>: "model" is the reward model's (a function named
+    model is model_2), and a repeated name counts up to the first free one (f, f_3, f gave an
+    endless loop: the count of names starting with f pointed at f_3, which was taken)."""
+    import signal
+
+    from rlhf_cli.config import RewardConfig
+
+    def too_long(*_):
+        raise TimeoutError("reward_terms did not return")
+
+    cfg = RewardConfig(
+        fns=[f"my_rewards:{n}" for n in ("model", "f", "f_3", "f", "f")], model="runs/rm"
+    )
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        terms = rewards.reward_terms(cfg)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [t.name for t in terms] == ["model_2", "f", "f_3", "f_2", "f_4", "model"]
+    assert [t.spec for t in terms][-1] == "runs/rm"
 
 
 @pytest.mark.parametrize(
