@@ -303,3 +303,33 @@ def test_fork_copies_the_rounds(tmp_path):
     )
     assert max_diff(adapter(tmp_path / "a"), adapter(tmp_path / "b")) < 1e-6
     shutil.rmtree(tmp_path / "a")
+
+
+def test_a_prompt_twice_in_one_generation_batch_keeps_its_place(tmp_path):
+    """6 prompts, 4 a round (seed 0): round 2 spans two shuffles and is prompts [1, 4, 1, 5],
+    prompt 1 twice in one generation batch. Rows are put back by position: sorting them by
+    prompt gave [4, 1, 1, 5] and the run stopped ("does not hold round 2's prompts")."""
+    from conftest import compose
+
+    from rlhf_cli.stages.rs import RSStage
+
+    args = (
+        "stage=rs",
+        CHAR,
+        "data.max_samples=6",
+        "data.eval_size=0",
+        "train.seed=0",
+        "stage.prompts_per_round=4",
+        "stage.rollout_batch_size=4",
+        "stage.n=2",
+        "stage.max_new_tokens=4",
+        "train.micro_batch_size=4",
+    )
+    stage = RSStage.__new__(RSStage)
+    stage.cfg, stage.prompts = compose(*args), [{}] * 6
+    assert stage.round_prompt_indices(1) == [1, 4, 1, 5]
+    train_in_process(tmp_path / "r", *args)
+    rows = read_rows(tmp_path / "r" / "rounds" / "round-2.jsonl")
+    assert [row["prompt_index"] for row in rows] == [1, 4, 1, 5]
+    assert rows[0]["prompt"] == rows[2]["prompt"] != rows[1]["prompt"]
+    assert [r["round"] for r in read_metrics(tmp_path / "r")] == [1, 2]

@@ -320,9 +320,12 @@ class RSStage(Sampler, SFTStage):
         errors = [e for _, e in parts if e]
         if errors:
             raise RewardError(errors[0])
-        gathered = [row for part, _ in parts for row in part]
-        order = {i: n for n, i in enumerate(indices)}
-        return sorted(gathered, key=lambda row: order[row["prompt_index"]])
+        # Rank k sampled positions k, k + N, ... of the batch: put each row back at its
+        # position (not by its prompt: a round may hold a prompt twice).
+        out: list[dict] = [None] * len(indices)  # type: ignore[list-item]
+        for k, (part, _) in enumerate(parts):
+            out[k :: dist.world_size()] = part
+        return out
 
     def train_step(self, examples: list, updater) -> tuple[dict[str, float], int]:
         record, tokens = super().train_step(examples, updater)
