@@ -432,8 +432,13 @@ class DistConfig:
     """ddp: every rank holds the model, gradients are summed (LoRA/QLoRA); fsdp: weights,
     gradients and optimizer state are sharded (FSDP2) for an unquantized base (quant=none)."""
 
+    timeout_s: float = 1800.0
+    """Seconds a rank waits in a collective for the others before the run fails with an
+    error (a hung or dead rank) instead of waiting for ever."""
+
     def __post_init__(self) -> None:
         _choice("dist.strategy", self.strategy, ("ddp", "fsdp"))
+        _positive("dist.timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -808,6 +813,13 @@ class Config:
                 not isinstance(self.stage, SamplingConfig),
                 f"dist.strategy=fsdp covers sft, rm, dpo and kto; stage={self.stage.name} runs with "
                 "dist.strategy=ddp",
+            )
+        if isinstance(self.stage, KtoConfig):
+            _check(
+                self.train.micro_batch_size * self.train.grad_accum >= 2,
+                "stage=kto estimates its reference point from mismatched pairs of each step "
+                "(prompt i with completion i+1): a step of one example would pair it with "
+                "itself; set train.micro_batch_size or train.grad_accum so a step has >= 2",
             )
         if isinstance(self.stage, DpoConfig) and self.stage.loss_type in REFERENCE_FREE:
             _check(

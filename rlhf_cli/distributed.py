@@ -40,14 +40,15 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> None:
-    """Join torchrun's process group (no-op for a single process)."""
+def init(timeout_s: float = 1800.0) -> None:
+    """Join torchrun's process group (no-op for a single process); a collective that waits
+    longer than `timeout_s` for the other ranks fails."""
     if not launched() or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def local_device(name: str) -> torch.device | None:

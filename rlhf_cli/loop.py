@@ -85,10 +85,16 @@ class Stage:
         t = self.cfg.train
         return next_examples(train_examples, pos, self.examples_per_step(), t.seed, t.shuffle)
 
+    def begin_step(self, examples: list) -> None:
+        """Work on a whole step's examples (every rank gets all of them) before its
+        micro-batches run, e.g. KTO's reference point; also before an evaluation, on its
+        examples. Every rank calls it, so it may hold a collective."""
+
     def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
         """One step on `examples`: (metrics, tokens processed). Offline stages accumulate
         micro-batches into one update; online stages override this with rollout + updates."""
         t = self.cfg.train
+        self.begin_step(examples)
         examples = dist.shard(examples)  # this rank's part of the global step
         micro = [
             self.collate(examples[i : i + t.micro_batch_size])
@@ -323,6 +329,7 @@ def evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | N
 def _evaluate(stage: Stage, examples: list, batch_size: int, max_batches: int | None) -> dict:
     if max_batches is not None:
         examples = examples[: max_batches * batch_size]
+    stage.begin_step(examples)  # every rank: a stage's loss holds no collective of its own
     examples = examples[dist.rank() :: dist.world_size()]  # each rank a share, summed below
     totals: dict[str, float] = {}
     steps = -(-len(examples) // batch_size)

@@ -709,6 +709,7 @@ def measure(cfg: Config) -> tuple[Plan, dict[str, tuple[float, float]]]:
     optimizer = make_optimizer(params, cfg.optim)
     model.train()
     batch = move(stage.collate(examples), device)
+    stage.begin_step(examples)  # KTO's reference point (no gradient: nothing kept)
     saved = 0.0
     with allocation_peak(device) as peak:
         for step in range(2):

@@ -43,8 +43,12 @@ RESUME_FREE_KEYS = {
     "train.eval_batches",
     "device",
     "resume_force",
+    "dist.timeout_s",
 }
 RESUME_FREE_PREFIXES = ("log.",)  # tracking may be switched on or off when resuming
+# Folders above run_dir that did not exist before this command (set by the CLI): removed again,
+# when empty, with a run directory that a mistake left empty.
+NEW_PARENTS: list[Path] = []
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -142,7 +146,7 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
     before anything was trained leaves no trace: a run directory that was empty (Hydra makes
     it) and holds no checkpoint and no metrics is removed again, by the process that locked
     it."""
-    dist.init()
+    dist.init(cfg.dist.timeout_s)
     console.quiet = not dist.is_main()
     with ExitStack() as locks:
         created = False  # this process locked an empty run_dir: it may remove it again

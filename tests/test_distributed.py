@@ -11,9 +11,12 @@ from conftest import REPO, adapter, max_diff, read_metrics, stopped_copy, train_
 from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli.cli import torchrun_command
 
+# A rank left waiting in a collective (a hang) fails within this many seconds, not 30 minutes.
+TIMEOUT = "dist.timeout_s=90"
+
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = torchrun_command(nproc, list(args))
+    cmd = torchrun_command(nproc, [*args, TIMEOUT])
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -128,6 +131,22 @@ def test_two_rank_ppo_update_metrics_equal_one_rank(tmp_path, loss_agg):
         assert two[key] == pytest.approx(one[key], rel=2e-2, abs=1e-7), key
 
 
+def test_two_rank_kto_equals_one_rank_and_its_uneven_eval_finishes(tmp_path):
+    """KTO's reference point comes from the whole global step: 2 ranks x 8 equal 1 rank x 16.
+    17 eval examples in batches of 8 give rank 0 two batches and rank 1 one; the eval's z0 is
+    estimated once, by every rank, before the batches (the loss holds no collective), so it
+    finishes (it hung in an all-reduce only rank 0 reached) and equals the 1-rank eval."""
+    common = ("stage=kto", *EXACT[:-1], "data.eval_size=17", "train.max_steps=3")
+    assert_ok(torchrun(*common, "train.micro_batch_size=8", f"run_dir={tmp_path / 'two'}"))
+    train_in_process(tmp_path / "one", *common, "train.micro_batch_size=16")
+    for split in ("train", "eval"):
+        two, one = read_metrics(tmp_path / "two", split), read_metrics(tmp_path / "one", split)
+        assert len(two) == len(one) == (3 if split == "train" else 1)
+        for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable"):
+            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+    assert read_metrics(tmp_path / "one")[-1]["kl"] > 0  # z0 at work by the last step
+
+
 def test_two_rank_run_resumes_and_refuses_another_world_size(tmp_path):
     args = (
         "stage=sft",
@@ -174,6 +193,7 @@ def test_launch_nproc_runs_torchrun(tmp_path):
             "rlhf_cli",
             "train",
             "launch.nproc=2",
+            TIMEOUT,
             *EXACT,
             "train.micro_batch_size=2",
             "train.max_steps=2",

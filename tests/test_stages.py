@@ -429,3 +429,31 @@ def test_kto_reads_unpaired_rows_and_resumes_exactly(tmp_path):
     assert [ex["desirable"] for ex in examples[:4]] == [True, False, True, False]
     args = ("stage=kto", f"data.path={data}", "data.eval_size=0", "train.micro_batch_size=4")
     assert_resume_equals(tmp_path, (*args, "train.max_steps=4", "train.save_every=2"), 2)
+
+
+def test_kto_reference_point_is_the_same_for_any_micro_batching(tmp_path):
+    """z0 comes from the mismatched pairs of the whole step (and of the whole evaluation), so a
+    step of 4 micro-batches of 1 equals one micro-batch of 4: the losses, z0 (logged as kl) and
+    the evaluation on 9 examples, whose last batch of 4 holds one example. Before, a micro-batch
+    of one paired its example with itself: z0 = max(0, r) and a desirable example's loss stayed
+    w_d / 2; an evaluation tail of one did the same."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", shipped_pairs(24))
+    common = (
+        "stage=kto",
+        f"data.path={data}",
+        "data.eval_size=9",
+        "quant=none",
+        "optim.lr=5e-3",
+        "train.max_steps=4",
+        "train.eval_every=2",
+    )
+    train_in_process(tmp_path / "a", *common, "train.micro_batch_size=1", "train.grad_accum=4")
+    train_in_process(tmp_path / "b", *common, "train.micro_batch_size=4", "train.grad_accum=1")
+    for split in ("train", "eval"):
+        a, b = read_metrics(tmp_path / "a", split), read_metrics(tmp_path / "b", split)
+        assert len(a) == len(b) == (4 if split == "train" else 2)
+        # rewards/<class>: class means over the whole step, whatever its micro-batches
+        for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable"):
+            want = pytest.approx([y[key] for y in b], abs=1e-5)
+            assert [x[key] for x in a] == want, (split, key)
+    assert read_metrics(tmp_path / "b", "eval")[-1]["kl"] > 0.5  # a reference point at work

@@ -4,9 +4,12 @@ Each example is one completion, desirable or not (`prompt`/`completion`/`label` 
 preference pair gives one of each). With r = logp_pi - logp_ref, a desirable completion costs
 w_d (1 - sigmoid(beta (r - z0))) and an undesirable one w_u (1 - sigmoid(beta (z0 - r))), see
 losses.kto_loss. The reference point z0 is the policy's KL to the reference, estimated as the
-paper does from mismatched pairs of the batch (prompt i with completion i+1), averaged over
-ranks, detached and clamped at 0. The reference policy is DPO's (same options, same
-precompute for the matched completions).
+paper does from mismatched pairs (prompt i with completion i+1) of the whole step, before its
+micro-batches run: over every example of the global step (all micro-batches, all ranks), so
+it is the same for any split into ranks and micro-batches, and an evaluation estimates it once
+over all its examples (a last batch of one example is not paired with itself). Detached and
+clamped at 0. A step of one example has no mismatched pair: refused. The reference policy is
+DPO's (same options, same precompute for the matched completions).
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import torch
 
 from rlhf_cli import distributed as dist
 from rlhf_cli.data import collate_preference
+from rlhf_cli.loop import move
 from rlhf_cli.losses import kto_loss
+from rlhf_cli.models import autocast
 from rlhf_cli.progress import console
 from rlhf_cli.stages.dpo import DPOStage, response_logps
-
-KL_PREFIX = "kl/"  # keys of the mismatched-pairs batch inside a collated batch
 
 
 def mismatched(examples: list[dict]) -> list[dict]:
@@ -41,16 +44,12 @@ class KTOStage(DPOStage):
     name = "kto"
     data_kind = "unpaired"
 
+    z0: torch.Tensor | None = None  # the current step's reference point (begin_step)
+    class_scale = (1.0, 1.0)  # N / desirable and N / undesirable examples of the step
+
     def collate(self, examples):
         batch = super().collate(examples)
         batch["desirable"] = torch.tensor([bool(ex["desirable"]) for ex in examples])
-        kl = collate_preference(
-            mismatched(examples),
-            self.tokenizer.pad_token_id,
-            shared_prompt=self.cfg.train.shared_prompt,
-            multiple=self.cfg.train.pad_to_multiple_of,
-        )
-        batch.update({KL_PREFIX + k: v for k, v in kl.items()})
         return batch
 
     def prepare(self, train_examples: list, eval_examples: list, run_dir: Path) -> None:
@@ -73,17 +72,37 @@ class KTOStage(DPOStage):
         super().prepare(train_examples, eval_examples, run_dir)
 
     @torch.no_grad()
-    def reference_point(self, batch) -> torch.Tensor:
-        """z0: the mean of logp_pi - logp_ref over the mismatched pairs, over all ranks."""
-        kl = {k[len(KL_PREFIX) :]: v for k, v in batch.items() if k.startswith(KL_PREFIX)}
-        gap = response_logps(self.model, kl)[0] - self.reference_logps(kl)
-        sums = torch.stack([gap.sum().float(), torch.tensor(float(gap.numel()), device=gap.device)])
+    def begin_step(self, examples: list) -> None:
+        """z0 for a step (or an evaluation) on `examples`, all of it on every rank: the mean of
+        logp_pi - logp_ref over the mismatched pairs of the whole list; and the step's class
+        counts, for the class-mean metrics. Each rank scores a
+        share, in micro-batches; the sums are added over ranks (a collective: every rank
+        calls this, whatever its share)."""
+        good = sum(bool(ex["desirable"]) for ex in examples)
+        n = len(examples)
+        self.class_scale = (n / max(good, 1), n / max(n - good, 1))
+        pairs = mismatched(examples)[dist.rank() :: dist.world_size()]
+        size = self.cfg.train.micro_batch_size
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(0, len(pairs), size):
+            batch = collate_preference(
+                pairs[i : i + size],
+                self.tokenizer.pad_token_id,
+                shared_prompt=self.cfg.train.shared_prompt,
+                multiple=self.cfg.train.pad_to_multiple_of,
+            )
+            batch = move(batch, self.device)
+            with autocast(self.amp_dtype, self.device):
+                gap = response_logps(self.model, batch)[0] - self.reference_logps(batch)
+            sums[0] += gap.double().sum()
+            sums[1] += gap.numel()
         total, count = dist.all_reduce_sum(sums).tolist()
-        return torch.tensor(max(total / count, 0.0), device=gap.device)
+        self.z0 = torch.tensor(max(total / max(count, 1.0), 0.0), device=self.device)
 
     def loss(self, batch):
         s = self.cfg.stage
-        z0 = self.reference_point(batch)
+        z0 = self.z0
+        assert z0 is not None, "begin_step sets the reference point before the step's losses"
         policy, _ = response_logps(self.model, batch)
         ref = self.reference_logps(batch).to(policy.dtype)
         rows = batch["index"][:, 0]
@@ -101,11 +120,12 @@ class KTOStage(DPOStage):
         rewards = s.beta * (policy - ref).detach()
         n = float(len(rows))
         good, bad = desirable, ~desirable
-        # Class means of this micro-batch, times its size: the loop divides sums by the step's
-        # example count, so these read as (size-weighted) class means.
+        # The loop divides every sum by the step's example count N: a class's sum times
+        # N / (its count in the step) reads as the class mean over the whole step.
+        per_good, per_bad = self.class_scale
         metrics = {
-            "rewards/desirable": rewards[good].mean() * n if good.any() else rewards.new_zeros(()),
-            "rewards/undesirable": rewards[bad].mean() * n if bad.any() else rewards.new_zeros(()),
+            "rewards/desirable": rewards[good].sum() * per_good,
+            "rewards/undesirable": rewards[bad].sum() * per_bad,
             "kl": z0 * n,
             "desirable_fraction": good.float().sum(),
         }
