@@ -65,7 +65,10 @@ def save_weights(
         )
     else:
         if full_state is not None:
-            save_file({k: v.contiguous() for k, v in full_state.items()}, str(out / FULL_WEIGHTS))
+            tensors, dropped = without_shared(full_state)
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, str(out / FULL_WEIGHTS), dropped
+            )
         else:
             save_model(model, str(out / FULL_WEIGHTS))
         # With its config beside the weights, a full fine-tune is a model directory that
@@ -75,6 +78,19 @@ def save_weights(
                 getattr(model, part).save_pretrained(out)
     for name, module in (extras or {}).items():
         save_model(module, str(out / f"{name}.safetensors"))
+
+
+def without_shared(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
+    """`state` with one name per shared tensor (tied embeddings), as safetensors' save_model
+    keeps it (the first name in sorted order), and {dropped name: kept name}."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.shape, t.stride()) if t.numel() else name
+        by_storage.setdefault(key, []).append(name)
+    dropped = {
+        name: sorted(names)[0] for names in by_storage.values() for name in sorted(names)[1:]
+    }
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
 
 
 def load_weights(

@@ -10,7 +10,8 @@ Rank 0 alone prints, writes metrics and checkpoints.
 
 dist.strategy=fsdp (torch FSDP2, fully_shard) shards the weights, gradients and optimizer state
 of an unquantized base across ranks instead (each decoder layer, the decoder and the LM head are
-units); checkpoints are gathered into the same full-weight format as a single device's.
+units; tied embeddings stay whole on every rank); checkpoints are gathered into the same
+full-weight format as a single device's.
 """
 
 from __future__ import annotations
@@ -167,21 +168,29 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 
 
 def fsdp_wrap(model) -> None:
-    """Shard a (PEFT) causal LM with FSDP2: every decoder layer, the decoder, the LM head (when
-    not tied to the embeddings), then the whole. Gradients are summed, not averaged: the loss is
-    already divided by the weight of the global step."""
+    """Shard a (PEFT) causal LM with FSDP2: every decoder layer, the decoder, the LM head, then
+    the whole. Gradients are summed, not averaged: the loss is already divided by the weight of
+    the global step.
+
+    An LM head tied to the input embeddings is one parameter in two modules, and the stages call
+    the decoder and the head apart (the head on response positions only), so no one FSDP unit
+    can own both: sharding it would give the decoder a new sharded parameter and leave the head
+    the old one (two matrices from then on, each with half the gradient). It stays out of the
+    sharding instead, whole on every rank as in ddp, its gradient summed by sync_gradients."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(lm, lm.base_model_prefix)
+    head = lm.get_output_embeddings()
+    embedding = body.get_input_embeddings().weight
+    tied = head is not None and head.weight is embedding
+    ignored = {embedding} if tied else None
     for layer in body.layers:
         fully_shard(layer)
-    fully_shard(body)
-    head = lm.get_output_embeddings()
-    tied = head is not None and head.weight is body.get_input_embeddings().weight
+    fully_shard(body, ignored_params=ignored)
     if head is not None and not tied:
         fully_shard(head)
-    fully_shard(lm)
+    fully_shard(lm, ignored_params=ignored)
     for module in lm.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -196,15 +205,24 @@ def full_trainable_state(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
-def full_optimizer_state(model, optimizer) -> dict:
+def optimized_modules(model, extras: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """One module that holds every parameter the optimizer updates: the model, and the extra
+    modules (a reward head) beside it, whose optimizer state is keyed by their names."""
+    return torch.nn.ModuleDict({"model": model, **extras}) if extras else model
+
+
+def full_optimizer_state(owner: torch.nn.Module, optimizer) -> dict:
+    """The optimizer state gathered whole, keyed by parameter names under `owner`
+    (optimized_modules): a collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    return get_optimizer_state_dict(owner, optimizer, options=options)
 
 
-def load_full_state(model, optimizer, weights: dict, optim_state: dict) -> None:
-    """Every rank loads the whole state and keeps its shard."""
+def load_full_state(model, owner: torch.nn.Module, optimizer, weights: dict, optim_state: dict):
+    """Every rank loads the whole state and keeps its shard: the model's trainable `weights`,
+    and the optimizer state saved by full_optimizer_state(owner, ...)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -213,7 +231,7 @@ def load_full_state(model, optimizer, weights: dict, optim_state: dict) -> None:
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    set_optimizer_state_dict(owner, optimizer, optim_state, options=options)
 
 
 def shard(items: list, r: int | None = None, n: int | None = None) -> list:

@@ -168,13 +168,20 @@ def next_examples(examples: list, pos: Position, size: int, seed: int, shuffle: 
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) over `params`. Under FSDP, sharded parameters and
+    those kept whole on every rank (a reward head, tied embeddings) go in two groups: the
+    foreach kernels take no mix of DTensors and plain tensors."""
     kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    sharded = [p for p in params if dist.is_sharded(p)]
+    groups: list = params
+    if sharded and len(sharded) < len(params):
+        groups = [{"params": sharded}, {"params": [p for p in params if not dist.is_sharded(p)]}]
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, foreach=True, **kw)
+        return torch.optim.AdamW(groups, foreach=True, **kw)
     import bitsandbytes as bnb
 
     cls = bnb.optim.AdamW8bit if cfg.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
-    return cls(params, **kw)
+    return cls(groups, **kw)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -445,7 +452,10 @@ def train(
         ckpt_lib.load_weights(model, resume_from, extras, full_state=state.get("trainable"))
         try:
             if fsdp:
-                dist.load_full_state(model, optimizer, state["trainable"], state["optimizer"])
+                owner = dist.optimized_modules(model, extras)
+                dist.load_full_state(
+                    model, owner, optimizer, state["trainable"], state["optimizer"]
+                )
             else:
                 optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -472,7 +482,7 @@ def train(
             extra["trainable"] = dist.full_trainable_state(model)
         return {
             **extra,
-            "optimizer": dist.full_optimizer_state(model, optimizer)
+            "optimizer": dist.full_optimizer_state(dist.optimized_modules(model, extras), optimizer)
             if fsdp
             else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

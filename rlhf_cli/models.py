@@ -494,12 +494,18 @@ def decoder(model):
 
 
 def shares_prompt(model, batch) -> bool:
-    """Whether `batch` carries the shared-prompt layout and the model can run it (the prompt's
-    KV cache must come back, which gradient checkpointing turns off)."""
+    """Whether `batch` carries the shared-prompt layout and the model can run it: the prompt's
+    KV cache must come back, which gradient checkpointing turns off, and the responses'
+    backward must reach the prompt pass through it, which FSDP cannot follow (it gathers a
+    layer's weights for the backward of the outputs it saw, and the cache is not among them:
+    the prompt pass's backward found them freed)."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5.x: the old name
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return "prompt_ids" in batch and not checkpointing
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+    return "prompt_ids" in batch and not checkpointing and not sharded
 
 
 def shared_prompt_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, adapter, max_diff, read_metrics, stopped_copy, train_in_process
@@ -236,6 +237,87 @@ def test_fsdp_shards_matches_one_rank_and_resumes(tmp_path):
     resumed = read_metrics(tmp_path / "resumed")
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in fsdp], abs=1e-6)
     assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "resumed")) < 1e-6
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto"])
+def test_fsdp_runs_every_offline_stage_as_one_rank_does(tmp_path, stage):
+    """rm, dpo and kto under FSDP equal one rank with twice the batch. rm failed on its first
+    backward: its shared-prompt forward runs the decoder twice and the responses' backward
+    reaches the prompt pass through the KV cache, whose weights FSDP had freed (under FSDP
+    the rows run whole); and AdamW's foreach kernels refused its reward head (a plain tensor)
+    beside the sharded LoRA weights. rm resumes exactly too (its head's optimizer state is
+    saved beside the sharded ones)."""
+    args = (*EXACT, f"stage={stage}", "train.max_steps=3", "data.eval_size=0")
+    fsdp_args = (*args, "dist.strategy=fsdp", "train.micro_batch_size=4", "train.save_every=1")
+    assert_ok(torchrun(*fsdp_args, f"run_dir={tmp_path / 'fsdp'}"))
+    train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
+    fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in fsdp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-4
+    if stage == "rm":
+        stopped_copy(tmp_path / "fsdp", tmp_path / "resumed", last_step=2)
+        assert_ok(torchrun(*fsdp_args, f"run_dir={tmp_path / 'resumed'}", "resume=auto"))
+        resumed = read_metrics(tmp_path / "resumed")
+        assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in fsdp], abs=1e-6)
+        for name in ("adapter_model.safetensors", "reward_head.safetensors"):
+            runs = (adapter(tmp_path / d, name=name) for d in ("fsdp", "resumed"))
+            assert max_diff(*runs) < 1e-6, name
+
+
+def tied_tiny_model(out: Path) -> Path:
+    """The tiny model's config and tokenizer with tied input and output embeddings (as
+    SmolLM2 and Qwen2.5-0.5B have), random weights."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_cli.tiny import tiny_model_dir
+
+    src = tiny_model_dir()
+    config = LlamaConfig.from_pretrained(src)
+    config.tie_word_embeddings = True
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(out)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_fsdp_keeps_tied_embeddings_tied(tmp_path):
+    """A tied embedding and LM head stay one parameter in one FSDP unit: 2 ranks equal 1 rank
+    in loss and in the saved matrix, which is still one matrix (embedding == head). Sharding
+    the decoder (which owns the embedding) apart from the root (which owns the head) made them
+    two parameters: each got half of the tied gradient, Adam moved them apart (about 6e-3 in
+    2 steps) and the step-2 loss differed by 1e-3."""
+    model = tied_tiny_model(tmp_path / "tied")
+    args = (
+        *EXACT,
+        f"model.name_or_path={model}",
+        "peft=full",
+        "optim.lr=1e-3",
+        "train.max_steps=3",
+        "data.eval_size=0",
+    )
+    assert_ok(
+        torchrun(
+            *args, "dist.strategy=fsdp", "train.micro_batch_size=4", f"run_dir={tmp_path / 'fsdp'}"
+        )
+    )
+    train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
+    fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in fsdp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    fsdp_saved, one_saved = (
+        adapter(tmp_path / d, name="model.safetensors") for d in ("fsdp", "one")
+    )
+    # One matrix for the tied pair, saved under one name as a single device saves it (two
+    # different matrices before), equal to the single device's up to summation order.
+    assert "lm_head.weight" in one_saved and "model.embed_tokens.weight" not in one_saved
+    assert max_diff(fsdp_saved, one_saved) < 1e-4
 
 
 def test_fsdp_config_is_validated(tmp_path):
