@@ -165,15 +165,23 @@ def save_checkpoint(
         raise CheckpointError(
             "refusing to save non-finite weights (NaN/inf in a trained parameter)"
         )
+    from safetensors import SafetensorError
+
     parent = run_dir if name else run_dir / "checkpoints"
-    parent.mkdir(parents=True, exist_ok=True)
     target = parent / (name or f"step-{step:06d}")
-    tmp = temp_dir(parent, target.name)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(parent, target.name)
+    except OSError as err:
+        raise CheckpointError(write_failure(target, run_dir, err)) from err
     try:
         save_weights(model, tmp, extras, full_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(state, tmp / STATE_FILE)
+        try:
+            torch.save(state, tmp / STATE_FILE)
+        except RuntimeError as err:  # torch reports a failed write as an internal assertion
+            raise OSError(f"writing {STATE_FILE} failed") from err
         (tmp / "config.yaml").write_text(config_yaml)
         if card is not None:  # replaces the placeholder card PEFT writes
             (tmp / "README.md").write_text(card, encoding="utf-8")
@@ -188,12 +196,32 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
+    except (OSError, SafetensorError) as err:  # a full disk, a file-size limit, a lost mount
+        raise CheckpointError(write_failure(target, run_dir, err)) from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint is never kept
     if not name:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_failure(target: Path, run_dir: Path, err: BaseException) -> str:
+    """One line for a checkpoint that could not be written: where, why, what is left."""
+    import resource
+
+    cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    cause = " ".join(cause.split())
+    where = next(p for p in (target, *target.parents) if p.exists())
+    notes = [f"{shutil.disk_usage(where).free / 2**30:.1f} GiB free on its disk"]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        notes.append(f"files limited to {limit:,} bytes (ulimit -f)")
+    return (
+        f"could not write the checkpoint {target}: {cause} ({'; '.join(notes)}); nothing of it "
+        "was kept and the checkpoints before it are intact: make room, then continue with "
+        f"rlhf train ... run_dir={run_dir} resume=auto"
+    )
 
 
 def temp_dir(parent: Path, name: str) -> Path:

@@ -24,7 +24,7 @@ from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli import diagnostics
 from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, OptimConfig
-from rlhf_cli.errors import Interrupted, RewardError, TrainingError, UserError
+from rlhf_cli.errors import CheckpointError, Interrupted, RewardError, TrainingError, UserError
 from rlhf_cli.models import autocast, eval_mode
 from rlhf_cli.progress import Reporter, console
 
@@ -498,10 +498,15 @@ def train(
         stop.saving = True  # a second Ctrl-C now waits for the save
         try:
             state = state_now()  # a collective: every rank takes part
-            path = None
+            path, failed = None, None
             if dist.is_main():
-                path = _save(name, state)
-            dist.barrier()
+                try:
+                    path = _save(name, state)
+                except CheckpointError as err:  # e.g. a full disk: every rank stops with it
+                    failed = str(err)
+            failed = dist.broadcast_object(failed)  # (and waits for rank 0's write)
+            if failed:
+                raise CheckpointError(failed)
         finally:
             stop.saving = False
         return path

@@ -244,7 +244,7 @@ def test_an_exception_during_a_checkpoint_write_leaves_the_previous_ones_whole(
 
     monkeypatch.setattr(checkpoint.torch, "save", flaky)
     run = tmp_path / "run"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.CheckpointError, match="step-000002: disk full"):
         train_in_process(run, *TRAIN, "train.max_steps=3", "train.save_every=1")
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000001"]
@@ -252,6 +252,44 @@ def test_an_exception_during_a_checkpoint_write_leaves_the_previous_ones_whole(
     assert not list((run / "checkpoints").glob(".tmp-*"))
     rows = train_in_process(run, *TRAIN, "train.max_steps=3", "train.save_every=1", "resume=auto")
     assert rows["steps"] == "3 (2 this run)"
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_the_run_resumes(tmp_path):
+    """A file-size limit (ulimit -f, as a full disk) makes the step-4 checkpoint fail to write
+    (its adapter file, 266 KB, is over 100 KB): one line naming the checkpoint and the cause,
+    exit 2, no traceback, no half-written checkpoint; step 2 is whole and resume=auto, without
+    the limit, runs steps 3-4 only and ends where an uninterrupted run ends."""
+    import resource
+    import subprocess
+
+    from conftest import REPO, RLHF, stopped_copy
+
+    args = (*TRAIN, "train.max_steps=4", "train.save_every=2")
+    train_in_process(tmp_path / "full", *args)
+    run = stopped_copy(tmp_path / "full", tmp_path / "run", last_step=2)
+    before = snapshot(run / "checkpoints")
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run(
+        [*RLHF, "train", *args, f"run_dir={run}", "resume=auto"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not write the checkpoint {run}/checkpoints/step-000004: ")
+    assert "File too large" in last and "files limited to 100,000 bytes" in last
+    assert sum("error" in line for line in proc.stderr.splitlines()) == 1
+    assert snapshot(run / "checkpoints") == before  # step 2 as it was, nothing beside it
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    rows = train_in_process(run, *args, "resume=auto")
+    assert rows["steps"] == "4 (2 this run)"
+    assert max_diff(adapter(run), adapter(tmp_path / "full")) < 1e-6
 
 
 def test_saved_configs_never_turn_on_remote_code(run_a, tmp_path):
