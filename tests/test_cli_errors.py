@@ -164,3 +164,43 @@ def test_train_help_lists_groups_options_and_keys(tmp_path):
         if " = " in ln:
             assert ln.split(": ", 1)[1:] and ln.split(": ", 1)[1].strip(), ln
     assert list(tmp_path.iterdir()) == []
+
+
+LIBRARY_LOGS = """
+import logging, warnings
+from rlhf_cli import cli
+cli.main(["--version"])
+logging.getLogger("kernels._internals.hf_hub").warning(
+    "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+    "Hugging Face Hub is in offline mode."
+)
+warnings.warn("a library's deprecation", UserWarning)
+logging.getLogger("somelib").error("the library failed")
+"""
+
+
+def test_library_warnings_stay_out_of_the_error_channel(tmp_path):
+    """What libraries log below ERROR (kernels' offline note, printed on every command that
+    loads bitsandbytes on a CPU with AVX-512 bf16) and Python warnings never reach the user's
+    stderr; a library's errors do, named; RLHF_LIBRARY_LOG=warning shows the rest."""
+    import os
+    import subprocess
+    import sys
+
+    def run(**env) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", LIBRARY_LOGS],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    quiet = run()
+    assert quiet.returncode == 0 and quiet.stdout.startswith("rlhf-cli ")
+    assert quiet.stderr == "somelib: ERROR: the library failed\n"
+    loud = run(RLHF_LIBRARY_LOG="warning").stderr
+    assert "kernels._internals.hf_hub: WARNING: Skipping publisher trust check" in loud
+    assert "py.warnings: WARNING:" in loud and "a library's deprecation" in loud
+    assert_one_line_error(run(RLHF_LIBRARY_LOG="loud"), "RLHF_LIBRARY_LOG=loud", "warning")
