@@ -202,6 +202,13 @@ def train_command(args: list[str]) -> None:
             checked = compose_checked(job)
     if launch:
         _launch_torchrun(launch, flags, overrides, multirun, checked)
+    if checked is not None and not multirun:
+        from rlhf_cli import train
+
+        # The folders above the run directory that Hydra is about to make (runs/, runs/sft/): a
+        # run that fails on bad input removes them again, when they are empty.
+        path = Path(os.path.abspath(checked.run_dir))
+        train.NEW_PARENTS = [p for p in path.parents if not p.exists()]
     _run_hydra(flags, overrides)
 
 

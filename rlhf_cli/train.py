@@ -170,6 +170,9 @@ def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:
         except UserError:
             if created and run_dir.exists() and not _holds_results(run_dir):
                 shutil.rmtree(run_dir, ignore_errors=True)
+                for parent in NEW_PARENTS:  # deepest first
+                    if parent.is_dir() and not any(parent.iterdir()):
+                        parent.rmdir()
             raise
 
 

@@ -88,6 +88,12 @@ CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ("chat template broken", (*T, "model.chat_template=bad.jinja"), ("not a valid Jinja",)),
     # data
     ("data file missing", (*T, "data.path=missing.jsonl"), ("missing.jsonl", "no such file")),
+    # no run_dir: Hydra makes runs/dpo/<time>, and the mistake must take runs/ away again
+    (
+        "data file missing, default run_dir",
+        ("train", "stage=dpo", "data.path=missing.jsonl"),
+        ("missing.jsonl", "no such file"),
+    ),
     ("data not UTF-8", (*T, "data.path=latin1.jsonl"), ("not UTF-8 (byte 0xe9 on line 1)",)),
     (
         "malformed line, on_bad_row=error",
