@@ -510,12 +510,16 @@ class QuantConfig:
     """Base-weight quantization (bitsandbytes): nf4 or fp4 (4-bit), int8, or none."""
     double_quant: bool = True
     """4-bit: also quantize the quantization constants (saves ~0.4 bit per weight)."""
-    compute_dtype: str = "bfloat16"
-    """4-bit: dtype the dequantized weights are multiplied in."""
+    compute_dtype: str = "auto"
+    """4-bit: dtype the dequantized weights are multiplied in. auto: bfloat16 where the device
+    multiplies it natively (CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX), float32
+    elsewhere (a CPU without bf16 units multiplies bf16 several times slower than fp32)."""
 
     def __post_init__(self) -> None:
         _choice("quant.mode", self.mode, ("nf4", "fp4", "int8", "none"))
-        _choice("quant.compute_dtype", self.compute_dtype, ("bfloat16", "float16", "float32"))
+        _choice(
+            "quant.compute_dtype", self.compute_dtype, ("auto", "bfloat16", "float16", "float32")
+        )
 
 
 # ---------------------------------------------------------------------------------------------

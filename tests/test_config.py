@@ -180,3 +180,19 @@ def test_cfg_job_prints_config_and_creates_nothing(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_four_bit_compute_dtype_follows_what_the_cpu_multiplies_natively():
+    """quant.compute_dtype=auto is bf16 where the CPU has bf16 units, fp32 elsewhere (emulated
+    bf16 is several times slower); an explicit value is kept."""
+    import torch
+    from conftest import compose
+
+    from rlhf_cli.models import native_bf16, quantization_config
+
+    cpu = torch.device("cpu")
+    auto = quantization_config(compose(), cpu).bnb_4bit_compute_dtype
+    assert auto == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    explicit = compose("quant.compute_dtype=bfloat16")
+    assert quantization_config(explicit, cpu).bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config(compose("quant=none"), cpu) is None
