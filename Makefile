@@ -77,8 +77,10 @@ bench-real: install
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_REAL_ARGS)
 
+# The suite in TEST_WORKERS processes (pytest-xdist; one thread each): 2 fits 2 cores and 24 GB.
+TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests scripts

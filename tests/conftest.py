@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (make test runs 2 workers) the workers share the cores: one thread each,
+# for their subprocesses too, instead of each running a pool as wide as the machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A missing hub file fails at once instead of after ~50 s of retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

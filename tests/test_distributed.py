@@ -13,7 +13,7 @@ from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli.cli import torchrun_command
 
 # A rank left waiting in a collective (a hang) fails within this many seconds, not 30 minutes.
-TIMEOUT = "dist.timeout_s=90"
+TIMEOUT = "dist.timeout_s=180"
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
