@@ -631,17 +631,19 @@ class _FrozenHeadLogps(torch.autograd.Function):
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grads = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # The weight in the dtype the head's backward would use (the compute dtype under
-        # autocast), cast once for all chunks.
+        # The weight (and bias) in the compute dtype under autocast, cast once for all chunks:
+        # autocast caches no cast of a frozen weight, so F.linear would cast it again per chunk.
         device = hidden.device.type
-        w = weight
-        if grads is not None and torch.is_autocast_enabled(device):
-            w = weight.to(torch.get_autocast_dtype(device))
+        w, b = weight, bias
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
         for start in range(0, n, chunk):
             end = min(n, start + chunk)
             # One (chunk, vocab) float32 buffer, worked in place: the logits, shifted by their
             # max, exponentiated, then (for the gradient) onehot - softmax.
-            z = F.linear(hidden[start:end], weight, bias).float()
+            z = F.linear(hidden[start:end], w, b).float()
             t = targets[start:end]
             z.sub_(z.amax(dim=-1, keepdim=True))
             picked = z.gather(1, t[:, None]).squeeze(1)

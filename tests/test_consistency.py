@@ -234,6 +234,34 @@ def test_chunked_head_logps_equal_whole_logits_with_gradients(
             torch.testing.assert_close(head_logps(model, hidden0, targets), want[0], **tol)
 
 
+def test_a_frozen_heads_weight_is_cast_once_per_call_under_autocast(monkeypatch):
+    """Under bf16 autocast the frozen head's weight is cast to bf16 once per head_logps call,
+    not once per chunk (autocast caches no cast of a weight without a gradient, so F.linear on
+    the fp32 weight cast it again for each of the 3 chunks here: 4 casts, the gradient's
+    included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf_cli import models
+    from rlhf_cli.models import head_logps
+
+    model = tiny_family("llama")
+    weight = model.get_output_embeddings().weight.requires_grad_(False)  # frozen, as with LoRA
+    hidden = torch.randn(7, weight.shape[1], requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (7,))
+    casts = []
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == weight.shape:
+                casts.append(kwargs.get("dtype"))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(models, "HEAD_CHUNK", 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), CountCasts():
+        head_logps(model, hidden, targets)
+    assert casts == [torch.bfloat16]
+
+
 # ---------------------------------------------------------------------------------------------
 # dropout and modes
 
