@@ -476,6 +476,7 @@ class Renderer:
 class PromptExample(TypedDict):
     prompt_ids: list[int]  # rendered like a training prompt (chat: with the generation prompt)
     prompt_text: str  # the user's words, for reward functions
+    columns: NotRequired[dict[str, Any]]  # the row's other columns (an answer), for rewards
 
 
 def tokenize_prompt(
@@ -658,12 +659,17 @@ def build_examples(
             f"{', '.join(sorted(columns))}"
         )
     check_columns(columns, fmt, cfg, source)
+    c = cfg.columns
     examples, truncated = [], 0
     for index, row in enumerate(rows):
         try:
             conv = normalise(row, fmt, cfg, prompt_only=kind == "prompt")
             if kind == "prompt":
                 ex, cut = tokenize_prompt(conv, renderer, cfg)
+                # Every other column reaches the reward functions (an answer to check against).
+                other = {k: v for k, v in row.items() if k not in (c.prompt, c.messages)}
+                if other:
+                    ex["columns"] = other
             elif kind == "preference":
                 ex, cut = tokenize_preference(conv, renderer, cfg)
             elif kind == "unpaired":

@@ -27,7 +27,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.models import autocast_dtype, generation_config
 from rlhf_cli.policy import Policy, generate, load_policy, prompt_examples
 from rlhf_cli.progress import console, summary_table
-from rlhf_cli.rewards import load_reward_fn
+from rlhf_cli.rewards import RewardTerm, call_reward_fn, check_inputs, function_term, row_inputs
 from rlhf_cli.sample import default_max_new_tokens
 
 
@@ -140,7 +140,15 @@ def evaluate(
         raise UserError("nothing to evaluate: name prompts=FILE (and/or pairs=PREFERENCE_FILE)")
     if reward_model and reward_fn:
         raise UserError("name one reward source: reward.model=<rm run> or reward.fn=module:fn")
-    fn = load_reward_fn(reward_fn) if reward_fn else None  # a typo fails before loading
+    fn = None  # a typo fails before loading
+    if reward_fn:
+        fn = function_term("reward", reward_fn, 1.0, reward_kwargs or {})
+        unused = sorted(set(reward_kwargs or {}) - fn.bound)
+        if unused:
+            raise UserError(
+                f"reward.kwargs.{unused[0]}: {reward_fn} takes no such argument: drop it or fix "
+                "its name"
+            )
     policy = load_policy(run, device, quant, with_reference=ref is None)
     if ref is not None:
         other = load_policy(ref, device, quant)
@@ -161,7 +169,6 @@ def evaluate(
                 prompts,
                 reward_model,
                 fn,
-                reward_kwargs or {},
                 n=n,
                 max_new_tokens=max_new_tokens or default_max_new_tokens(policy.cfg),
                 temperature=temperature,
@@ -206,8 +213,7 @@ def _sample_and_score(
     policy: Policy,
     prompts: str,
     reward_model: str | None,
-    fn,
-    reward_kwargs: dict,
+    fn: RewardTerm | None,
     *,
     n: int,
     max_new_tokens: int,
@@ -217,6 +223,8 @@ def _sample_and_score(
     seed: int,
 ) -> dict[str, Any]:
     examples = [ex for ex in prompt_examples(policy, prompts) for _ in range(n)]
+    if fn is not None:  # every argument it needs, before any sampling
+        check_inputs([fn], {k for ex in examples for k in ex.get("columns", {})})
     prompt_ids = [ex["prompt_ids"] for ex in examples]
     generation = generation_config(policy.tokenizer, max_new_tokens, temperature, top_p)
     torch.manual_seed(seed)
@@ -224,11 +232,8 @@ def _sample_and_score(
     texts = [policy.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     scores: list[float] | None = None
     if fn is not None:
-        scores = [
-            float(s) for s in fn([ex["prompt_text"] for ex in examples], texts, **reward_kwargs)
-        ]
-        if len(scores) != len(texts):
-            raise UserError(f"the reward function returned {len(scores)} scores for {len(texts)}")
+        inputs = row_inputs([ex.get("columns", {}) for ex in examples], responses, max_new_tokens)
+        scores = call_reward_fn(fn, [ex["prompt_text"] for ex in examples], texts, inputs)
     elif reward_model:
         scores = RewardModelScorer(reward_model, policy, batch_size)(prompt_ids, responses)
     pi, ref = sequence_logps(policy, prompt_ids, responses, batch_size)

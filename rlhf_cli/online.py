@@ -46,7 +46,7 @@ from rlhf_cli.models import (
     setup_reference,
 )
 from rlhf_cli.progress import console
-from rlhf_cli.rewards import call_reward_fn, reward_terms
+from rlhf_cli.rewards import call_reward_fn, reward_terms, row_inputs
 
 REWARD_ADAPTER = "reward"
 # Response positions whose float32 logits exist at once in OnlineStage.forward (whole rows of
@@ -66,6 +66,7 @@ class Rollout:
     prompts: list[list[int]]
     prompt_texts: list[str]
     responses: list[list[int]]  # the response tokens (up to and including EOS)
+    columns: list[dict[str, Any]]  # each row's other data columns, for the reward functions
 
     def select(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
@@ -181,7 +182,10 @@ class Sampler:
                 texts = [
                     self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses
                 ]
-            values = call_reward_fn(term, rollout.prompt_texts, texts)
+                inputs = row_inputs(
+                    rollout.columns, rollout.responses, self.generation.max_new_tokens
+                )
+            values = call_reward_fn(term, rollout.prompt_texts, texts, inputs)
             out[term.name] = torch.tensor(values, device=self.device)
         return out
 
@@ -219,6 +223,7 @@ class Sampler:
         k = self.cfg.stage.group_size if k is None else k
         prompts = [ex["prompt_ids"] for ex in examples for _ in range(k)]  # group-contiguous
         texts = [ex["prompt_text"] for ex in examples for _ in range(k)]
+        columns = [ex.get("columns", {}) for ex in examples for _ in range(k)]
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -246,6 +251,7 @@ class Sampler:
             prompts=prompts,
             prompt_texts=texts,
             responses=responses,
+            columns=columns,
         )
 
 
@@ -700,6 +706,7 @@ def join_groups(
         prompts=[r.prompts[i] for r, i in rows],
         prompt_texts=[r.prompt_texts[i] for r, i in rows],
         responses=[r.responses[i] for r, i in rows],
+        columns=[r.columns[i] for r, i in rows],
     )
 
 

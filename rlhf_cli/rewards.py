@@ -1,7 +1,13 @@
 """Reward functions for the online stages: `reward.fn=rlhf_cli.rewards:<name>`.
 
 A reward function takes the prompts and the sampled responses (strings, one per sample) and
-returns one float per response; extra keyword arguments come from `+reward.kwargs.<key>=...`.
+returns one float per response. Keyword arguments, each passed to the functions that take it
+(or that take **kwargs):
+- every other column of the prompt data, as a list with one value per response (None where a
+  row lacks it): `answer=[...]` checks a response against its own row's answer;
+- `response_ids`: each response's token ids (up to and including EOS);
+- `max_new_tokens`: the sampling limit (one int);
+- `+reward.kwargs.<key>=...` from the config (one value for every response).
 Write your own the same way and name it as `package.module:function`.
 """
 
@@ -48,7 +54,72 @@ class RewardTerm:
     name: str  # logged as rewards/<name>
     spec: str  # package.module:function, or the reward model's directory
     weight: float
-    fn: RewardFn | None = None
+    fn: RewardFn | None = None  # bound to the reward.kwargs it takes
+    params: frozenset[str] | None = None  # the keywords it takes; None: any (**kwargs)
+    required: frozenset[str] = frozenset()  # keywords it cannot do without
+    bound: frozenset[str] = frozenset()  # the reward.kwargs bound into fn
+
+    def takes(self, key: str) -> bool:
+        return self.params is None or key in self.params
+
+
+def function_term(name: str, spec: str, weight: float, kwargs: dict[str, Any]) -> RewardTerm:
+    """A term for the function `spec`, bound to the `kwargs` it takes."""
+    fn = load_reward_fn(spec)
+    params, required = _signature(fn)
+    accepted = {k: v for k, v in kwargs.items() if params is None or k in params}
+    return RewardTerm(
+        name, spec, weight, functools.partial(fn, **accepted), params, required, frozenset(accepted)
+    )
+
+
+def _signature(fn: RewardFn) -> tuple[frozenset[str] | None, frozenset[str]]:
+    """(the keywords `fn` takes, None for any; those without a default), past the two
+    positional ones (prompts, responses)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):  # a builtin or C function: pass everything
+        return None, frozenset()
+    empty = inspect.Parameter.empty
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = frozenset(p.name for p in named if p.default is empty)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None, required
+    return frozenset(p.name for p in named), required
+
+
+def row_inputs(
+    columns: list[dict[str, Any]], response_ids: list[list[int]], max_new_tokens: int
+) -> dict[str, Any]:
+    """The keywords a batch offers its reward functions: each data column as a per-response
+    list (None where a row lacks it), the responses' token ids and the sampling limit."""
+    names = sorted(set().union(*columns)) if columns else []
+    inputs: dict[str, Any] = {name: [c.get(name) for c in columns] for name in names}
+    inputs["response_ids"] = response_ids
+    inputs["max_new_tokens"] = max_new_tokens
+    return inputs
+
+
+def check_inputs(terms: list[RewardTerm], columns: set[str]) -> None:
+    """Before sampling: each function gets every keyword it needs (from reward.kwargs, the
+    data's columns or the tool's own), and no data column shadows a reward.kwargs value."""
+    offered = columns | {"response_ids", "max_new_tokens"}
+    for term in terms:
+        if term.fn is None:
+            continue
+        missing = sorted(term.required - term.bound - offered)
+        if missing:
+            raise UserError(
+                f"reward function {term.spec} needs {', '.join(missing)}: add a data column of "
+                f"that name (the columns are: {', '.join(sorted(columns)) or 'only the prompt'}) "
+                f"or +reward.kwargs.{missing[0]}=..."
+            )
+        both = sorted(k for k in term.bound & columns)
+        if both:
+            raise UserError(
+                f"reward function {term.spec}: {both[0]!r} is both a data column and "
+                f"reward.kwargs.{both[0]}: rename one"
+            )
 
 
 def reward_terms(reward) -> list[RewardTerm]:
@@ -58,14 +129,12 @@ def reward_terms(reward) -> list[RewardTerm]:
     specs = [reward.fn] if reward.fn else list(reward.fns)
     weights = [float(w) for w in reward.weights] or [1.0] * (len(specs) + bool(reward.model))
     kwargs: dict[str, Any] = dict(reward.kwargs)
-    terms, taken = [], set()
+    terms: list[RewardTerm] = []
     names = {MODEL_TERM}  # the reward model's: a function named model is logged as model_2
     for spec, weight in zip(specs, weights):
-        fn = load_reward_fn(spec)
-        accepted = _accepted(fn, kwargs)
-        taken |= set(accepted)
         names.add(name := free_name(spec.rpartition(":")[2], names))
-        terms.append(RewardTerm(name, spec, weight, functools.partial(fn, **accepted)))
+        terms.append(function_term(name, spec, weight, kwargs))
+    taken = set().union(*(t.bound for t in terms)) if terms else set()
     unused = sorted(set(kwargs) - taken)
     if unused:
         raise UserError(
@@ -86,23 +155,17 @@ def free_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def _accepted(fn: RewardFn, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The kwargs `fn` takes (all of them when it has **kwargs)."""
+def call_reward_fn(
+    term: RewardTerm,
+    prompts: list[str],
+    responses: list[str],
+    inputs: dict[str, Any] | None = None,
+) -> list[float]:
+    """term.fn on a batch, with the `inputs` (row_inputs) it takes; an exception in it, or a
+    wrong number of scores, is a RewardError naming the function."""
+    extra = {k: v for k, v in (inputs or {}).items() if term.takes(k) and k not in term.bound}
     try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C function: pass everything
-        return dict(kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return dict(kwargs)
-    names = {p.name for p in params}
-    return {k: v for k, v in kwargs.items() if k in names}
-
-
-def call_reward_fn(term: RewardTerm, prompts: list[str], responses: list[str]) -> list[float]:
-    """term.fn on a batch; an exception in it, or a wrong number of scores, is a RewardError
-    naming the function."""
-    try:
-        values = list(term.fn(prompts, responses))
+        values = list(term.fn(prompts, responses, **extra))
         scores = [float(v) for v in values]
     except Exception as err:  # noqa: BLE001 - the user's code: any exception is reported
         raise RewardError(
@@ -161,3 +224,106 @@ def concise(prompts: list[str], responses: list[str], words: int = 20) -> list[f
     """1.0 for a non-empty response of at most `words` words, else 0.0: a verifiable property
     that SmolLM2-135M-Instruct shows in about a quarter of its samples (scripts/demo_real.py)."""
     return [float(0 < len(r.split()) <= words) for r in responses]
+
+
+# --------------------------------------------------------------------------- verifiable rewards
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_FINAL_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+_FRAC = re.compile(r"\\d?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+
+
+def final_answer(response: str) -> str | None:
+    """The answer a response gives: the content of its last \\boxed{...} (nested braces
+    allowed), else its last number (with a sign, decimals, a fraction a/b, thousands commas);
+    None when it gives neither."""
+    starts = [m.end() for m in _BOXED.finditer(response)]
+    if starts:
+        depth, i = 1, starts[-1]
+        for j in range(i, len(response)):
+            depth += {"{": 1, "}": -1}.get(response[j], 0)
+            if depth == 0:
+                return response[i:j]
+        return None  # an unclosed \boxed{
+    numbers = _FINAL_NUMBER.findall(response)
+    return numbers[-1] if numbers else None
+
+
+def _as_number(text: str):
+    """`text` as an exact Fraction when it is a number (1,234; -3.5; 7/2; \\frac{7}{2}; 50%
+    is 1/2), else None."""
+    from fractions import Fraction
+
+    t = text.strip().strip("$").strip().rstrip(".").replace("\\!", "").replace("\\,", "")
+    t = re.sub(r"\\(left|right)", "", t).replace("\\%", "%")
+    percent = t.endswith("%")
+    t = t.rstrip("%").strip()
+    t = _FRAC.sub(r"(\1)/(\2)", t).replace(" ", "")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", t):
+        t = t.replace(",", "")
+    m = re.fullmatch(r"\(?(-?[\d.]+)\)?(?:/\(?(-?[\d.]+)\)?)?", t)
+    if m is None:
+        return None
+    try:
+        value = Fraction(m.group(1)) / (Fraction(m.group(2)) if m.group(2) else 1)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value / 100 if percent else value
+
+
+def same_answer(given: str | None, answer: Any) -> bool:
+    """Whether a response's final answer equals the reference: as numbers when both are (exact:
+    0.5 == 1/2 == \\frac{1}{2} == 50%), else as text (case, spaces, $ and \\text{} ignored)."""
+    if given is None or answer is None:
+        return False
+    expected = str(answer)
+    a, b = _as_number(given), _as_number(expected)
+    if a is not None and b is not None:
+        return a == b
+
+    def text(s: str) -> str:
+        s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
+        return re.sub(r"[\s$]", "", s).rstrip(".").lower()
+
+    return text(given) == text(expected)
+
+
+def math_answer(prompts: list[str], responses: list[str], answer: list[Any]) -> list[float]:
+    """Verifiable reward: 1.0 when the response's final answer (its last \\boxed{...}, else its
+    last number) equals its row's `answer` column (numerically where both are numbers), else
+    0.0."""
+    return [float(same_answer(final_answer(r), a)) for r, a in zip(responses, answer, strict=True)]
+
+
+THINK_ANSWER = r"<think>.*?</think>\s*<answer>.*?</answer>"
+
+
+def format_match(
+    prompts: list[str], responses: list[str], pattern: str = THINK_ANSWER
+) -> list[float]:
+    """1.0 when the whole response (stripped) matches the regular expression `pattern` (default
+    <think>...</think><answer>...</answer>; `.` spans lines), else 0.0."""
+    compiled = re.compile(pattern, re.DOTALL)
+    return [float(compiled.fullmatch(r.strip()) is not None) for r in responses]
+
+
+def overlong_penalty(
+    prompts: list[str],
+    responses: list[str],
+    response_ids: list[list[int]],
+    max_new_tokens: int,
+    overlong_buffer: int | None = None,
+) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a reward term: 0 for a response
+    of L <= L_max - L_cache tokens, (L_max - L_cache - L) / L_cache in the last L_cache tokens
+    before L_max (down to -1 at L_max), -1 beyond. L_max is the sampling limit
+    (stage.max_new_tokens), L_cache `overlong_buffer` (default a fifth of L_max)."""
+    cache = overlong_buffer if overlong_buffer is not None else max(1, max_new_tokens // 5)
+    if not 0 < cache <= max_new_tokens:
+        raise ValueError(f"overlong_buffer={cache} must be in [1, max_new_tokens={max_new_tokens}]")
+    free = max_new_tokens - cache
+    out = []
+    for ids in response_ids:
+        n = len(ids)
+        out.append(0.0 if n <= free else (free - n) / cache if n <= max_new_tokens else -1.0)
+    return out

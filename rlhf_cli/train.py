@@ -26,7 +26,7 @@ from rlhf_cli.models import (
     resolve_device,
 )
 from rlhf_cli.progress import console, summary_table
-from rlhf_cli.rewards import reward_terms
+from rlhf_cli.rewards import check_inputs, reward_terms
 from rlhf_cli.stages import stage_class
 from rlhf_cli.tracking import check_available as check_trackers
 
@@ -238,9 +238,10 @@ def _run_stopping(
 
     quiet_libraries()
     allow_remote_code(cfg.model.trust_remote_code)  # for reward.model / ref runs too
+    terms = None
     if isinstance(cfg.stage, SamplingConfig):
         # A typo (or an unknown reward.kwargs) fails here, before any model loads.
-        reward_terms(cfg.reward)
+        terms = reward_terms(cfg.reward)
     seed_everything(cfg.train.seed)
     device = dist.local_device(cfg.device) or resolve_device(cfg.device)
     amp = autocast_dtype(cfg.train.precision, device)
@@ -254,6 +255,10 @@ def _run_stopping(
         completion_only=getattr(cfg.stage, "completion_only", True),
         only_last_turn=getattr(cfg.stage, "train_on_turns", "all") == "last",
     )
+    if terms is not None:  # each reward function's arguments: from the config or the data
+        check_inputs(
+            terms, {k for ex in train_examples + eval_examples for k in ex.get("columns", {})}
+        )
     for report in reports:
         console.print("data: " + report.line())
     if eval_examples:

@@ -415,6 +415,7 @@ def test_join_groups_repads_prompts_and_responses():
             prompts=prompts,
             prompt_texts=[str(p) for p in prompts],
             responses=responses,
+            columns=[{"answer": p[0]} for p in prompts],
         )
 
     a = rollout([[5, 6], [7]], [[8, 9], [10]], width=2)
@@ -425,6 +426,7 @@ def test_join_groups_repads_prompts_and_responses():
     assert joined.attention_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert joined.mask.tolist() == [[True, True, True], [True, True, False]]
     assert joined.prompts == [[4], [5, 6]] and joined.responses == [[12, 13, 14], [8, 9]]
+    assert joined.columns == [{"answer": 4}, {"answer": 5}]
 
 
 def test_several_weighted_rewards_are_summed_and_logged(in_user_dir):
