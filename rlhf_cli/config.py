@@ -217,6 +217,19 @@ class OnlineConfig(SamplingConfig):
     dropped groups (zero advantage), counted in dynamic/filled."""
     dynamic_sampling_max_tries: int = 3
     """Rollout batches one step may sample with dynamic_sampling (the bound on its cost)."""
+    env: str | None = None
+    """Multi-turn rollouts with an environment: `package.module:Name`, built once per sampled
+    response (with env_kwargs), with reset(row) and step(text) -> (observation, reward, done);
+    its rewards, summed over the episode, are a reward term (`env`). See rlhf_cli.multiturn."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment: +stage.env_kwargs.uses=2."""
+    tools: list[str] = field(default_factory=list)
+    """Multi-turn rollouts with tools: [package.module:function, ...]; a reply that calls them
+    (<tool_call>{"name": ..., "arguments": {...}}</tool_call>) gets their results as a tool
+    message, a reply without a call is the final answer."""
+    max_turns: int = 4
+    """With env or tools: the most replies the policy makes in one episode (stage.max_new_tokens
+    is the limit of each reply)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -245,6 +258,21 @@ class OnlineConfig(SamplingConfig):
         )
         _non_negative("stage.kl_coef", self.kl_coef)
         _choice("stage.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _check(self.max_turns >= 1, f"stage.max_turns must be >= 1, got {self.max_turns}")
+        _check(
+            not (self.env and self.tools),
+            "stage.env and stage.tools both set: an environment calls its own tools (give it "
+            "them through stage.env_kwargs), or name the tools alone",
+        )
+        _check(
+            not self.env_kwargs or bool(self.env),
+            "stage.env_kwargs without stage.env: name the environment",
+        )
+
+    @property
+    def multi_turn(self) -> bool:
+        """Episodes of several turns with an environment or tools."""
+        return bool(self.env or self.tools)
 
     def notes(self) -> list[str]:
         """Settings that are valid but probably not what was meant (printed as warnings)."""
@@ -678,6 +706,8 @@ class TrainConfig:
     """Micro-batches per optimizer step; the loss is the exact big-batch loss."""
     eval_every: int = 0
     """Evaluate every N steps (and at the end); 0 = only at the end, if there is eval data."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (logged as step 0): the starting policy's figures."""
     eval_batches: int | None = None
     """Cap on eval micro-batches per evaluation; null = the whole eval set."""
     log_every: int = 1
@@ -838,9 +868,9 @@ class Config:
                 "reward.fn and reward.fns both set: put every function in reward.fns",
             )
             _check(
-                bool(r.model or r.fn or r.fns),
+                bool(r.model or r.fn or r.fns or getattr(self.stage, "env", None)),
                 f"stage={self.stage.name} needs a reward: reward.model=<rm run>, "
-                "reward.fn=package.module:function or reward.fns=[...]",
+                "reward.fn=package.module:function, reward.fns=[...] or stage.env",
             )
             for spec in [r.fn] if r.fn else r.fns:
                 key = "reward.fn" if r.fn else "reward.fns"

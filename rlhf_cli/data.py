@@ -402,12 +402,14 @@ class Renderer:
     one of its own, and are concatenated raw otherwise (a base model on pre-formatted text).
     """
 
-    def __init__(self, tokenizer, template: str | None = None):
+    def __init__(self, tokenizer, template: str | None = None, tools: list | None = None):
         from rlhf_cli.models import FALLBACK_CHAT_TEMPLATE
 
         self.tokenizer = tokenizer
         self.has_own_template = bool(getattr(tokenizer, "chat_template", None))
         self.template = template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+        # Tool functions (stage.tools) for a template that describes tools in its prompt.
+        self.tools = tools if tools and "tools" in self.template else None
 
     def chat(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         from jinja2 import TemplateError
@@ -418,6 +420,7 @@ class Renderer:
                 chat_template=self.template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
+                **({"tools": self.tools} if self.tools else {}),
             )
         except TemplateError as err:  # e.g. raise_exception("roles must alternate"): this row
             raise ValueError(f"the chat template refused it: {err}") from err
@@ -717,9 +720,11 @@ def load_datasets(
     *,
     completion_only: bool = True,
     only_last_turn: bool = False,
+    tools: list | None = None,
 ):
-    """(train examples, eval examples, reports) for a stage."""
-    renderer = Renderer(tokenizer)
+    """(train examples, eval examples, reports) for a stage; `tools` (functions) are described
+    in the prompts where the chat template has a place for them."""
+    renderer = Renderer(tokenizer, tools=tools)
     kw = dict(completion_only=completion_only, only_last_turn=only_last_turn)
     stats: Counter = Counter()
     rows = load_rows(

@@ -22,6 +22,7 @@ def inspect_data(overrides: list[str], n: int = 3) -> list[str]:
     """Print the report; returns the warnings (also printed)."""
     from rlhf_cli.cli import compose_checked
     from rlhf_cli.models import load_tokenizer, quiet_libraries
+    from rlhf_cli.multiturn import tool_functions
     from rlhf_cli.stages import stage_class
 
     quiet_libraries()
@@ -35,6 +36,7 @@ def inspect_data(overrides: list[str], n: int = 3) -> list[str]:
         cfg.train.seed,
         completion_only=getattr(cfg.stage, "completion_only", True),
         only_last_turn=getattr(cfg.stage, "train_on_turns", "all") == "last",
+        tools=list(tool_functions(getattr(cfg.stage, "tools", []) or []).values()),
     )
     plain = not console.is_terminal
     console.print(

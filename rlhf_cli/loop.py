@@ -568,6 +568,11 @@ def train(
     max_new = getattr(cfg.stage, "max_new_tokens", 0)
     with reporter as report, nullcontext(stop) if stop else StopFlag() as stop:
         stage.stop_requested = lambda: bool(stop.signum)
+        if eval_examples and t.eval_on_start and pos.step == 0:
+            try:
+                report.eval(0, evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches))
+            except StopRequested:  # nothing trained yet: stop as before the first step
+                raise interrupted(stop.signum or signal.SIGINT) from None
         while pos.step < total:
             step_t0 = time.perf_counter()
             before = replace(pos), ckpt_lib.rng_state()

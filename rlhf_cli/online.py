@@ -45,8 +45,9 @@ from rlhf_cli.models import (
     set_eval,
     setup_reference,
 )
+from rlhf_cli.multiturn import env_factory, sample_episodes
 from rlhf_cli.progress import console
-from rlhf_cli.rewards import call_reward_fn, reward_terms, row_inputs
+from rlhf_cli.rewards import ENV_TERM, call_reward_fn, reward_terms, row_inputs
 
 REWARD_ADAPTER = "reward"
 # Response positions whose float32 logits exist at once in OnlineStage.forward (whole rows of
@@ -67,6 +68,12 @@ class Rollout:
     prompt_texts: list[str]
     responses: list[list[int]]  # the response tokens (up to and including EOS)
     columns: list[dict[str, Any]]  # each row's other data columns, for the reward functions
+    # Multi-turn (stage.env / stage.tools): `responses` hold the whole conversation after the
+    # prompt, `mask` only the policy's replies; the messages, the final reply's text and the
+    # environment's summed reward of each row.
+    turns: list[list[dict[str, Any]]] | None = None
+    final_texts: list[str] | None = None
+    env_rewards: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
@@ -113,7 +120,12 @@ class RunningMoments:
 class Sampler:
     """Sampling responses with the KV cache and scoring them with `reward.model` or
     `reward.fn`: what the online stages and rejection sampling (rs) share. Needs `cfg`,
-    `model`, `tokenizer`, `device`, `amp_dtype` (a Stage's) and `self.generation`."""
+    `model`, `tokenizer`, `device`, `amp_dtype` (a Stage's) and `self.generation`; for
+    conversations of several turns, `make_env` (an environment per response) and `renderer`."""
+
+    make_env: Any = None
+    renderer: Any = None
+    gen_seconds = 0.0
 
     name: str
     cfg: Any
@@ -171,27 +183,30 @@ class Sampler:
 
     @torch.no_grad()
     def score_terms(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Each reward term's (B,) scores, unweighted, by name."""
+        """Each reward term's (B,) scores, unweighted, by name (the environment's as `env`)."""
         texts = None
-        out = {}
+        out = {} if rollout.env_rewards is None else {ENV_TERM: rollout.env_rewards}
         for term in self.reward_terms:
             if term.fn is None:
                 out[term.name] = self._model_scores(rollout).float()
                 continue
             if texts is None:
-                texts = [
+                texts = rollout.final_texts or [
                     self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses
                 ]
                 inputs = row_inputs(
                     rollout.columns, rollout.responses, self.generation.max_new_tokens
                 )
+                if rollout.turns is not None:
+                    inputs["turns"] = rollout.turns
             values = call_reward_fn(term, rollout.prompt_texts, texts, inputs)
             out[term.name] = torch.tensor(values, device=self.device)
         return out
 
     def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) the weighted sum of the terms."""
-        return sum(t.weight * terms[t.name] for t in self.reward_terms)
+        """(B,) the weighted sum of the terms (an environment's term counts once)."""
+        total = sum(t.weight * terms[t.name] for t in self.reward_terms)
+        return total + terms[ENV_TERM] if ENV_TERM in terms else total
 
     def scores(self, rollout: Rollout) -> torch.Tensor:
         """(B,) one score per response: the weighted sum of the reward terms."""
@@ -216,14 +231,9 @@ class Sampler:
 
     # -- rollouts ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def rollout(self, examples: list[dict], k: int | None = None, generation=None) -> Rollout:
-        """`k` responses per prompt (stage.group_size by default) with `generation` (the
-        stage's sampling settings by default)."""
-        k = self.cfg.stage.group_size if k is None else k
-        prompts = [ex["prompt_ids"] for ex in examples for _ in range(k)]  # group-contiguous
-        texts = [ex["prompt_text"] for ex in examples for _ in range(k)]
-        columns = [ex.get("columns", {}) for ex in examples for _ in range(k)]
+    def _generate(self, prompts: list[list[int]], generation) -> list[tuple[list[int], bool]]:
+        """One reply to each token-id prompt (left-padded into one batch, the KV cache on):
+        its tokens up to and including the first EOS, and whether it reached EOS."""
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -232,26 +242,55 @@ class Sampler:
         )
         self.model.config.use_cache = True
         t0 = time.perf_counter()
-        with autocast(self.amp_dtype, self.device):
-            out = generate_ids(self.model, ids, attn, generation or self.generation)
-        self.gen_seconds = time.perf_counter() - t0
-        self.model.config.use_cache = False
+        try:
+            with autocast(self.amp_dtype, self.device):
+                out = generate_ids(self.model, ids, attn, generation)
+        finally:
+            self.gen_seconds += time.perf_counter() - t0
+            self.model.config.use_cache = False
         response = out[:, width:]
         is_eos = response == self.tokenizer.eos_token_id
-        # Keep tokens up to and including the first EOS.
-        mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-        response = torch.where(mask, response, torch.full_like(response, pad))
-        responses = [row[m].tolist() for row, m in zip(response, mask)]
-        return Rollout(
-            input_ids=torch.cat([ids, response], dim=1),
-            attention_mask=torch.cat([attn, mask.long()], dim=1),
-            prompt_len=width,
-            mask=mask,
-            ended=is_eos.any(-1),
-            prompts=prompts,
-            prompt_texts=texts,
-            responses=responses,
-            columns=columns,
+        keep = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # up to the first EOS
+        return [(row[m].tolist(), bool(e)) for row, m, e in zip(response, keep, is_eos.any(-1))]
+
+    @torch.no_grad()
+    def rollout(self, examples: list[dict], k: int | None = None, generation=None) -> Rollout:
+        """`k` responses per prompt (stage.group_size by default) with `generation` (the
+        stage's sampling settings by default); conversations of several turns with an
+        environment or tools when the stage names one (rlhf_cli.multiturn)."""
+        k = self.cfg.stage.group_size if k is None else k
+        rows = [ex for ex in examples for _ in range(k)]  # group-contiguous
+        generation = generation or self.generation
+        self.gen_seconds = 0.0
+        if self.make_env is None:
+            replies = self._generate([ex["prompt_ids"] for ex in rows], generation)
+            responses = [ids for ids, _ in replies]
+            return make_rollout(
+                rows,
+                responses,
+                [[True] * len(ids) for ids in responses],
+                [ended for _, ended in replies],
+                self.tokenizer.pad_token_id,
+                self.device,
+            )
+        episodes = sample_episodes(
+            lambda contexts: self._generate(contexts, generation),
+            rows,
+            self.make_env,
+            self.renderer,
+            self.tokenizer,
+            self.cfg.stage.max_turns,
+        )
+        return make_rollout(
+            rows,
+            [e.ids for e in episodes],
+            [e.policy for e in episodes],
+            [e.ended for e in episodes],
+            self.tokenizer.pad_token_id,
+            self.device,
+            turns=[e.messages for e in episodes],
+            final_texts=[e.messages[-1]["content"] if e.messages else "" for e in episodes],
+            env_rewards=torch.tensor([e.reward for e in episodes], device=self.device),
         )
 
 
@@ -274,6 +313,8 @@ class OnlineStage(Sampler, Stage):
                 f"{self.minibatch_size} are global: both must divide by the {world} ranks"
             )
         self.local_minibatch = self.minibatch_size // world
+        # Response tokens one sample may hold (seq_sum_norm's constant divisor): every reply's.
+        self.token_budget = s.max_new_tokens * (s.max_turns if s.multi_turn else 1)
         for note in s.notes():
             console.print(f"[yellow]warning:[/] {note}")
         self.kl_coef = float(s.kl_coef)
@@ -289,6 +330,11 @@ class OnlineStage(Sampler, Stage):
         # gradient checkpointing (active in train mode only) takes effect.
         disable_dropout(model)
         self.generation = generation_config(tokenizer, s.max_new_tokens, s.temperature, s.top_p)
+        self.make_env = env_factory(s)
+        if self.make_env is not None:
+            from rlhf_cli.data import Renderer
+
+            self.renderer = Renderer(tokenizer)
 
     def forward(
         self,
@@ -510,7 +556,7 @@ class OnlineStage(Sampler, Stage):
                 # The minibatch's divisors over every rank: the policy loss's weight (tokens,
                 # responses, or responses x max_new_tokens: stage.loss_agg) and its tokens.
                 local = [
-                    aggregate_weight(loss_mask[mb_idx], s.loss_agg, s.max_new_tokens),
+                    aggregate_weight(loss_mask[mb_idx], s.loss_agg, self.token_budget),
                     mask[mb_idx].sum(),
                 ]
                 mb_weight, mb_tokens = dist.all_reduce_sum(torch.stack(local).float()).clamp(min=1)
@@ -541,7 +587,9 @@ class OnlineStage(Sampler, Stage):
                     share = m.sum() / mb_tokens
                     if extra is not None and extra.dim() == 2:  # per token: aggregated alike
                         token_losses, extra = token_losses + extra, None
-                    policy_total, _ = aggregate_loss(token_losses, lm, s.loss_agg, s.max_new_tokens)
+                    policy_total, _ = aggregate_loss(
+                        token_losses, lm, s.loss_agg, self.token_budget
+                    )
                     loss = policy_total / mb_weight
                     if extra is not None:  # a token mean: weighted by the micro-batch's tokens
                         loss = loss + extra * share
@@ -588,6 +636,10 @@ class OnlineStage(Sampler, Stage):
         if len(terms) > 1:
             for name, values in terms.items():
                 record.update(finite_stats(f"rewards/{name}", values))
+        if rollout.turns is not None:  # replies per conversation
+            record["turns"] = sum(
+                sum(m["role"] == "assistant" for m in t) for t in rollout.turns
+            ) / len(rollout.turns)
         self.samples = self.sample_rows(rollout, score)
         # Responses whose reward was not finite (dropped from the loss), summed over ranks.
         weighted["nonfinite_rewards"] = float((~valid).sum())
@@ -670,43 +722,60 @@ def join_groups(
     """One rollout of the picked groups ((part, group) pairs) of several rollouts: prompts
     left-padded to the widest, responses right-padded to the longest."""
     rows = [(parts[p], g * group_size + j) for p, g in picks for j in range(group_size)]
-    width = max(len(r.prompts[i]) for r, i in rows)
-    length = max(r.mask.shape[1] for r, _ in rows)
-    ids, attn, mask = [], [], []
-    for r, i in rows:
-        prompt, response, m = r.prompts[i], r.input_ids[i, r.prompt_len :], r.mask[i]
-        left, right = width - len(prompt), length - m.numel()
-        ids.append(
-            torch.cat(
-                [
-                    response.new_full((left,), pad),
-                    response.new_tensor(prompt),
-                    response,
-                    response.new_full((right,), pad),
-                ]
-            )
-        )
-        attn.append(
-            torch.cat(
-                [
-                    m.new_zeros(left, dtype=torch.long),
-                    m.new_ones(len(prompt), dtype=torch.long),
-                    m.long(),
-                    m.new_zeros(right, dtype=torch.long),
-                ]
-            )
-        )
-        mask.append(torch.cat([m, m.new_zeros(right)]))
+    multiturn = {}
+    if rows[0][0].turns is not None:
+        multiturn = {
+            "turns": [r.turns[i] for r, i in rows],
+            "final_texts": [r.final_texts[i] for r, i in rows],
+            "env_rewards": torch.stack([r.env_rewards[i] for r, i in rows]),
+        }
+    return make_rollout(
+        [
+            {"prompt_ids": r.prompts[i], "prompt_text": r.prompt_texts[i], "columns": r.columns[i]}
+            for r, i in rows
+        ],
+        [r.responses[i] for r, i in rows],
+        [r.mask[i, : len(r.responses[i])].tolist() for r, i in rows],
+        [bool(r.ended[i]) for r, i in rows],
+        pad,
+        rows[0][0].input_ids.device,
+        **multiturn,
+    )
+
+
+def make_rollout(
+    rows: list[dict],
+    responses: list[list[int]],
+    policy: list[list[bool]],
+    ended: list[bool],
+    pad: int,
+    device: torch.device,
+    **multiturn,
+) -> Rollout:
+    """A Rollout of prompt rows and their responses: prompts left-padded to the widest,
+    responses right-padded to the longest; `policy` marks the tokens the policy wrote (all of
+    a single-turn response)."""
+    prompts = [ex["prompt_ids"] for ex in rows]
+    width = max(len(p) for p in prompts)
+    length = max(1, max(len(r) for r in responses))
+    ids, attn = [], []
+    for p, r in zip(prompts, responses):
+        left, right = width - len(p), length - len(r)
+        ids.append([pad] * left + p + r + [pad] * right)
+        attn.append([0] * left + [1] * (len(p) + len(r)) + [0] * right)
     return Rollout(
-        input_ids=torch.stack(ids),
-        attention_mask=torch.stack(attn),
+        input_ids=torch.tensor(ids, device=device),
+        attention_mask=torch.tensor(attn, device=device),
         prompt_len=width,
-        mask=torch.stack(mask),
-        ended=torch.stack([r.ended[i] for r, i in rows]),
-        prompts=[r.prompts[i] for r, i in rows],
-        prompt_texts=[r.prompt_texts[i] for r, i in rows],
-        responses=[r.responses[i] for r, i in rows],
-        columns=[r.columns[i] for r, i in rows],
+        mask=torch.tensor(
+            [m + [False] * (length - len(m)) for m in policy], dtype=torch.bool, device=device
+        ),
+        ended=torch.tensor(ended, dtype=torch.bool, device=device),
+        prompts=prompts,
+        prompt_texts=[ex["prompt_text"] for ex in rows],
+        responses=responses,
+        columns=[ex.get("columns", {}) for ex in rows],
+        **multiturn,
     )
 
 

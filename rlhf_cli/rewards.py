@@ -7,6 +7,8 @@ returns one float per response. Keyword arguments, each passed to the functions 
   row lacks it): `answer=[...]` checks a response against its own row's answer;
 - `response_ids`: each response's token ids (up to and including EOS);
 - `max_new_tokens`: the sampling limit (one int);
+- `turns` (multi-turn rollouts): each response's conversation after the prompt, as messages
+  ({"role", "content"}); `responses` then holds the final reply;
 - `+reward.kwargs.<key>=...` from the config (one value for every response).
 Write your own the same way and name it as `package.module:function`.
 """
@@ -27,6 +29,7 @@ from rlhf_cli.errors import RewardError, UserError
 
 RewardFn = Callable[..., list[float]]
 MODEL_TERM = "model"  # the reward model's term: rewards/model
+ENV_TERM = "env"  # a multi-turn environment's summed rewards: rewards/env
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -100,10 +103,10 @@ def row_inputs(
     return inputs
 
 
-def check_inputs(terms: list[RewardTerm], columns: set[str]) -> None:
+def check_inputs(terms: list[RewardTerm], columns: set[str], multi_turn: bool = False) -> None:
     """Before sampling: each function gets every keyword it needs (from reward.kwargs, the
     data's columns or the tool's own), and no data column shadows a reward.kwargs value."""
-    offered = columns | {"response_ids", "max_new_tokens"}
+    offered = columns | {"response_ids", "max_new_tokens"} | ({"turns"} if multi_turn else set())
     for term in terms:
         if term.fn is None:
             continue
@@ -130,7 +133,7 @@ def reward_terms(reward) -> list[RewardTerm]:
     weights = [float(w) for w in reward.weights] or [1.0] * (len(specs) + bool(reward.model))
     kwargs: dict[str, Any] = dict(reward.kwargs)
     terms: list[RewardTerm] = []
-    names = {MODEL_TERM}  # the reward model's: a function named model is logged as model_2
+    names = {MODEL_TERM, ENV_TERM}  # a function named model (env) is logged as model_2 (env_2)
     for spec, weight in zip(specs, weights):
         names.add(name := free_name(spec.rpartition(":")[2], names))
         terms.append(function_term(name, spec, weight, kwargs))

@@ -66,9 +66,14 @@ def corpus(names: list[str] | tuple[str, ...] | None = None) -> list[str]:
     return texts
 
 
+# The shipped files the tiny tokenizer is trained on (a file added later leaves the tiny model,
+# and every number the tests expect of it, as it was).
+TINY_CORPUS = ("chat.jsonl", "hh.jsonl", "preference.jsonl", "prompts.jsonl", "sft.jsonl")
+
+
 def tiny_model_dir() -> Path:
     """Path of the tiny model, building it first if this machine has not yet."""
-    texts = corpus()
+    texts = corpus(TINY_CORPUS)
     digest = hashlib.sha256(
         json.dumps([TINY_RECIPE, SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, texts]).encode()
     ).hexdigest()[:12]

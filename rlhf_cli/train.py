@@ -25,6 +25,7 @@ from rlhf_cli.models import (
     quiet_libraries,
     resolve_device,
 )
+from rlhf_cli.multiturn import env_factory, tool_functions
 from rlhf_cli.progress import console, summary_table
 from rlhf_cli.rewards import check_inputs, reward_terms
 from rlhf_cli.stages import stage_class
@@ -39,6 +40,7 @@ RESUME_FREE_KEYS = {
     "train.save_every",
     "train.keep_last",
     "train.eval_every",
+    "train.eval_on_start",
     "train.log_every",
     "train.eval_batches",
     "device",
@@ -240,8 +242,9 @@ def _run_stopping(
     allow_remote_code(cfg.model.trust_remote_code)  # for reward.model / ref runs too
     terms = None
     if isinstance(cfg.stage, SamplingConfig):
-        # A typo (or an unknown reward.kwargs) fails here, before any model loads.
+        # A typo (or an unknown reward.kwargs, or environment) fails here, before any loading.
         terms = reward_terms(cfg.reward)
+        env_factory(cfg.stage)
     seed_everything(cfg.train.seed)
     device = dist.local_device(cfg.device) or resolve_device(cfg.device)
     amp = autocast_dtype(cfg.train.precision, device)
@@ -254,11 +257,11 @@ def _run_stopping(
         cfg.train.seed,
         completion_only=getattr(cfg.stage, "completion_only", True),
         only_last_turn=getattr(cfg.stage, "train_on_turns", "all") == "last",
+        tools=list(tool_functions(getattr(cfg.stage, "tools", []) or []).values()),
     )
     if terms is not None:  # each reward function's arguments: from the config or the data
-        check_inputs(
-            terms, {k for ex in train_examples + eval_examples for k in ex.get("columns", {})}
-        )
+        columns = {k for ex in train_examples + eval_examples for k in ex.get("columns", {})}
+        check_inputs(terms, columns, getattr(cfg.stage, "multi_turn", False))
     for report in reports:
         console.print("data: " + report.line())
     if eval_examples:

@@ -18,6 +18,8 @@ byte-identical on every run. Everything is plain ASCII JSON Lines:
   online RL and sampling.
 * ``hh.jsonl``         ~50 rows ``{"chosen", "rejected"}`` in Anthropic-HH transcript format
   (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), identical up to the last assistant turn.
+* ``arithmetic.jsonl`` 600 rows ``{"prompt", "answer"}``: two-digit +, - and x questions for online
+  RL with a calculator environment, scored against the answer column.
 
 Topics are templated but the content is real and correct: arithmetic word problems (answers
 computed), capital cities, unit conversions, word definitions, synonyms and antonyms, polite
@@ -1063,6 +1065,21 @@ def build_hh(rng: random.Random) -> list[dict]:
     return rows
 
 
+N_ARITHMETIC = 600
+
+
+def build_arithmetic(rng: random.Random) -> list[dict]:
+    """A verifiable task for online RL with a calculator (rlhf_cli.multiturn.CalculatorEnv):
+    two-digit +, - or x questions, the value in an `answer` column the prompt does not give."""
+    rows = []
+    for _ in range(N_ARITHMETIC):
+        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-*")
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        prompt = f"What is {a} {op} {b}? Write the calculation, a calculator will check it."
+        rows.append({"prompt": prompt, "answer": value})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     text = "".join(json.dumps(row, ensure_ascii=True) + "\n" for row in rows)
     path.write_bytes(text.encode("ascii"))
@@ -1076,6 +1093,7 @@ def build_all() -> dict[str, list[dict]]:
         "chat.jsonl": build_chat(random.Random(SEED + 2)),
         "prompts.jsonl": build_prompts(random.Random(SEED + 3), seen),
         "hh.jsonl": build_hh(random.Random(SEED + 4)),
+        "arithmetic.jsonl": build_arithmetic(random.Random(SEED + 5)),
     }
 
 

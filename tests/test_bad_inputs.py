@@ -74,6 +74,26 @@ CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
     ),
     ("clip-higher below clip", (*T, "stage=grpo", "stage.clip_eps_high=0.1"), ("clip_eps_high",)),
     (
+        "environment module missing",
+        (*T, "stage=grpo", "stage.env=nomod:Env", "stage.max_turns=2"),
+        ("stage.env=nomod:Env", "cannot import 'nomod'"),
+    ),
+    (
+        "tool without a docstring",
+        (
+            *T,
+            "stage=grpo",
+            "stage.tools=[rlhf_cli.rewards:keyword]",
+            "reward.fn=rlhf_cli.rewards:concise",
+        ),
+        ("stage.tools: rlhf_cli.rewards:keyword cannot be described",),
+    ),
+    (
+        "reward needs a column the data lacks",
+        (*T, "stage=grpo", "reward.fn=rlhf_cli.rewards:math_answer"),
+        ("math_answer needs answer",),
+    ),
+    (
         "grpo with k1 in its loss",
         (*T, "stage=grpo", "reward.fn=rlhf_cli.rewards:concise", "stage.kl_estimator=k1"),
         ("stage.kl_estimator=k1", "zero expected gradient", "k3"),

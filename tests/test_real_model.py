@@ -390,3 +390,44 @@ def test_the_benchmark_rows_are_what_both_tools_feed_the_model(tokenizer):
             want = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert ex["prompt_ids"] + ids == want
             assert tokenizer.eos_token_id in ids[-2:]
+
+
+def test_a_conversation_between_replies_is_what_chatml_writes(tokenizer):
+    """After a reply's <|im_end|> the template writes a newline, the message's turn and the
+    next assistant header: those are the tokens a multi-turn rollout puts between replies."""
+    from rlhf_cli.data import Renderer
+    from rlhf_cli.multiturn import observation_ids
+
+    renderer = Renderer(tokenizer)
+    ids = observation_ids(renderer, {"role": "tool", "content": "42"}, tokenizer.eos_token)
+    assert tokenizer.decode(ids) == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+    ids = observation_ids(
+        renderer, {"role": "user", "content": "Calculator: 2 + 2 = 4."}, "<|im_end|>"
+    )
+    assert tokenizer.decode(ids).startswith("\n<|im_start|>user\nCalculator: 2 + 2 = 4.<|im_end|>")
+
+
+def test_grpo_with_the_calculator_environment_on_the_real_model(tmp_path):
+    """The shipped arithmetic task: SmolLM2 writes the calculation unprompted, the calculator
+    answers, the second reply is scored against the answer column. One 4-bit step: the
+    conversations have two replies where the first wrote a calculation."""
+    train_in_process(
+        tmp_path / "r",
+        "stage=grpo",
+        REAL,
+        "data=arithmetic",
+        "data.max_samples=16",
+        "data.eval_size=0",
+        "stage.env=rlhf_cli.multiturn:CalculatorEnv",
+        "stage.max_turns=2",
+        "reward.fn=rlhf_cli.rewards:math_answer",
+        "stage.rollout_batch_size=2",
+        "stage.group_size=2",
+        "stage.max_new_tokens=24",
+        "train.max_steps=1",
+        "log.tensorboard=true",
+    )
+    (row,) = read_metrics(tmp_path / "r")
+    assert 0 <= row["score"] <= 1 and math.isfinite(row["loss"])
+    assert row["policy/ratio_first"] == pytest.approx(1.0, abs=1e-4)
+    assert 1 < row["turns"] <= 2  # most first replies wrote a calculation

@@ -457,3 +457,21 @@ def test_kto_reference_point_is_the_same_for_any_micro_batching(tmp_path):
             want = pytest.approx([y[key] for y in b], abs=1e-5)
             assert [x[key] for x in a] == want, (split, key)
     assert read_metrics(tmp_path / "b", "eval")[-1]["kl"] > 0.5  # a reference point at work
+
+
+def test_eval_on_start_evaluates_the_starting_policy(tmp_path):
+    """train.eval_on_start=true adds an evaluation before the first step, logged at step 0: for
+    DPO from a fresh adapter the policy is the reference there, so its loss is log 2 and its
+    margins 0; the end's evaluation follows as usual."""
+    train_in_process(
+        tmp_path / "r",
+        "stage=dpo",
+        *PAIRS,
+        "data.eval_size=8",
+        "train.max_steps=2",
+        "train.eval_on_start=true",
+    )
+    evals = read_metrics(tmp_path / "r", "eval")
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
