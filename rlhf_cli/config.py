@@ -605,6 +605,11 @@ class DataConfig:
     """Use only the first N rows (after loading, before shuffling)."""
     on_bad_row: str = "drop"
     """What to do with an empty or malformed row: drop (and count it) or error."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (offline stages): each epoch's shuffled order
+    is cut into chunks of 50 steps, each chunk sorted by length (longest first), so a
+    micro-batch pads little; the step order stays seeded (exact resume). Steps then differ in
+    length: the first steps of a chunk hold its longest examples."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path is empty: name a file, a hub dataset or builtin:sft")
@@ -730,6 +735,19 @@ class TrainConfig:
     Fewer distinct shapes: CPU bf16 kernels (oneDNN) compile and keep one kernel per shape, and
     memory grew with every new length (1.19 -> 0.74 GB peak on the small benchmark model);
     GPU tensor cores prefer multiples of 8. Padding is masked: the numbers do not change."""
+    packing: bool = False
+    """Pack each micro-batch's examples into rows of up to data.max_length tokens (best fit
+    decreasing; a preference pair stays in one row) instead of padding every example to the
+    longest: attention stays within each example (position ids restart per example), the loss
+    and every log-prob are the unpacked ones, so only the padding's compute goes. sft, rm, dpo
+    (and its variants), kto and rs, and the online stages' log-prob and update passes; it
+    replaces the train.shared_prompt layout."""
+    packing_attention: str = "auto"
+    """How packed rows keep each example to itself: mask (one forward over the rows with a
+    block-diagonal mask from their position ids; flash-attention's varlen kernel where the
+    model uses it), slices (one forward per example: no mask, no padding; not under FSDP) or
+    auto (slices on a CPU without FSDP, mask elsewhere: README "Packing" has the
+    measurements)."""
     max_nonfinite: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
     shuffle: bool = True
@@ -751,6 +769,7 @@ class TrainConfig:
         _non_negative("train.save_every", self.save_every)
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("train.packing_attention", self.packing_attention, ("auto", "mask", "slices"))
         _check(
             self.pad_to_multiple_of >= 1,
             f"train.pad_to_multiple_of must be >= 1 (1 = no rounding), got {self.pad_to_multiple_of}",
@@ -838,6 +857,12 @@ class Config:
             "add quant=none",
         )
         if self.dist.strategy == "fsdp":
+            _check(
+                self.train.packing_attention != "slices",
+                "train.packing_attention=slices runs a forward per example, and FSDP gathers "
+                "the weights in every forward (the ranks would wait on each other): use "
+                "train.packing_attention=mask (or auto) with dist.strategy=fsdp",
+            )
             _check(
                 self.quant.mode == "none",
                 f"dist.strategy=fsdp shards an unquantized base: add quant=none (4-bit bases "

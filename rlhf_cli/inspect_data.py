@@ -54,6 +54,8 @@ def inspect_data(overrides: list[str], n: int = 3) -> list[str]:
             if title:
                 console.print(f"[bold]{title}[/]" if not plain else title, markup=not plain)
             show(pieces, plain)
+    if train and kind != "prompt":
+        console.print("\n" + batch_layout(train, cfg), markup=False)
     warnings = check(train, reports, tokenizer, cfg)
     if warnings:
         console.print()
@@ -62,6 +64,66 @@ def inspect_data(overrides: list[str], n: int = 3) -> list[str]:
     if not warnings:
         console.print("\nno warnings")
     return warnings
+
+
+LAYOUT_STEPS = 200  # batch_layout looks at the first this many steps of the first epoch
+
+
+def batch_layout(train: list[dict], cfg) -> str:
+    """How the first epoch's micro-batches (up to LAYOUT_STEPS steps, in training order) lay
+    out: the share of forward positions that are padding when each row is padded to the
+    batch's longest (train.pad_to_multiple_of), and packed (train.packing: rows, examples
+    and tokens a row), in the order data.group_by_length sets (and in the other one)."""
+    from rlhf_cli.data import pack_bins
+    from rlhf_cli.loop import epoch_order, grouped_by_length
+
+    t = cfg.train
+    size = t.micro_batch_size * t.grad_accum
+    multiple, limit = t.pad_to_multiple_of, cfg.data.max_length
+
+    def rows_of(ex: dict) -> list[int]:  # the lengths of an example's rows
+        if "input_ids" in ex:
+            return [len(ex["input_ids"])]
+        return [len(ex["prompt_ids"]) + len(r) for r in ex["responses_ids"]]
+
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    steps = min(len(train) // size, LAYOUT_STEPS)
+    used = steps * size or len(train)  # less than a step: what there is
+
+    def figures(order: list[int]) -> tuple[float, float, int, int, int]:
+        tokens = padded = packed = rows = 0
+        for start in range(0, used, t.micro_batch_size):
+            batch = [rows_of(train[i]) for i in order[start : start + t.micro_batch_size]]
+            lengths = [n for ex in batch for n in ex]
+            tokens += sum(lengths)
+            padded += len(lengths) * up(max(lengths))
+            units = [sum(ex) for ex in batch]
+            bins = pack_bins(units, limit, multiple)
+            packed += len(bins) * up(max(sum(units[i] for i in b) for b in bins))
+            rows += len(bins)
+        return 1 - tokens / padded, 1 - tokens / packed, rows, tokens, padded
+
+    order = epoch_order(len(train), 0, t.seed, t.shuffle)
+    lengths = [sum(rows_of(ex)) for ex in train]
+    grouped = grouped_by_length(order, lengths, size, 0, t.seed)
+    plain, by_length = figures(order), figures(grouped)
+    micro = -(-used // t.micro_batch_size)
+    on = cfg.data.group_by_length
+    first, second = (by_length, plain) if on else (plain, by_length)
+    pad, packed, rows, tokens, _ = first
+    return (
+        f"batches ({micro} micro-batches of {t.micro_batch_size}, the first {steps} steps; "
+        if steps
+        else f"batches (the {used} examples, less than a step of {size}; "
+    ) + (
+        f"data.group_by_length={str(on).lower()}): padding {pad:.0%} of the positions; "
+        f"train.packing=true: {packed:.0%} ({rows / micro:.1f} rows a micro-batch, "
+        f"{used / rows:.1f} examples and {tokens / rows:.0f} tokens a "
+        f"row of up to data.max_length={limit}); data.group_by_length={str(not on).lower()}: "
+        f"padding {second[0]:.0%}, packed {second[1]:.0%}"
+    )
 
 
 def counts(ex: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli import diagnostics
 from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, OptimConfig
+from rlhf_cli.data import example_length, real_tokens
 from rlhf_cli.errors import CheckpointError, Interrupted, RewardError, TrainingError, UserError
 from rlhf_cli.models import autocast, eval_mode
 from rlhf_cli.progress import Reporter, console
@@ -54,8 +55,21 @@ class Stage:
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         raise NotImplementedError
 
+    @property
+    def pack(self) -> int | None:
+        """The row length of packed batches (train.packing: data.max_length), else None."""
+        return self.cfg.data.max_length if self.cfg.train.packing else None
+
+    @property
+    def slices(self) -> bool:
+        """Packed rows run one forward per sequence (train.packing_attention)."""
+        mode = self.cfg.train.packing_attention
+        if mode == "auto":  # FSDP gathers weights in every forward: ranks must make as many
+            return self.device.type == "cpu" and self.cfg.dist.strategy != "fsdp"
+        return mode == "slices"
+
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        return real_tokens(batch)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -83,7 +97,14 @@ class Stage:
         """The examples of the next step (advancing `pos`): the next slice of the epoch's
         seeded order. Rejection sampling makes its own (the round's kept samples)."""
         t = self.cfg.train
-        return next_examples(train_examples, pos, self.examples_per_step(), t.seed, t.shuffle)
+        lengths = None
+        if self.cfg.data.group_by_length:
+            if getattr(self, "_lengths", (None,))[0] is not train_examples:
+                self._lengths = (train_examples, [example_length(ex) for ex in train_examples])
+            lengths = self._lengths[1]
+        return next_examples(
+            train_examples, pos, self.examples_per_step(), t.seed, t.shuffle, lengths
+        )
 
     def begin_step(self, examples: list) -> None:
         """Work on a whole step's examples (every rank gets all of them) before its
@@ -102,9 +123,15 @@ class Stage:
         ]
         # The weight of the whole global step: every micro-batch loss is divided by it.
         counts = torch.tensor(
-            [sum(self.weight(b) for b in micro), sum(self.tokens(b) for b in micro)]
+            [
+                sum(self.weight(b) for b in micro),
+                sum(self.tokens(b) for b in micro),
+                sum(b["input_ids"].numel() for b in micro),
+            ]
         )
-        weight, tokens = (int(x) for x in dist.all_reduce_sum(counts.to(self.device)).tolist())
+        weight, tokens, positions = (
+            int(x) for x in dist.all_reduce_sum(counts.to(self.device)).tolist()
+        )
         loss_total = torch.zeros((), device=self.device)
         totals: dict[str, torch.Tensor] = {}
         for batch in micro:
@@ -122,6 +149,9 @@ class Stage:
         loss, grad_norm = updater.apply(loss_total / weight)
         record = {"loss": loss, "grad_norm": grad_norm}
         record.update(zip(totals, values))
+        # The share of the step's forward positions that were padding (train.packing,
+        # data.group_by_length and train.pad_to_multiple_of move it).
+        record["padding"] = 1 - tokens / positions
         return record, tokens
 
     def prepare(self, train_examples: list, eval_examples: list, run_dir: Path) -> None:
@@ -157,11 +187,43 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def next_examples(examples: list, pos: Position, size: int, seed: int, shuffle: bool) -> list:
-    """The next `size` examples; an epoch's incomplete tail is skipped so every step is full."""
+GROUP_STEPS = 50  # data.group_by_length sorts chunks of this many steps' examples
+
+
+def grouped_by_length(
+    order: list[int], lengths: list[int], size: int, epoch: int, seed: int
+) -> list[int]:
+    """`order` (an epoch's) with each chunk of GROUP_STEPS steps of `size` examples sorted by
+    length, longest first (ties: as in `order`), then that chunk's steps in a seeded order:
+    each step (and micro-batch) holds examples of similar length, and a chunk's longest
+    examples are not always its first step. A tail shorter than a step stays as it is."""
+    chunk = size * GROUP_STEPS
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7)
+    out: list[int] = []
+    full = len(order) // size * size
+    for start in range(0, full, chunk):
+        part = sorted(order[start : min(start + chunk, full)], key=lambda i: -lengths[i])
+        steps = [part[k : k + size] for k in range(0, len(part), size)]
+        for s in torch.randperm(len(steps), generator=g).tolist():
+            out += steps[s]
+    return out + order[full:]
+
+
+def next_examples(
+    examples: list,
+    pos: Position,
+    size: int,
+    seed: int,
+    shuffle: bool,
+    lengths: list[int] | None = None,
+) -> list:
+    """The next `size` examples; an epoch's incomplete tail is skipped so every step is full.
+    With `lengths` (data.group_by_length), the epoch's order is grouped_by_length."""
     if pos.offset + size > len(examples):
         pos.epoch, pos.offset = pos.epoch + 1, 0
     order = epoch_order(len(examples), pos.epoch, seed, shuffle)
+    if lengths is not None:
+        order = grouped_by_length(order, lengths, size, pos.epoch, seed)
     picked = [examples[i] for i in order[pos.offset : pos.offset + size]]
     pos.offset += size
     return picked

@@ -696,6 +696,87 @@ def head_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return torch.cat(pieces)
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The keyword arguments of a forward over a batch's rows: with the attention mask of a
+    padded batch, or, for packed rows (data.pack_rows), with their position ids and no mask:
+    the model then limits attention to each sequence (transformers builds a block-diagonal
+    causal mask from position ids that restart at 0, or runs flash-attention's varlen kernel),
+    and no KV cache (a cache turns that detection off)."""
+    if "sequence" in batch:
+        return {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "attention_mask": None,
+            "use_cache": False,
+        }
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def segments(sequence: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """The [start, end) column ranges of each row's sequences in a packed batch."""
+    out = []
+    for row in sequence.tolist():
+        runs: list[tuple[int, int]] = []
+        for t, j in enumerate(row):
+            if j < 0:
+                continue
+            if runs and row[runs[-1][0]] == j and runs[-1][1] == t:
+                runs[-1] = (runs[-1][0], t + 1)
+            else:
+                runs.append((t, t + 1))
+        out.append(runs)
+    return out
+
+
+def packed_states(model, batch: dict) -> torch.Tensor:
+    """The decoder's hidden states (R, T, H) of packed rows (data.pack_rows). Two ways, the
+    same numbers (train.packing_attention): `mask`, one forward over the rows with the
+    block-diagonal mask transformers builds from their position ids (flash-attention's varlen
+    kernel where the model runs it); `slices` (batch["slices"]), one forward per sequence,
+    its states written back into its row (zeros on padding): no mask, no attention across the
+    whole row, small matmuls (what a CPU runs fastest, README "Packing")."""
+    dec = decoder(model)
+    if not batch.get("slices"):
+        return dec(**model_inputs(batch)).last_hidden_state
+    ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+    rows = []
+    for r, runs in enumerate(segments(batch["sequence"])):
+        parts = [
+            dec(input_ids=ids[r : r + 1, a:b], use_cache=False).last_hidden_state[0]
+            for a, b in runs
+        ]
+        parts.append(parts[0].new_zeros(width - runs[-1][1], parts[0].shape[-1]))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def packed_hidden(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    limit: int,
+    multiple: int = 1,
+    slices: bool = False,
+) -> torch.Tensor:
+    """The decoder's hidden states (B, T, H) of a padded batch (padding anywhere: left,
+    right, between), computed with its tokens packed (data.pack_bins into rows of up to
+    `limit` tokens, data.pack_rows): each row's tokens at positions 0, 1, ... as the padded
+    forward gives them with position ids that skip padding; zeros at padding."""
+    from rlhf_cli.data import pack_bins, pack_rows
+
+    keep = attention_mask.bool()
+    lengths = keep.sum(1).tolist()
+    seqs = [input_ids[b][keep[b]].tolist() for b in range(input_ids.shape[0])]
+    packed = pack_rows(seqs, seqs, pack_bins(lengths, limit, multiple), 0, multiple)
+    packed = {k: v.to(input_ids.device) for k, v in packed.items()}
+    hidden = packed_states(model, {**packed, "slices": slices})
+    starts = packed["last"] - torch.tensor(lengths, device=input_ids.device) + 1
+    index = torch.cat([torch.arange(int(s), int(s) + n) for s, n in zip(starts, lengths)])
+    out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
+    out[keep] = hidden.flatten(0, 1)[index.to(input_ids.device)]
+    return out
+
+
 def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the labelled tokens only, and the row each comes from: (n,), (n,).
 
@@ -707,10 +788,12 @@ def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     from rlhf_cli.losses import IGNORE_INDEX, token_logps
 
     targets = batch["labels"][:, 1:]
+    # The row (sequence) each label belongs to: packed rows hold several.
+    rows = batch["sequence"][:, 1:] if "sequence" in batch else None
     if own_logits(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         logps, mask = token_logps(logits, batch["labels"], IGNORE_INDEX)
-        return logps[mask], mask.nonzero()[:, 0]
+        return logps[mask], (mask.nonzero()[:, 0] if rows is None else rows[mask])
     if shares_prompt(model, batch):
         # Response token j is predicted by response position j - 1, the first by the prompt's
         # last position; every response token is a label.
@@ -718,10 +801,13 @@ def labelled_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         hidden = torch.cat([last_prompt[:, None], hidden[:, :-1]], dim=1)
         targets, keep = batch["response_ids"], batch["response_mask"].bool()
     else:
-        hidden = decoder(model)(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state[:, :-1]
+        if rows is not None:
+            hidden = packed_states(model, batch)[:, :-1]
+        else:
+            hidden = decoder(model)(**model_inputs(batch)).last_hidden_state[:, :-1]
         keep = targets != IGNORE_INDEX
+        if rows is not None:
+            return head_logps(model, hidden[keep], targets[keep]), rows[keep]
     return head_logps(model, hidden[keep], targets[keep]), keep.nonzero()[:, 0]
 
 
@@ -741,7 +827,8 @@ class ScalarHead(torch.nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
     def last_token(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) right-padded -> (B,): the score at each row's last non-pad token."""
+        """(B, T, H) right-padded -> (B,): the score at each row's last non-pad token (packed
+        rows: PackedRows' `last` instead)."""
         last = attention_mask.sum(dim=1) - 1
         return self(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 

@@ -42,6 +42,7 @@ from rlhf_cli.models import (
     generation_config,
     lm_logits,
     own_logits,
+    packed_hidden,
     set_eval,
     setup_reference,
 )
@@ -364,7 +365,14 @@ class OnlineStage(Sampler, Stage):
             def head(rows: slice) -> torch.Tensor:
                 return out.logits[rows, window]
         else:
-            states = decoder(model)(**inputs).last_hidden_state[:, window]
+            if self.pack:  # train.packing: the same states, without the padding's compute
+                mask, multiple = batch["attention_mask"], self.cfg.train.pad_to_multiple_of
+                hidden = packed_hidden(
+                    model, batch["input_ids"], mask, self.pack, multiple, self.slices
+                )
+            else:
+                hidden = decoder(model)(**inputs).last_hidden_state
+            states = hidden[:, window]
 
             def head(rows: slice) -> torch.Tensor:
                 return lm_logits(model, states[rows])

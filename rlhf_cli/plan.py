@@ -162,6 +162,7 @@ class Settings:
     micro: int
     length: int
     shared_prompt: bool  # rm/dpo: responses attend to their prompt's KV cache
+    packed: bool = False  # train.packing: several sequences a row, a block-diagonal mask
 
 
 def settings(cfg: Config, device: str) -> Settings:
@@ -185,6 +186,7 @@ def settings(cfg: Config, device: str) -> Settings:
         st.name in ("rm", "dpo")
         and cfg.train.shared_prompt
         and not cfg.train.gradient_checkpointing
+        and not cfg.train.packing
     )
     return Settings(
         device=device,
@@ -201,6 +203,7 @@ def settings(cfg: Config, device: str) -> Settings:
         micro=cfg.train.micro_batch_size,
         length=cfg.data.max_length,
         shared_prompt=shared,
+        packed=cfg.train.packing,
     )
 
 
@@ -262,6 +265,10 @@ def layer_activation_bytes(arch: Arch, s: Settings, seq_len: int) -> float:
         # The responses attend to the prompt's cache plus their own keys and values, repeated
         # to every query head, under an explicit float mask.
         kv, fp32 = q, fp32 + 4 * seq_len
+    elif s.packed:
+        # Several sequences a row: a block-diagonal mask, which SDPA converts to a float mask
+        # (and keeps) in every layer; under a mask, keys and values repeated to every head.
+        kv, fp32 = q, fp32 + c * seq_len
     kept = c * (q + 2 * kv + q + 3 * i)
     linears = arch.linears()
     if s.full:
@@ -383,6 +390,8 @@ def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: st
     elif isinstance(st, (DpoConfig, KtoConfig)):
         seqs = 2 * s.micro  # chosen + rejected, or an example + its KL pair
         positions = seqs * length
+    if s.packed and st.name in ("rm", "dpo"):  # a pair packs into one row: half the rows
+        seqs, length = s.micro, 2 * length
     elif isinstance(st, OnlineConfig):
         prompt, new = cfg.data.max_prompt_length, st.max_new_tokens
         length = prompt + new
@@ -422,7 +431,7 @@ def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: st
         Row(
             "activations",
             act,
-            f"{seqs} sequences x {length} tokens, {gc}, "
+            f"{seqs} {'packed rows' if s.packed else 'sequences'} x {length} tokens, {gc}, "
             f"{'bf16' if s.compute_bytes == 2 else 'fp32'}",
         )
     )

@@ -265,6 +265,20 @@ def test_fsdp_runs_every_offline_stage_as_one_rank_does(tmp_path, stage):
             assert max_diff(*runs) < 1e-6, name
 
 
+def test_packed_fsdp_dpo_equals_one_padded_rank(tmp_path):
+    """train.packing under FSDP (packing_attention auto: the mask, one forward a micro-batch on
+    every rank) equals one rank with twice the batch, padded."""
+    args = (*EXACT, "stage=dpo", "train.max_steps=3", "data.eval_size=0", "data.max_length=300")
+    packed = (*args, "dist.strategy=fsdp", "train.micro_batch_size=4", "train.packing=true")
+    assert_ok(torchrun(*packed, f"run_dir={tmp_path / 'fsdp'}"))
+    train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
+    fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in fsdp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-4
+    assert all(a["padding"] < b["padding"] for a, b in zip(fsdp, one))
+
+
 def tied_tiny_model(out: Path) -> Path:
     """The tiny model's config and tokenizer with tied input and output embeddings (as
     SmolLM2 and Qwen2.5-0.5B have), random weights."""
@@ -334,6 +348,15 @@ def test_fsdp_config_is_validated(tmp_path):
         cwd=tmp_path,
     )
     assert res.returncode == 2 and "dist.strategy=ddp" in res.stderr
+    res = rlhf(
+        "train",
+        "quant=none",
+        "dist.strategy=fsdp",
+        "train.packing=true",
+        "train.packing_attention=slices",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2 and "use train.packing_attention=mask" in res.stderr
 
 
 def test_two_rank_rejection_sampling_shares_the_rounds(tmp_path):

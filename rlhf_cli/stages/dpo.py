@@ -28,7 +28,7 @@ import torch
 
 from rlhf_cli import distributed as dist
 from rlhf_cli.config import REFERENCE_FREE
-from rlhf_cli.data import PreferenceBatch, collate_preference
+from rlhf_cli.data import PreferenceBatch, collate_preference, row_count
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage, StopRequested, move
 from rlhf_cli.losses import dpo_loss, orpo_loss, plackett_luce_loss, simpo_loss
@@ -47,7 +47,7 @@ def response_logps(model, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.T
     """(summed log-probs, response token counts) of every row: shapes (N,), (N,). The same as
     losses.sequence_logps on the full logits, with the LM head on response positions only."""
     logps, rows = labelled_logps(model, batch)
-    n = batch["input_ids"].shape[0]
+    n = row_count(batch)
     sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
     counts = torch.bincount(rows, minlength=n).clamp(min=1)
     return sums, counts
@@ -82,9 +82,11 @@ class DPOStage(Stage):
             self.tokenizer.pad_token_id,
             shared_prompt=self.cfg.train.shared_prompt,
             multiple=self.cfg.train.pad_to_multiple_of,
+            pack=self.pack,
+            slices=self.slices,
         )
         if all("ref_logps" in ex for ex in examples):
-            rows = [0.0] * batch["input_ids"].shape[0]
+            rows = [0.0] * row_count(batch)
             for b, ex in enumerate(examples):
                 for k, value in enumerate(ex["ref_logps"]):
                     rows[int(batch["index"][b, k])] = value

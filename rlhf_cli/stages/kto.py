@@ -90,6 +90,8 @@ class KTOStage(DPOStage):
                 self.tokenizer.pad_token_id,
                 shared_prompt=self.cfg.train.shared_prompt,
                 multiple=self.cfg.train.pad_to_multiple_of,
+                pack=self.pack,
+                slices=self.slices,
             )
             batch = move(batch, self.device)
             with autocast(self.amp_dtype, self.device):

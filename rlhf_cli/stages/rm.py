@@ -18,18 +18,28 @@ from rlhf_cli.data import PreferenceBatch, collate_preference
 from rlhf_cli.errors import UserError
 from rlhf_cli.loop import Stage
 from rlhf_cli.losses import plackett_luce_loss, reward_loss
-from rlhf_cli.models import ScalarHead, decoder, set_eval, shared_prompt_hidden, shares_prompt
+from rlhf_cli.models import (
+    ScalarHead,
+    decoder,
+    model_inputs,
+    packed_states,
+    set_eval,
+    shared_prompt_hidden,
+    shares_prompt,
+)
 
 HEAD = "reward_head"
 
 
 def sequence_scores(model, head: ScalarHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(N,) the reward of every row of a right-padded batch."""
+    """(N,) the reward of every row of a batch (right-padded, shared-prompt or packed)."""
     if shares_prompt(model, batch):
         _, hidden = shared_prompt_hidden(model, batch)
         return head.last_token(hidden, batch["response_mask"])
-    hidden = decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return head.last_token(hidden.last_hidden_state, batch["attention_mask"])
+    if "sequence" in batch:  # packed rows: each sequence's last token, wherever it lies
+        return head(packed_states(model, batch).flatten(0, 1)[batch["last"]])
+    hidden = decoder(model)(**model_inputs(batch)).last_hidden_state
+    return head.last_token(hidden, batch["attention_mask"])
 
 
 def scoring_examples(
@@ -88,6 +98,8 @@ class RMStage(Stage):
             self.tokenizer.eos_token_id,
             shared_prompt=self.cfg.train.shared_prompt,
             multiple=self.cfg.train.pad_to_multiple_of,
+            pack=self.pack,
+            slices=self.slices,
         )
 
     def weight(self, batch: PreferenceBatch) -> int:

@@ -18,7 +18,13 @@ class SFTStage(Stage):
     data_kind = "sft"
 
     def collate(self, examples) -> SFTBatch:
-        return collate_sft(examples, self.tokenizer.pad_token_id, self.cfg.train.pad_to_multiple_of)
+        return collate_sft(
+            examples,
+            self.tokenizer.pad_token_id,
+            self.cfg.train.pad_to_multiple_of,
+            self.pack,
+            self.slices,
+        )
 
     def weight(self, batch: SFTBatch) -> int:
         # Position 0 is never predicted (nothing precedes it).

@@ -1,0 +1,307 @@
+"""train.packing: examples packed several to a row give the unpacked numbers; the layout by
+hand; data.group_by_length."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import adapter, assert_resume_equals, max_diff, read_metrics, train_in_process
+
+from rlhf_cli.data import IGNORE_INDEX, best_fit_decreasing, pack_bins, pack_rows
+
+
+def test_best_fit_decreasing_by_hand():
+    # Longest first: 7 -> bin A (room 3); 5 -> new bin B (room 5); 4 -> B, the only one it fits
+    # (room 1); 3 -> A (room 0); 2 -> fits nowhere: bin C. First fit would put 4 in B too but
+    # 3 nowhere and 2 in B: best fit keeps the bins fuller.
+    assert best_fit_decreasing([5, 3, 7, 2, 4], 10) == [[2, 1], [0, 4], [3]]
+    # Best fit, not first fit: 2 goes to the bin with the least room that holds it (B, room 2),
+    # not the first one (A, room 4).
+    assert best_fit_decreasing([6, 8, 2], 10) == [[1, 2], [0]]
+    # Longer than a row: a row of its own; ties keep index order.
+    assert best_fit_decreasing([12, 3, 3], 10) == [[0], [1, 2]]
+
+
+def test_pack_bins_by_hand():
+    # Room for all: one row of 18 (padding them would take 4 x 10).
+    assert pack_bins([10, 3, 3, 2], limit=100) == [[0, 1, 2, 3]]
+    # Rows of at most 12: best fit at 12 gives [10, 2] and [3, 3]: 2 x 12 = 24 positions; at
+    # 10 (the longest item) [10] and [3, 3, 2]: 2 x 10 = 20, the fewest.
+    assert pack_bins([10, 3, 3, 2], limit=12) == [[0], [1, 2, 3]]
+    # Rounded up to 8, both are 2 x 16: the first (fewest rows tried first) is kept.
+    assert pack_bins([10, 3, 3, 2], limit=12, multiple=8) == [[0, 3], [1, 2]]
+    # Never more positions than padding: equal lengths stay one to a row.
+    assert pack_bins([5, 5, 5], limit=8) == [[0], [1], [2]]
+
+
+def test_pack_rows_by_hand():
+    seqs = [[11, 12, 13], [21, 22], [31]]
+    labels = [[-100, 12, 13], [21, 22], [31]]  # the second has no prompt: its first is a label
+    p = pack_rows(seqs, labels, [[0, 2], [1]], pad_id=0, multiple=3)
+    # Row 0: 3 + 1 tokens, rounded up to 6; row 1: 2 tokens and padding.
+    assert p["input_ids"].tolist() == [[11, 12, 13, 31, 0, 0], [21, 22, 0, 0, 0, 0]]
+    # Positions restart at each sequence; padding runs on as a sequence of its own.
+    assert p["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1], [0, 1, 0, 1, 2, 3]]
+    # Each sequence's first label dropped: the token before it belongs to another sequence.
+    x = IGNORE_INDEX
+    assert p["labels"].tolist() == [[x, 12, 13, x, x, x], [x, 22, x, x, x, x]]
+    assert p["sequence"].tolist() == [[0, 0, 0, 2, -1, -1], [1, 1, -1, -1, -1, -1]]
+    assert p["last"].tolist() == [2, 7, 3]  # flat positions: row * 6 + column
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny model with a non-zero adapter (LoRA B starts at zero), no dropout, a reward
+    head, and preference examples of different lengths, a ranked one and one without prompt."""
+    from conftest import compose
+
+    from rlhf_cli.data import load_datasets
+    from rlhf_cli.models import ScalarHead, load_model, load_tokenizer, resolve_device
+
+    cfg = compose("stage=dpo", "quant=none", "peft.dropout=0", "data.max_samples=8")
+    tok = load_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    model = load_model(cfg, resolve_device("cpu"), tok)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    head = ScalarHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight, std=0.1)
+    examples, _, _ = load_datasets(cfg.data, tok, "preference", 0)
+    examples = examples[:5]
+    examples[1] = dict(examples[1], prompt_ids=examples[1]["prompt_ids"][:5])
+    ranked = examples[2]["responses_ids"]
+    examples[2] = dict(examples[2], responses_ids=[*ranked, ranked[0][:3]])
+    examples[3] = dict(examples[3], prompt_ids=[])  # no prompt: its first token is never scored
+    return model, head, tok, examples
+
+
+def _grads(model, head) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+
+
+@pytest.mark.parametrize("slices", [False, True], ids=["mask", "slices"])
+def test_packed_preference_rows_equal_padded_rows(tiny, slices):
+    """DPO's summed log-probs and counts, and the reward model's last-token scores, with their
+    gradients: packed rows (two rows of 3 and 2 examples here, so sequences share a row and
+    would see each other without the block-diagonal mask) equal the padded batch."""
+    from rlhf_cli.data import collate_preference
+    from rlhf_cli.stages.dpo import response_logps
+    from rlhf_cli.stages.rm import sequence_scores
+
+    model, head, tok, examples = tiny
+    longest = max(
+        sum(len(ex["prompt_ids"]) + len(r) + 1 for r in ex["responses_ids"]) for ex in examples
+    )
+
+    def run(pack):
+        batch = collate_preference(
+            examples, tok.pad_token_id, tok.eos_token_id, pack=pack, slices=slices
+        )
+        model.zero_grad()
+        head.zero_grad()
+        logps, counts = response_logps(model, batch)
+        scores = sequence_scores(model, head, batch)
+        (logps.sum() + scores.sum()).backward()
+        return batch, logps.detach(), counts, scores.detach(), _grads(model, head)
+
+    _, logps, counts, scores, grads = run(None)
+    packed, p_logps, p_counts, p_scores, p_grads = run(longest + 20)
+    rows = packed["input_ids"].shape[0]
+    assert rows < len(examples) and (packed["sequence"].amax(1) > packed["sequence"][:, 0]).all()
+    assert len(logps) == 11 and torch.equal(counts, p_counts)
+    torch.testing.assert_close(p_logps, logps, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(p_scores, scores, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, p_grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    # An example's responses stay in one row.
+    for b in range(len(examples)):
+        where = {
+            int(packed["last"][j]) // packed["input_ids"].shape[1]
+            for j in packed["index"][b]
+            if j >= 0
+        }
+        assert len(where) == 1
+
+
+@pytest.mark.parametrize("slices", [False, True], ids=["mask", "slices"])
+def test_packed_sft_rows_equal_padded_rows(tiny, slices):
+    from rlhf_cli.data import collate_sft
+    from rlhf_cli.models import labelled_logps
+
+    model, head, tok, examples = tiny
+    sft = [
+        {"input_ids": ex["prompt_ids"] + r, "labels": [IGNORE_INDEX] * len(ex["prompt_ids"]) + r}
+        for ex in examples
+        for r in ex["responses_ids"]
+    ]
+
+    def run(pack):
+        batch = collate_sft(sft, tok.pad_token_id, multiple=8, pack=pack, slices=slices)
+        model.zero_grad()
+        logps, rows = labelled_logps(model, batch)
+        logps.sum().backward()
+        return batch, logps.detach(), rows, _grads(model, head)[:-2]
+
+    _, logps, rows, grads = run(None)
+    packed, p_logps, p_rows, p_grads = run(96)
+    assert packed["input_ids"].shape[0] < len(sft)
+    # The same labels, row by row (packing reorders rows: compare each row's sum).
+    assert torch.equal(torch.bincount(rows), torch.bincount(p_rows))
+    sums = torch.zeros(len(sft)).index_add(0, rows, logps)
+    p_sums = torch.zeros(len(sft)).index_add(0, p_rows, p_logps)
+    torch.testing.assert_close(p_sums, sums, atol=1e-4, rtol=1e-5)
+    for a, b in zip(grads, p_grads, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+WORDS = "the cat sat on a mat and then it ran to the big red house near green hills".split()
+
+
+def words(n: int, start: int) -> str:
+    return " ".join(WORDS[(start + k) % len(WORDS)] for k in range(n))
+
+
+def uneven_pairs(path, n: int = 24):
+    """Preference rows whose lengths vary widely (a word to dozens), as real data's do."""
+    rows = [
+        {
+            "prompt": f"question {i}: " + words(1 + 7 * (i % 3), i),
+            "chosen": words(2 if i % 2 else 40, i + 1),
+            "rejected": words(3 if i % 4 else 30, i + 2),
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "stage, mode",
+    [("sft", "mask"), ("sft", "slices"), ("dpo", "mask"), ("dpo", "slices"), ("rm", "mask")]
+    + [("rm", "slices"), ("kto", "mask")],
+)
+def test_packed_training_equals_padded(tmp_path, stage, mode):
+    """Three steps with train.packing (rows of up to 160 tokens) and without, on rows of very
+    different lengths: the same losses, gradient norms and adapter, and less padding."""
+    data = uneven_pairs(tmp_path / "pairs.jsonl")
+    common = (f"stage={stage}", f"data.path={data}", "data.eval_size=0")
+    common += ("train.micro_batch_size=4", "train.max_steps=3", "optim.lr=2e-3", "quant=none")
+    common += ("peft.dropout=0", "data.max_length=160")
+    train_in_process(tmp_path / "a", *common, "train.packing=false")
+    train_in_process(
+        tmp_path / "b", *common, "train.packing=true", f"train.packing_attention={mode}"
+    )
+    runs = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert len(runs[0]) == 3
+    for x, y in zip(*runs, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert y["padding"] < x["padding"], (x["padding"], y["padding"])
+    assert max_diff(adapter(tmp_path / "a"), adapter(tmp_path / "b")) < 1e-4
+
+
+def test_grouped_by_length_by_hand():
+    from rlhf_cli.loop import grouped_by_length
+
+    lengths = [5, 80, 7, 60, 90, 6, 70, 8, 3]
+    order = [8, 0, 1, 2, 3, 4, 5, 6, 7]  # an epoch's shuffled order; 9 = 4 steps of 2 + 1
+    out = grouped_by_length(order, lengths, size=2, epoch=0, seed=1)
+    steps = [sorted(out[k : k + 2]) for k in range(0, 8, 2)]
+    # The 8 examples of whole steps sorted longest first (90 80 | 70 60 | 7 6 | 5 3: indices
+    # 4 1 | 6 3 | 2 5 | 0 8), the steps then in a seeded order; the tail (index 7, the last of
+    # `order`) was in no step: it stays last, ungrouped.
+    assert out[-1] == 7 and sorted(out) == list(range(9))
+    assert sorted(steps) == [[0, 8], [1, 4], [2, 5], [3, 6]]
+    assert grouped_by_length(order, lengths, 2, 0, 1) == out  # a function of the seed and epoch
+    others = {tuple(grouped_by_length(order, lengths, 2, e, 1)) for e in range(1, 6)}
+    assert len(others | {tuple(out)}) > 1  # ... and the steps' order moves with the epoch
+
+
+def test_group_by_length_pads_less_and_resumes_exactly(tmp_path):
+    """On rows of very different lengths, a step's examples have similar lengths: less padding
+    than the plain order over the same epoch; a resumed run (across the epoch's end) equals the
+    uninterrupted one."""
+    data = uneven_pairs(tmp_path / "pairs.jsonl")
+    common = ("stage=dpo", f"data.path={data}", "data.eval_size=0", "train.micro_batch_size=2")
+    common += ("train.grad_accum=2", "train.max_steps=6", "quant=none")
+    train_in_process(tmp_path / "plain", *common)
+    args = (*common, "data.group_by_length=true", "train.max_steps=8", "train.save_every=4")
+    grouped, _ = assert_resume_equals(tmp_path, args, last_step=4)
+    plain = read_metrics(tmp_path / "plain")
+    mean = lambda rows: sum(r["padding"] for r in rows) / len(rows)  # noqa: E731
+    assert mean(grouped[:6]) < 0.7 * mean(plain), (mean(grouped[:6]), mean(plain))
+
+
+@pytest.mark.parametrize("slices", [False, True], ids=["mask", "slices"])
+def test_packed_hidden_equals_the_padded_forward(tiny, slices):
+    """The online stages' padded rows (left-padded prompts, right-padded responses, a hole
+    between turns): the hidden states at every real position equal the padded forward's with
+    position ids that skip padding; zeros at padding."""
+    from rlhf_cli.models import decoder, packed_hidden
+    from rlhf_cli.online import position_ids
+
+    model, _, _, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (4, 12), generator=g)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[0, :5] = 0  # left padding
+    mask[1, 9:] = 0  # right padding
+    mask[2, 3:5] = 0  # a hole
+    mask[3, :2] = 0
+    mask[3, 10:] = 0
+    with torch.no_grad():
+        want = decoder(model)(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
+        ).last_hidden_state
+        got = packed_hidden(model, ids, mask, limit=24, slices=slices)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+
+
+@pytest.mark.parametrize("stage, mode", [("grpo", "mask"), ("ppo", "slices")])
+def test_packed_online_training_equals_padded(tmp_path, stage, mode):
+    """The online stages' log-prob, reference, value and update passes with train.packing:
+    the same scores, KL, losses and adapter over three steps."""
+    common = (f"stage={stage}", "data.eval_size=0", "stage.max_new_tokens=16")
+    common += ("stage.rollout_batch_size=8", "train.max_steps=3", "optim.lr=2e-3")
+    common += ("quant=none", "stage.kl_coef=0.05", "data.max_length=160")
+    common += ("reward.fn=rlhf_cli.rewards:char_fraction",)
+    train_in_process(tmp_path / "a", *common, "train.packing=false")
+    train_in_process(
+        tmp_path / "b", *common, "train.packing=true", f"train.packing_attention={mode}"
+    )
+    runs = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert len(runs[0]) == 3
+    for x, y in zip(*runs, strict=True):
+        for key in ("score", "kl", "loss"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    files = ("adapter_model.safetensors",) + (("value_head.safetensors",) if stage == "ppo" else ())
+    for name in files:
+        assert max_diff(*(adapter(tmp_path / d, name=name) for d in "ab")) < 1e-4, name
+
+
+def test_data_inspect_batch_layout_by_hand():
+    """Four examples of 10, 2, 2 and 2 tokens, one micro-batch: padded to 10, 40 positions for
+    16 tokens (60% padding); packed into one row of 16 (0%). Grouped by length: the same batch."""
+    from conftest import compose
+
+    from rlhf_cli.inspect_data import batch_layout
+
+    cfg = compose(
+        "train.micro_batch_size=4",
+        "train.shuffle=false",
+        "train.pad_to_multiple_of=1",
+        "data.max_length=16",
+        "data.max_prompt_length=8",
+    )
+    train = [{"input_ids": [1] * n, "labels": [1] * n} for n in (2, 10, 2, 2)]
+    assert batch_layout(train, cfg) == (
+        "batches (1 micro-batches of 4, the first 1 steps; data.group_by_length=false): "
+        "padding 60% of the positions; train.packing=true: 0% (1.0 rows a micro-batch, 4.0 "
+        "examples and 16 tokens a row of up to data.max_length=16); "
+        "data.group_by_length=true: padding 60%, packed 0%"
+    )
