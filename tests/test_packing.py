@@ -178,6 +178,16 @@ def uneven_pairs(path, n: int = 24):
     return path
 
 
+def padded_and_packed(tmp_path, common: tuple, mode: str) -> tuple[list, list]:
+    """Three steps of `common` padded (run a) and packed (run b): both runs' metrics."""
+    train_in_process(tmp_path / "a", *common, "train.packing=false")
+    packing = ("train.packing=true", f"train.packing_attention={mode}")
+    train_in_process(tmp_path / "b", *common, *packing)
+    runs = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert len(runs[0]) == 3
+    return runs
+
+
 @pytest.mark.parametrize(
     "stage, mode",
     [("sft", "mask"), ("sft", "slices"), ("dpo", "mask"), ("dpo", "slices"), ("rm", "mask")]
@@ -190,12 +200,7 @@ def test_packed_training_equals_padded(tmp_path, stage, mode):
     common = (f"stage={stage}", f"data.path={data}", "data.eval_size=0")
     common += ("train.micro_batch_size=4", "train.max_steps=3", "optim.lr=2e-3", "quant=none")
     common += ("peft.dropout=0", "data.max_length=160")
-    train_in_process(tmp_path / "a", *common, "train.packing=false")
-    train_in_process(
-        tmp_path / "b", *common, "train.packing=true", f"train.packing_attention={mode}"
-    )
-    runs = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert len(runs[0]) == 3
+    runs = padded_and_packed(tmp_path, common, mode)
     for x, y in zip(*runs, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
@@ -270,12 +275,7 @@ def test_packed_online_training_equals_padded(tmp_path, stage, mode):
     common += ("stage.rollout_batch_size=8", "train.max_steps=3", "optim.lr=2e-3")
     common += ("quant=none", "stage.kl_coef=0.05", "data.max_length=160")
     common += ("reward.fn=rlhf_cli.rewards:char_fraction",)
-    train_in_process(tmp_path / "a", *common, "train.packing=false")
-    train_in_process(
-        tmp_path / "b", *common, "train.packing=true", f"train.packing_attention={mode}"
-    )
-    runs = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert len(runs[0]) == 3
+    runs = padded_and_packed(tmp_path, common, mode)
     for x, y in zip(*runs, strict=True):
         for key in ("score", "kl", "loss"):
             assert x[key] == pytest.approx(y[key], abs=1e-5), key
