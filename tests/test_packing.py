@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import adapter, assert_resume_equals, max_diff, read_metrics, train_in_process
+from conftest import adapter, assert_resume_equals, read_metrics, train_in_process
 
 from rlhf_cli.data import IGNORE_INDEX, best_fit_decreasing, pack_bins, pack_rows
 
@@ -165,17 +165,29 @@ def words(n: int, start: int) -> str:
 
 
 def uneven_pairs(path, n: int = 24):
-    """Preference rows whose lengths vary widely (a word to dozens), as real data's do."""
+    """Preference rows whose lengths vary widely (a word to dozens), as real data's do; rows
+    0 and 7 longer than data.max_length=160 (cut on loading)."""
     rows = [
         {
             "prompt": f"question {i}: " + words(1 + 7 * (i % 3), i),
-            "chosen": words(2 if i % 2 else 40, i + 1),
+            "chosen": words(200 if i in (0, 7) else 2 if i % 2 else 40, i + 1),
             "rejected": words(3 if i % 4 else 30, i + 2),
         }
         for i in range(n)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def adapters_agree(a: dict, b: dict) -> bool:
+    """Within 1e-4 but for at most 2 elements of all. Adam divides each gradient element by
+    its own root mean square: where an element's gradient is ~0, float summation-order noise
+    flips its update's sign (a 1.8e-3 difference in 1 of 2048 elements seen for dpo after 3
+    steps at lr 2e-3, losses and gradient norms equal to 1e-5); a misplaced or unmasked
+    position moves thousands of elements."""
+    assert a.keys() == b.keys()
+    off = sum(int(((a[k].float() - b[k].float()).abs() > 1e-4).sum()) for k in a)
+    return off <= 2
 
 
 def padded_and_packed(tmp_path, common: tuple, mode: str) -> tuple[list, list]:
@@ -205,7 +217,7 @@ def test_packed_training_equals_padded(tmp_path, stage, mode):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert y["padding"] < x["padding"], (x["padding"], y["padding"])
-    assert max_diff(adapter(tmp_path / "a"), adapter(tmp_path / "b")) < 1e-4
+    assert adapters_agree(adapter(tmp_path / "a"), adapter(tmp_path / "b"))
 
 
 def test_grouped_by_length_by_hand():
@@ -228,13 +240,16 @@ def test_grouped_by_length_by_hand():
 def test_group_by_length_pads_less_and_resumes_exactly(tmp_path):
     """On rows of very different lengths, a step's examples have similar lengths: less padding
     than the plain order over the same epoch; a resumed run (across the epoch's end) equals the
-    uninterrupted one."""
+    uninterrupted one, packed or not."""
     data = uneven_pairs(tmp_path / "pairs.jsonl")
     common = ("stage=dpo", f"data.path={data}", "data.eval_size=0", "train.micro_batch_size=2")
     common += ("train.grad_accum=2", "train.max_steps=6", "quant=none")
     train_in_process(tmp_path / "plain", *common)
     args = (*common, "data.group_by_length=true", "train.max_steps=8", "train.save_every=4")
     grouped, _ = assert_resume_equals(tmp_path, args, last_step=4)
+    # Packed too (rows of up to 160 tokens; two examples are cut to that on loading).
+    packed = (*args, "train.packing=true", "data.max_length=160")
+    assert_resume_equals(tmp_path / "packed", packed, last_step=4)
     plain = read_metrics(tmp_path / "plain")
     mean = lambda rows: sum(r["padding"] for r in rows) / len(rows)  # noqa: E731
     assert mean(grouped[:6]) < 0.7 * mean(plain), (mean(grouped[:6]), mean(plain))
@@ -281,7 +296,7 @@ def test_packed_online_training_equals_padded(tmp_path, stage, mode):
             assert x[key] == pytest.approx(y[key], abs=1e-5), key
     files = ("adapter_model.safetensors",) + (("value_head.safetensors",) if stage == "ppo" else ())
     for name in files:
-        assert max_diff(*(adapter(tmp_path / d, name=name) for d in "ab")) < 1e-4, name
+        assert adapters_agree(*(adapter(tmp_path / d, name=name) for d in "ab")), name
 
 
 def test_data_inspect_batch_layout_by_hand():
@@ -305,3 +320,19 @@ def test_data_inspect_batch_layout_by_hand():
         "examples and 16 tokens a row of up to data.max_length=16); "
         "data.group_by_length=true: padding 60%, packed 0%"
     )
+
+
+def test_the_uneven_pairs_hold_rows_cut_at_max_length(tmp_path):
+    """The packed-training tests' data: two rows longer than data.max_length=160, so a packed
+    row ends with an example cut on loading; lengths from a few tokens to 160."""
+    from conftest import compose
+
+    from rlhf_cli.data import load_datasets
+    from rlhf_cli.models import load_tokenizer
+
+    data = uneven_pairs(tmp_path / "pairs.jsonl")
+    cfg = compose("stage=dpo", f"data.path={data}", "data.eval_size=0", "data.max_length=160")
+    train, _, reports = load_datasets(cfg.data, load_tokenizer(cfg.model), "preference", 0)
+    assert reports[0].truncated == 2
+    lengths = [len(ex["prompt_ids"]) + len(r) for ex in train for r in ex["responses_ids"]]
+    assert max(lengths) == 160 and min(lengths) == 15
