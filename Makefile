@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real constraints
+.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real bench-packing constraints
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
@@ -82,6 +82,12 @@ bench-real: install
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_REAL_ARGS)
+
+# Packing on a CPU (README: "Packing"): SmolLM2-135M-Instruct, padded vs grouped vs packed (mask,
+# slices, flex), sft and dpo, interleaved (about 15 minutes). Writes runs/bench-packing.md.
+bench-packing: install
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_packing.py --steps 2 --repeats 3
 
 # The suite in TEST_WORKERS processes (pytest-xdist; one thread each): 2 fits 2 cores and 24 GB.
 TEST_WORKERS ?= 2

@@ -63,10 +63,7 @@ class Stage:
     @property
     def slices(self) -> bool:
         """Packed rows run one forward per sequence (train.packing_attention)."""
-        mode = self.cfg.train.packing_attention
-        if mode == "auto":  # FSDP gathers weights in every forward: ranks must make as many
-            return self.device.type == "cpu" and self.cfg.dist.strategy != "fsdp"
-        return mode == "slices"
+        return self.cfg.train.packing_attention == "slices"
 
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return real_tokens(batch)

@@ -734,7 +734,7 @@ def packed_states(model, batch: dict) -> torch.Tensor:
     block-diagonal mask transformers builds from their position ids (flash-attention's varlen
     kernel where the model runs it); `slices` (batch["slices"]), one forward per sequence,
     its states written back into its row (zeros on padding): no mask, no attention across the
-    whole row, small matmuls (what a CPU runs fastest, README "Packing")."""
+    whole row, no mask in memory, but small matmuls (slower on a CPU too: README "Packing")."""
     dec = decoder(model)
     if not batch.get("slices"):
         return dec(**model_inputs(batch)).last_hidden_state

@@ -266,7 +266,7 @@ def test_fsdp_runs_every_offline_stage_as_one_rank_does(tmp_path, stage):
 
 
 def test_packed_fsdp_dpo_equals_one_padded_rank(tmp_path):
-    """train.packing under FSDP (packing_attention auto: the mask, one forward a micro-batch on
+    """train.packing under FSDP (packing_attention=mask, the default: one forward a micro-batch on
     every rank) equals one rank with twice the batch, padded."""
     args = (*EXACT, "stage=dpo", "train.max_steps=3", "data.eval_size=0", "data.max_length=300")
     packed = (*args, "dist.strategy=fsdp", "train.micro_batch_size=4", "train.packing=true")
