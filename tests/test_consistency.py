@@ -144,7 +144,9 @@ def test_logps_equal_log_softmax_of_the_models_own_logits(model_type):
         ids = torch.tensor([r + ex["responses_ids"][1] for r, ex in zip(rows, examples)])
         attn = (torch.arange(ids.shape[1]) >= torch.tensor([[2], [0]])).long()
         stage = SimpleNamespace(
-            cfg=SimpleNamespace(stage=SimpleNamespace(temperature=0.7)), value_head=None
+            cfg=SimpleNamespace(stage=SimpleNamespace(temperature=0.7)),
+            value_head=None,
+            pack=None,  # padded rows (train.packing off)
         )
         batch = {"input_ids": ids, "attention_mask": attn}
         from rlhf_cli import online

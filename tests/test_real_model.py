@@ -284,7 +284,7 @@ def test_a_response_gets_one_score_through_training_score_online_and_eval(tmp_pa
     generated = chosen[: chosen.index(tok.eos_token_id) + 1]  # where sampling stops
 
     # 1. training: the stage's own collate and forward
-    stage = SimpleNamespace(cfg=cfg, tokenizer=tok)
+    stage = SimpleNamespace(cfg=cfg, tokenizer=tok, pack=None, slices=False)  # padded
     batch = RMStage.collate(stage, [example])
     with torch.no_grad():
         trained = sequence_scores(model, head, batch)[batch["index"][0, 0]].item()
