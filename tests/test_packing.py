@@ -202,8 +202,8 @@ def padded_and_packed(tmp_path, common: tuple, mode: str) -> tuple[list, list]:
 
 @pytest.mark.parametrize(
     "stage, mode",
-    [("sft", "mask"), ("sft", "slices"), ("dpo", "mask"), ("dpo", "slices"), ("rm", "mask")]
-    + [("rm", "slices"), ("kto", "mask")],
+    # Each stage once, each attention path on a stage with one and with several responses.
+    [("sft", "mask"), ("sft", "slices"), ("dpo", "mask"), ("rm", "slices"), ("kto", "mask")],
 )
 def test_packed_training_equals_padded(tmp_path, stage, mode):
     """Three steps with train.packing (rows of up to 160 tokens) and without, on rows of very
