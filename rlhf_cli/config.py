@@ -742,12 +742,13 @@ class TrainConfig:
     and every log-prob are the unpacked ones, so only the padding's compute goes. sft, rm, dpo
     (and its variants), kto and rs, and the online stages' log-prob and update passes; it
     replaces the train.shared_prompt layout."""
-    packing_attention: str = "mask"
-    """How packed rows keep each example to itself: mask (one forward over the rows with the
-    block-diagonal mask transformers builds from their position ids; flash-attention's varlen
-    kernel where the model uses it) or slices (one forward per example: no mask, so no
-    row-by-row mask in memory, but small matmuls; not under FSDP). mask was the faster on a
-    CPU too (README "Packing")."""
+    packing_attention: str = "varlen"
+    """How packed rows keep each example to itself: varlen (one forward over the rows whose
+    attention runs SDPA on each example alone: no mask, no attention work across examples; a
+    model on flash-attention keeps its own varlen kernel), mask (one forward over the rows with
+    the block-diagonal mask transformers builds from their position ids) or slices (one
+    forward per example: no mask, but small matmuls; not under FSDP). varlen was the fastest
+    on a CPU (README "Packing")."""
     max_nonfinite: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
     shuffle: bool = True
@@ -769,7 +770,7 @@ class TrainConfig:
         _non_negative("train.save_every", self.save_every)
         _check(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
-        _choice("train.packing_attention", self.packing_attention, ("mask", "slices"))
+        _choice("train.packing_attention", self.packing_attention, ("mask", "varlen", "slices"))
         _check(
             self.pad_to_multiple_of >= 1,
             f"train.pad_to_multiple_of must be >= 1 (1 = no rounding), got {self.pad_to_multiple_of}",
@@ -861,7 +862,7 @@ class Config:
                 self.train.packing_attention != "slices",
                 "train.packing_attention=slices runs a forward per example, and FSDP gathers "
                 "the weights in every forward (the ranks would wait on each other): use "
-                "train.packing_attention=mask with dist.strategy=fsdp",
+                "train.packing_attention=varlen or mask with dist.strategy=fsdp",
             )
             _check(
                 self.quant.mode == "none",

@@ -181,6 +181,98 @@ def quantization_config(cfg: Config, device: torch.device):
     )
 
 
+VARLEN = "sdpa_varlen"  # the attention of train.packing_attention=varlen
+
+
+def varlen_bounds(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where each sequence of packed rows starts in their flattened positions, and the end
+    (cumulative lengths, as flash-attention's varlen kernel takes them): a sequence starts
+    wherever its position id is 0 (data.pack_rows restarts them per sequence and per run of
+    padding), so no sequence crosses a row's end."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().flatten()
+    end = torch.tensor([flat.numel()], device=flat.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
+    """SDPA one sequence at a time inside one forward over packed rows: the projections and
+    MLPs run on the whole rows (large matmuls), attention on each sequence alone (causal, no
+    mask: no work across sequences, no (T, T) mask in any layer): flash-attention's varlen on
+    a CPU. The bounds come from cu_seq_lens_q where a caller passes them, else from the
+    position ids (varlen_bounds); any other call (padded rows, generation) is plain SDPA with
+    its mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None and attention_mask is None and query.shape[2] > 1:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and bool((position_ids[..., 1:] == 0).any()):
+            bounds = varlen_bounds(position_ids.expand(query.shape[0], -1))
+    if bounds is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    window = kwargs.get("sliding_window")
+    if kwargs.get("softcap") is not None or (window and int(torch.diff(bounds).max()) > window):
+        raise UserError(
+            "train.packing_attention=varlen runs plain causal attention on each example: this "
+            "model soft-caps its attention scores or has an example longer than its sliding "
+            "window; use train.packing_attention=mask"
+        )
+    rows, heads, width, dim = query.shape
+    # (R, H, T, D) -> (R*T, H, D): token-major, so each sequence is one contiguous slice.
+    q, k, v = (
+        x.transpose(1, 2).reshape(rows * width, x.shape[1], dim) for x in (query, key, value)
+    )
+    gqa = k.shape[1] != heads
+    p = dropout if module.training else 0.0
+    out = []
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        # (1, H, L, D): SDPA takes its flash kernel on 4-D inputs only (on a CPU, 3-D ones
+        # fall back to the math path, which keeps the (H, L, L) probabilities).
+        o = F.scaled_dot_product_attention(
+            *(x[a:b].transpose(0, 1)[None] for x in (q, k, v)),
+            dropout_p=p,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out).reshape(rows, width, heads, dim), None
+
+
+def varlen_mask(*args, attention_mask=None, **kwargs):
+    """The mask of VARLEN: none for packed rows (they come without one: varlen_attention
+    keeps each sequence to itself), SDPA's for every other batch."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and kwargs.get("q_length", 0) > 1:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen() -> str:
+    """Make VARLEN an attention implementation transformers knows (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, varlen_mask)
+    return VARLEN
+
+
+def attn_implementation(cfg: Config) -> str | None:
+    """model.attn_implementation, or VARLEN for packed rows with packing_attention=varlen
+    where the model would take SDPA (a flash-attention model keeps its own varlen kernel)."""
+    chosen = cfg.model.attn_implementation
+    if cfg.train.packing and cfg.train.packing_attention == "varlen" and chosen in (None, "sdpa"):
+        return register_varlen()
+    return chosen
+
+
 def load_base_model(cfg: Config, device: torch.device):
     """The causal LM, quantized as configured, on `device`, without adapters."""
     from transformers import AutoModelForCausalLM
@@ -193,8 +285,8 @@ def load_base_model(cfg: Config, device: torch.device):
         quantization_config=quantization_config(cfg, device),
         device_map={"": str(device)},
     )
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if attn_implementation(cfg):
+        kwargs["attn_implementation"] = attn_implementation(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -729,12 +821,13 @@ def segments(sequence: torch.Tensor) -> list[list[tuple[int, int]]]:
 
 
 def packed_states(model, batch: dict) -> torch.Tensor:
-    """The decoder's hidden states (R, T, H) of packed rows (data.pack_rows). Two ways, the
-    same numbers (train.packing_attention): `mask`, one forward over the rows with the
-    block-diagonal mask transformers builds from their position ids (flash-attention's varlen
-    kernel where the model runs it); `slices` (batch["slices"]), one forward per sequence,
-    its states written back into its row (zeros on padding): no mask, no attention across the
-    whole row, no mask in memory, but small matmuls (slower on a CPU too: README "Packing")."""
+    """The decoder's hidden states (R, T, H) of packed rows (data.pack_rows). The same
+    numbers three ways (train.packing_attention): `varlen` and `mask`, one forward over the
+    rows, whose attention keeps each sequence to itself by their position ids (the model's
+    attention implementation: varlen_attention, SDPA with the block-diagonal mask
+    transformers builds, or flash-attention's varlen kernel); `slices` (batch["slices"]), one
+    forward per sequence, its states written back into its row (zeros on padding): no mask,
+    but small matmuls (slower on a CPU: README "Packing")."""
     dec = decoder(model)
     if not batch.get("slices"):
         return dec(**model_inputs(batch)).last_hidden_state

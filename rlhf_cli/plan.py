@@ -162,7 +162,8 @@ class Settings:
     micro: int
     length: int
     shared_prompt: bool  # rm/dpo: responses attend to their prompt's KV cache
-    packed: bool = False  # train.packing: several sequences a row, a block-diagonal mask
+    packed: bool = False  # train.packing: several sequences a row
+    packed_mask: bool = False  # ... under a block-diagonal mask (train.packing_attention=mask)
 
 
 def settings(cfg: Config, device: str) -> Settings:
@@ -204,6 +205,7 @@ def settings(cfg: Config, device: str) -> Settings:
         length=cfg.data.max_length,
         shared_prompt=shared,
         packed=cfg.train.packing,
+        packed_mask=cfg.train.packing and cfg.train.packing_attention == "mask",
     )
 
 
@@ -265,9 +267,10 @@ def layer_activation_bytes(arch: Arch, s: Settings, seq_len: int) -> float:
         # The responses attend to the prompt's cache plus their own keys and values, repeated
         # to every query head, under an explicit float mask.
         kv, fp32 = q, fp32 + 4 * seq_len
-    elif s.packed:
+    elif s.packed_mask:
         # Several sequences a row: a block-diagonal mask, which SDPA converts to a float mask
         # (and keeps) in every layer; under a mask, keys and values repeated to every head.
+        # (varlen: SDPA on each sequence, causal, no mask: what a padded row keeps.)
         kv, fp32 = q, fp32 + c * seq_len
     kept = c * (q + 2 * kv + q + 3 * i)
     linears = arch.linears()

@@ -266,8 +266,8 @@ def test_fsdp_runs_every_offline_stage_as_one_rank_does(tmp_path, stage):
 
 
 def test_packed_fsdp_dpo_equals_one_padded_rank(tmp_path):
-    """train.packing under FSDP (packing_attention=mask, the default: one forward a micro-batch on
-    every rank) equals one rank with twice the batch, padded."""
+    """train.packing under FSDP (packing_attention=varlen, the default: one forward a micro-batch
+    on every rank) equals one rank with twice the batch, padded."""
     args = (*EXACT, "stage=dpo", "train.max_steps=3", "data.eval_size=0", "data.max_length=300")
     packed = (*args, "dist.strategy=fsdp", "train.micro_batch_size=4", "train.packing=true")
     assert_ok(torchrun(*packed, f"run_dir={tmp_path / 'fsdp'}"))
@@ -356,7 +356,7 @@ def test_fsdp_config_is_validated(tmp_path):
         "train.packing_attention=slices",
         cwd=tmp_path,
     )
-    assert res.returncode == 2 and "use train.packing_attention=mask" in res.stderr
+    assert res.returncode == 2 and "use train.packing_attention=varlen or mask" in res.stderr
 
 
 def test_two_rank_rejection_sampling_shares_the_rounds(tmp_path):

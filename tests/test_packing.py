@@ -3,6 +3,7 @@ hand; data.group_by_length."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -51,6 +52,91 @@ def test_pack_rows_by_hand():
     assert p["last"].tolist() == [2, 7, 3]  # flat positions: row * 6 + column
 
 
+def test_varlen_bounds_by_hand():
+    from rlhf_cli.models import varlen_bounds
+
+    # pack_rows' position ids (test above): sequences start where the position is 0, in the
+    # rows' flattened positions; padding runs count as sequences of their own.
+    positions = torch.tensor([[0, 1, 2, 0, 0, 1], [0, 1, 0, 1, 2, 3]])
+    assert varlen_bounds(positions).tolist() == [0, 3, 4, 6, 8, 12]
+
+
+class Module(torch.nn.Module):
+    """What an attention layer gives its attention function (dropout reads .training; SDPA's
+    grouped-query path, num_key_value_groups)."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def block_diagonal_sdpa(q, k, v, positions):
+    """The reference: SDPA over the whole rows with a block-diagonal causal mask."""
+    seq = (positions == 0).cumsum(-1)  # the sequence of each position, per row
+    causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
+    mask = (seq[:, :, None] == seq[:, None, :]) & causal
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_varlen_attention_equals_the_block_diagonal_mask(kv_heads):
+    """train.packing_attention=varlen: SDPA on each sequence alone gives the outputs and
+    gradients of one SDPA over the rows with the block-diagonal causal mask; a sequence that
+    attended to the one before it (a mutant) would move every position after the first."""
+    from rlhf_cli.models import varlen_attention
+
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3, 4, 0]])
+    q = torch.randn(2, 4, 8, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, kv_heads, 8, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, kv_heads, 8, 16, generator=g, requires_grad=True)
+    want = block_diagonal_sdpa(q, k, v, positions).transpose(1, 2)  # (R, T, H, D)
+    w = torch.randn(want.shape, generator=g)
+    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
+    got, _ = varlen_attention(Module(), q, k, v, None, position_ids=positions)
+    got_grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Unpacked rows (positions 0..T-1) and padded rows (a mask) are plain SDPA's.
+    plain = torch.arange(8).expand(2, 8)
+    got, _ = varlen_attention(Module(4 // kv_heads), q, k, v, None, position_ids=plain)
+    torch.testing.assert_close(got, block_diagonal_sdpa(q, k, v, plain).transpose(1, 2))
+
+
+def test_varlen_attention_refuses_what_it_cannot_keep():
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.models import varlen_attention
+
+    q = torch.randn(1, 2, 6, 8)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1]])
+    with pytest.raises(UserError, match="sliding window; use train.packing_attention=mask"):
+        varlen_attention(Module(), q, q, q, None, position_ids=positions, sliding_window=3)
+    with pytest.raises(UserError, match="soft-caps"):
+        varlen_attention(Module(), q, q, q, None, position_ids=positions, softcap=30.0)
+    # A window no example outgrows changes nothing.
+    varlen_attention(Module(), q, q, q, None, position_ids=positions, sliding_window=4)
+
+
+@contextlib.contextmanager
+def attention(model, mode: str):
+    """The model on train.packing_attention=mode's attention for the block (then SDPA)."""
+    from rlhf_cli.models import register_varlen
+
+    name = register_varlen() if mode == "varlen" else "sdpa"
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+MODES = ["mask", "varlen", "slices"]
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny model with a non-zero adapter (LoRA B starts at zero), no dropout, a reward
@@ -82,8 +168,8 @@ def _grads(model, head) -> list[torch.Tensor]:
     return [p.grad.clone() for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
 
 
-@pytest.mark.parametrize("slices", [False, True], ids=["mask", "slices"])
-def test_packed_preference_rows_equal_padded_rows(tiny, slices):
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_preference_rows_equal_padded_rows(tiny, mode):
     """DPO's summed log-probs and counts, and the reward model's last-token scores, with their
     gradients: packed rows (two rows of 3 and 2 examples here, so sequences share a row and
     would see each other without the block-diagonal mask) equal the padded batch."""
@@ -98,7 +184,7 @@ def test_packed_preference_rows_equal_padded_rows(tiny, slices):
 
     def run(pack):
         batch = collate_preference(
-            examples, tok.pad_token_id, tok.eos_token_id, pack=pack, slices=slices
+            examples, tok.pad_token_id, tok.eos_token_id, pack=pack, slices=mode == "slices"
         )
         model.zero_grad()
         head.zero_grad()
@@ -108,7 +194,8 @@ def test_packed_preference_rows_equal_padded_rows(tiny, slices):
         return batch, logps.detach(), counts, scores.detach(), _grads(model, head)
 
     _, logps, counts, scores, grads = run(None)
-    packed, p_logps, p_counts, p_scores, p_grads = run(longest + 20)
+    with attention(model, mode):
+        packed, p_logps, p_counts, p_scores, p_grads = run(longest + 20)
     rows = packed["input_ids"].shape[0]
     assert rows < len(examples) and (packed["sequence"].amax(1) > packed["sequence"][:, 0]).all()
     assert len(logps) == 11 and torch.equal(counts, p_counts)
@@ -126,8 +213,8 @@ def test_packed_preference_rows_equal_padded_rows(tiny, slices):
         assert len(where) == 1
 
 
-@pytest.mark.parametrize("slices", [False, True], ids=["mask", "slices"])
-def test_packed_sft_rows_equal_padded_rows(tiny, slices):
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_sft_rows_equal_padded_rows(tiny, mode):
     from rlhf_cli.data import collate_sft
     from rlhf_cli.models import labelled_logps
 
@@ -139,14 +226,15 @@ def test_packed_sft_rows_equal_padded_rows(tiny, slices):
     ]
 
     def run(pack):
-        batch = collate_sft(sft, tok.pad_token_id, multiple=8, pack=pack, slices=slices)
+        batch = collate_sft(sft, tok.pad_token_id, multiple=8, pack=pack, slices=mode == "slices")
         model.zero_grad()
         logps, rows = labelled_logps(model, batch)
         logps.sum().backward()
         return batch, logps.detach(), rows, _grads(model, head)[:-2]
 
     _, logps, rows, grads = run(None)
-    packed, p_logps, p_rows, p_grads = run(96)
+    with attention(model, mode):
+        packed, p_logps, p_rows, p_grads = run(96)
     assert packed["input_ids"].shape[0] < len(sft)
     # The same labels, row by row (packing reorders rows: compare each row's sum).
     assert torch.equal(torch.bincount(rows), torch.bincount(p_rows))
@@ -203,7 +291,7 @@ def padded_and_packed(tmp_path, common: tuple, mode: str) -> tuple[list, list]:
 @pytest.mark.parametrize(
     "stage, mode",
     # Each stage once, each attention path on a stage with one and with several responses.
-    [("sft", "mask"), ("sft", "slices"), ("dpo", "mask"), ("rm", "slices"), ("kto", "mask")],
+    [("sft", "mask"), ("sft", "varlen"), ("dpo", "varlen"), ("rm", "slices"), ("kto", "mask")],
 )
 def test_packed_training_equals_padded(tmp_path, stage, mode):
     """Three steps with train.packing (rows of up to 160 tokens) and without, on rows of very
@@ -255,8 +343,8 @@ def test_group_by_length_pads_less_and_resumes_exactly(tmp_path):
     assert mean(grouped[:6]) < 0.7 * mean(plain), (mean(grouped[:6]), mean(plain))
 
 
-@pytest.mark.parametrize("slices", [False, True], ids=["mask", "slices"])
-def test_packed_hidden_equals_the_padded_forward(tiny, slices):
+@pytest.mark.parametrize("mode", MODES)
+def test_packed_hidden_equals_the_padded_forward(tiny, mode):
     """The online stages' padded rows (left-padded prompts, right-padded responses, a hole
     between turns): the hidden states at every real position equal the padded forward's with
     position ids that skip padding; zeros at padding."""
@@ -276,13 +364,14 @@ def test_packed_hidden_equals_the_padded_forward(tiny, slices):
         want = decoder(model)(
             input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
         ).last_hidden_state
-        got = packed_hidden(model, ids, mask, limit=24, slices=slices)
+        with attention(model, mode):
+            got = packed_hidden(model, ids, mask, limit=24, slices=mode == "slices")
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-5)
     assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
 
 
-@pytest.mark.parametrize("stage, mode", [("grpo", "mask"), ("ppo", "slices")])
+@pytest.mark.parametrize("stage, mode", [("grpo", "varlen"), ("ppo", "slices")])
 def test_packed_online_training_equals_padded(tmp_path, stage, mode):
     """The online stages' log-prob, reference, value and update passes with train.packing:
     the same scores, KL, losses and adapter over three steps."""

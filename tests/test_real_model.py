@@ -435,12 +435,13 @@ def test_grpo_with_the_calculator_environment_on_the_real_model(tmp_path):
 
 def test_packed_training_equals_padded_on_the_real_model(tmp_path):
     """SmolLM2 (GQA, 30 layers, tied embeddings, ChatML): two DPO steps with train.packing
-    (the default mask; slices are compared on the tiny model) equal the padded run."""
+    (the default varlen attention; mask and slices are compared on the tiny model) equal the
+    padded run."""
     args = ("stage=dpo", *SMALL, "quant=none", "train.max_steps=2", "train.micro_batch_size=4")
     args += ("optim.lr=1e-3", "peft.dropout=0", "data.max_length=256")
     train_in_process(tmp_path / "padded", *args)
     runs = [read_metrics(tmp_path / "padded")]
-    for mode in ("mask",):
+    for mode in ("varlen",):
         extra = ("train.packing=true", f"train.packing_attention={mode}")
         train_in_process(tmp_path / mode, *args, *extra)
         runs.append(read_metrics(tmp_path / mode))
