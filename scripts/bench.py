@@ -29,6 +29,13 @@ What it does:
   compute dtype follows the precision (float32 or bfloat16), for both tools.
   Variant `best` (both tools): bf16 autocast, and for DPO reference log-probs precomputed once
   (ours: ref.precompute=true; TRL: precompute_ref_log_probs=True).
+- `--data spread` (`make bench-spread`): lengths spread as real instruction data's are, prompts
+  of 8-50 words, each response log-uniform from 3 to 380 words (about 4 to 500 tokens, median
+  ~40), rows up to 1024 tokens (none cut: checked). Variant `packed`: ours with train.packing
+  (train.packing_attention=varlen), TRL at its best on such data: SFT packing=True (best-fit
+  decreasing, padding-free) and padded, RM and DPO padded (TRL has no packing for them; its DPO
+  padding_free is disabled in 1.16). Both tools take the rows in the file's order (ours
+  train.shuffle=false, TRL a sequential sampler), so padded runs step on the same examples.
 - GRPO (ours and TRL's GRPOTrainer, no vLLM): BATCH prompts x 4 samples of up to 64 new tokens
   per step (reward: rlhf_cli.rewards:length_target), KV-cache sampling with model.generate; the
   row also shows generation tokens/s (sampled tokens over the generate() time, median over the
@@ -59,6 +66,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -104,7 +112,8 @@ STAGES = ("sft", "rm", "dpo", "grpo")
 MODES = ("lora", "qlora")
 PRECISIONS = ("fp32", "bf16")
 TOOLS = ("ours", "trl")
-VARIANTS = ("default", "best")
+VARIANTS = ("default", "best", "packed")
+DATASETS = ("short", "spread")
 
 # The shared training settings (both tools).
 BATCH = 4
@@ -112,6 +121,18 @@ MAX_LENGTH = 256
 MAX_PROMPT_LENGTH = 128
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 1e-4
+# --data spread: lengths spread as real instruction data's are, a word to a page: prompts of
+# 8-50 words, responses log-uniform from 3 to 380 words (about 4 to 500 tokens; median ~35
+# words), each response of a pair drawn apart; rows up to SPREAD_MAX_LENGTH tokens.
+SPREAD_PROMPT_WORDS = (8, 50)
+SPREAD_RESPONSE_WORDS = (3, 380)
+SPREAD_MAX_LENGTH = 1024
+# TRL's packed SFT (packing=True, best-fit decreasing, padding-free) steps on this many rows of
+# max_length tokens (one row: ~1000 tokens a step; ours: BATCH examples, ~600, packed): tokens/s
+# compares the two, steps/s does not.
+TRL_PACKED_ROWS = 1
+# Ours, packed: SDPA on each example alone inside one forward (README "Packing").
+PACKING_ATTENTION = "varlen"
 GROUP = 4  # grpo: samples per prompt
 ROLLOUT_TOKENS = 64  # grpo: longest sampled response
 SEED = 42
@@ -202,7 +223,42 @@ def _word_stream(texts: list[str], rng: random.Random):
             yield from text.split()
 
 
-def data_files(n_rows: int) -> dict[str, Path]:
+def limits(dataset: str) -> tuple[int, int]:
+    """(max_length, max_prompt_length) of a data set: no row of it is cut at either."""
+    return (SPREAD_MAX_LENGTH if dataset == "spread" else MAX_LENGTH), MAX_PROMPT_LENGTH
+
+
+def _spread_texts(n_rows: int, streams: dict) -> list[dict]:
+    """n_rows prompt/chosen/rejected of --data spread's lengths (SPREAD_*_WORDS), words drawn
+    from `streams` (one word iterator per field); each response starts with a space."""
+    rng = random.Random(DATA_SEED + 10)
+    lo, hi = (math.log(n) for n in SPREAD_RESPONSE_WORDS)
+
+    def words(kind: str, n: int) -> str:
+        return " ".join(next(streams[kind]) for _ in range(n))
+
+    def response(kind: str) -> str:
+        return " " + words(kind, int(math.exp(rng.uniform(lo, hi))))
+
+    return [
+        {
+            "prompt": words("prompt", rng.randint(*SPREAD_PROMPT_WORDS)),
+            "chosen": response("chosen"),
+            "rejected": response("rejected"),
+        }
+        for _ in range(n_rows)
+    ]
+
+
+def _streams(prompts: list[str], good: list[str], bad: list[str]) -> dict:
+    return {
+        "prompt": _word_stream(prompts, random.Random(DATA_SEED + 1)),
+        "chosen": _word_stream(good, random.Random(DATA_SEED + 2)),
+        "rejected": _word_stream(bad, random.Random(DATA_SEED + 3)),
+    }
+
+
+def data_files(n_rows: int, dataset: str = "short") -> dict[str, Path]:
     """{"pairs": prompt/chosen/rejected JSONL, "sft": prompt/completion JSONL}, built once."""
     from rlhf_cli.tiny import cache_root
 
@@ -215,24 +271,22 @@ def data_files(n_rows: int) -> dict[str, Path]:
     prompts = [r["prompt"] for r in rows]
     good = [r.get("chosen") or r.get("completion") for r in rows]
     bad = [r["rejected"] for r in rows if "rejected" in r]
-    target = cache_root() / f"bench-data-{_digest(n_rows, DATA_SEED, prompts, good, bad)}"
+    spread = dataset == "spread"
+    extra = [SPREAD_PROMPT_WORDS, SPREAD_RESPONSE_WORDS] if spread else []
+    target = cache_root() / f"bench-data-{_digest(n_rows, DATA_SEED, prompts, good, bad, *extra)}"
 
     def build(out: Path) -> None:
         rng = random.Random(DATA_SEED)
-        streams = {
-            "prompt": _word_stream(prompts, random.Random(DATA_SEED + 1)),
-            "chosen": _word_stream(good, random.Random(DATA_SEED + 2)),
-            "rejected": _word_stream(bad, random.Random(DATA_SEED + 3)),
-        }
+        streams = _streams(prompts, good, bad)
 
         def words(kind: str, n: int) -> str:
             return " ".join(next(streams[kind]) for _ in range(n))
 
-        pairs = []
-        for _ in range(n_rows):
+        # The prompt ends on a word, each response starts with a space: no BPE merge across
+        # the boundary, so raw concatenation and joint tokenization agree.
+        pairs = _spread_texts(n_rows, streams) if spread else []
+        for _ in range(0 if spread else n_rows):
             prompt = words("prompt", rng.randint(45, 55))
-            # The prompt ends on a word, each response starts with a space: no BPE merge across
-            # the boundary, so raw concatenation and joint tokenization agree.
             chosen = " " + words("chosen", rng.randint(55, 75))
             rejected = " " + words("rejected", rng.randint(55, 75))
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
@@ -250,15 +304,21 @@ def data_files(n_rows: int) -> dict[str, Path]:
     return {name: target / f"{name}.jsonl" for name in ("pairs", "sft", "prompts")}
 
 
-def real_data_files(n_rows: int) -> dict[str, Path]:
+def real_data_files(n_rows: int, dataset: str = "short") -> dict[str, Path]:
     """The shipped short question/answer pairs (rlhf_cli/assets/preference.jsonl, cycled to
-    n_rows) in the conversational format both tools read and render with the model's own chat
-    template: {"pairs": prompt/chosen/rejected, "sft": prompt/completion, "prompts": prompt}."""
+    n_rows; --data spread: rows of its lengths, words drawn from those pairs) in the
+    conversational format both tools read and render with the model's own chat template:
+    {"pairs": prompt/chosen/rejected, "sft": prompt/completion, "prompts": prompt}."""
     from rlhf_cli.tiny import cache_root
 
     source = (ASSETS / "preference.jsonl").read_text(encoding="utf-8")
-    target = cache_root() / f"bench-realdata-{_digest(n_rows, source)}"
     rows = [json.loads(line) for line in source.splitlines() if line.strip()]
+    extra = []
+    if dataset == "spread":
+        extra = [SPREAD_PROMPT_WORDS, SPREAD_RESPONSE_WORDS]
+        streams = _streams(*([r[k] for r in rows] for k in ("prompt", "chosen", "rejected")))
+        rows = [{k: v.strip() for k, v in row.items()} for row in _spread_texts(n_rows, streams)]
+    target = cache_root() / f"bench-realdata-{_digest(n_rows, source, *extra)}"
 
     def build(out: Path) -> None:
         def user(text):
@@ -305,12 +365,21 @@ def real_lengths(model_path: Path, pairs_path: Path) -> dict:
         for key in ("chosen", "rejected"):
             full = tok.apply_chat_template(row["prompt"] + row[key], tokenize=False)
             lengths[key].append(len(tok(full, add_special_tokens=False)["input_ids"]) - n_head)
-    return {k: round(statistics.mean(v), 1) for k, v in lengths.items()}
+    return _summary(lengths)
 
 
-def check_same_tokens(model_path: Path, pairs_path: Path) -> dict:
+def _summary(lengths: dict[str, list[int]]) -> dict:
+    """Mean tokens of each field, and the range and median of the responses'."""
+    out = {k: round(statistics.mean(v), 1) for k, v in lengths.items()}
+    both = lengths["chosen"] + lengths["rejected"]
+    out["response"] = f"{min(both)}-{statistics.median(both):.0f}-{max(both)}"
+    out["longest"] = max(p + c for p, c in zip(lengths["prompt"] * 2, both))
+    return out
+
+
+def check_same_tokens(model_path: Path, pairs_path: Path, max_length: int = MAX_LENGTH) -> dict:
     """Ours: tok(prompt) + tok(response, no specials) + EOS; TRL: tok(prompt + response + EOS).
-    Raises if any row differs; returns token statistics."""
+    Raises if any row differs or would be cut at max_length; returns token statistics."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
@@ -327,9 +396,9 @@ def check_same_tokens(model_path: Path, pairs_path: Path) -> dict:
             if ours != theirs:
                 raise RuntimeError(f"{model_path.name}: tools would see different tokens: {row}")
             lengths[key].append(len(ours) - len(prompt_ids))
-            if len(ours) > MAX_LENGTH or len(prompt_ids) > MAX_PROMPT_LENGTH:
+            if len(ours) > max_length or len(prompt_ids) > MAX_PROMPT_LENGTH:
                 raise RuntimeError(f"{model_path.name}: a row would be truncated: {len(ours)}")
-    return {k: round(statistics.mean(v), 1) for k, v in lengths.items()}
+    return _summary(lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,8 +524,8 @@ def run_ours(spec: dict, run_dir: Path) -> dict:
         f"model.name_or_path={spec['model']}",
         f"data.path={spec['data']}",
         "data.eval_size=0",
-        f"data.max_length={MAX_LENGTH}",
-        f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
+        f"data.max_length={spec['max_length']}",
+        f"data.max_prompt_length={spec['max_prompt_length']}",
         "peft=lora",
         f"peft.r={LORA['r']}",
         f"peft.alpha={LORA['alpha']}",
@@ -476,6 +545,11 @@ def run_ours(spec: dict, run_dir: Path) -> dict:
         "train.save_every=0",
         "train.eval_every=0",
         "train.gradient_checkpointing=false",
+        f"train.packing={'true' if spec['packing'] else 'false'}",
+        f"train.packing_attention={PACKING_ATTENTION}",
+        # The file's order (random when it was built), as TRL's runs take it: both tools step
+        # on the same examples (TRL's packed SFT: the same examples, packed its own way).
+        f"train.shuffle={'true' if stage == 'grpo' else 'false'}",
         f"train.seed={SEED}",
         f"device={spec['device']}",
         f"run_dir={run_dir}",
@@ -561,7 +635,7 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
         fp16=False,
         use_cpu=device == "cpu",
         seed=SEED,
-        max_length=MAX_LENGTH,
+        max_length=spec["max_length"],
         # As ours: a bf16 run stores the frozen base in bf16 (adapters stay fp32).
         model_init_kwargs={"dtype": "bfloat16" if bf16 else "float32", "device_map": {"": device}},
         dataloader_num_workers=0,
@@ -580,7 +654,14 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
         )
-    if stage == "sft":
+    if stage == "sft" and spec["packing"]:
+        # Best-fit decreasing into rows of max_length, padding-free (TRL turns it on with bfd):
+        # one flat sequence a step, position ids restarting per example.
+        packed = dict(common, per_device_train_batch_size=TRL_PACKED_ROWS)
+        trainer_cls = trl.SFTTrainer
+        args = trl.SFTConfig(**packed, packing=True, packing_strategy="bfd")
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
+    elif stage == "sft":
         trainer_cls, args = trl.SFTTrainer, trl.SFTConfig(**common, packing=False)
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
     elif stage == "rm":
@@ -621,11 +702,20 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
     generation: dict[str, list] = {"seconds": [], "tokens": []}
 
     class Counted(trainer_cls):  # counts the non-padding tokens of every step's batch
+        if stage != "grpo":  # (GRPO's sampler repeats each prompt for its group)
+
+            def _get_train_sampler(self, train_dataset=None):
+                # The file's order, as ours (train.shuffle=false): the same examples a step.
+                data = self.train_dataset if train_dataset is None else train_dataset
+                return torch.utils.data.SequentialSampler(data)
+
         def training_step(self, model, inputs, *a, **k):
             if stage == "grpo":  # raw prompts: the tokens are counted after generation
                 return super().training_step(model, inputs, *a, **k)
             mask = inputs.get("attention_mask")
-            if mask is None:
+            if mask is None and "position_ids" in inputs:  # padding-free: no padding at all
+                mask = torch.ones_like(inputs["input_ids"])
+            elif mask is None:
                 mask = inputs["input_ids"] != self.processing_class.pad_token_id
             tokens.append(int(mask.sum()))
             return super().training_step(model, inputs, *a, **k)
@@ -729,11 +819,21 @@ def job_key(job: dict) -> tuple:
         job["mode"],
         job["precision"],
         job["precompute"],
+        job["packing"],
+        job["packing_pair"],
     )
 
 
+def pair_key(job: dict) -> tuple:
+    """The runs that form one pair (ours, TRL): a configuration and its variant. `packed`
+    pairs ours packed with TRL packed where TRL packs (sft) and with TRL's padded best run
+    where it does not (rm, dpo)."""
+    return (job["stage"], job["size"], job["mode"], precision_label(job), job["packing_pair"])
+
+
 def plan(args) -> list[dict]:
-    """Every run to make, deduplicated (for sft/rm `best` is just bf16)."""
+    """Every run to make, deduplicated (for sft/rm `best` is just bf16; TRL's runs of `best`
+    and `packed` are one where TRL has no packing)."""
     jobs, seen = [], set()
     for stage in args.stages:
         for size in args.sizes:
@@ -743,9 +843,11 @@ def plan(args) -> list[dict]:
                     configs += [(p, False, "default") for p in args.precisions]
                 if "best" in args.variants:
                     configs.append(("bf16", stage == "dpo", "best"))
-                tools = list(args.tools)
-                for tool in tools:
+                if "packed" in args.variants:
+                    configs += [(p, stage == "dpo", "packed") for p in args.precisions]
+                for tool in args.tools:
                     for precision, precompute, variant in configs:
+                        packed = variant == "packed"
                         job = dict(
                             tool=tool,
                             stage=stage,
@@ -753,20 +855,34 @@ def plan(args) -> list[dict]:
                             mode=mode,
                             precision=precision,
                             precompute=precompute,
+                            packing=packed and (tool == "ours" or stage == "sft"),
+                            packing_pair=packed,
                             variant=variant,
                         )
-                        if job_key(job) in seen:
-                            continue
-                        seen.add(job_key(job))
-                        jobs.append(job)
+                        extra = []
+                        if packed and tool == "trl" and stage == "sft":
+                            # TRL at its best may be padded: both in the pair.
+                            extra = [dict(job, packing=False)]
+                        for j in [job, *extra]:
+                            if job_key(j) not in seen:
+                                seen.add(job_key(j))
+                                jobs.append(j)
     return jobs
 
 
+def used(jobs: list[dict]) -> set[str]:
+    """The precisions the jobs run at."""
+    return {job["precision"] for job in jobs}
+
+
 def run_child(job: dict, args, models: dict, data: dict) -> dict:
+    max_length, max_prompt_length = limits(args.data)
     spec = dict(
         job,
         model=str(models[job["size"]]),
         data=str(data[{"sft": "sft", "grpo": "prompts"}.get(job["stage"], "pairs")]),
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
         steps=args.steps,
         warmup=args.warmup,
         device=args.device,
@@ -828,7 +944,10 @@ def precision_label(job: dict) -> str:
 
 
 def build_rows(results: list[tuple[dict, dict]], peaks: dict) -> list[dict]:
-    by_key = {job_key(job): res for job, res in results}
+    """A row per run; ours/TRL against the TRL run of the same pair, ours/TRL best against
+    TRL's fastest run (tokens/s) of the stage, size and mode: any precision, reference
+    precomputed or not, padded or packed."""
+    trl_runs = [(job, res) for job, res in results if job["tool"] == "trl" and res.get("ok")]
     rows = []
     for job, res in results:
         row = {
@@ -837,6 +956,7 @@ def build_rows(results: list[tuple[dict, dict]], peaks: dict) -> list[dict]:
             "size": job["size"],
             "mode": job["mode"],
             "precision": precision_label(job),
+            "layout": "packed" if job["packing"] else "padded",
             "variant": job["variant"],
             **{k: v for k, v in res.items()},
         }
@@ -845,15 +965,25 @@ def build_rows(results: list[tuple[dict, dict]], peaks: dict) -> list[dict]:
             row["model_gflops"] = flops / 1e9
             row["peak_fraction"] = flops / 1e9 / peaks[job["precision"]]
         if job["tool"] == "ours" and res.get("ok"):
-            same = by_key.get(job_key(dict(job, tool="trl")))
-            best = by_key.get(
-                ("trl", job["stage"], job["size"], job["mode"], "bf16", job["stage"] == "dpo")
+            # The TRL run of the pair (where a pair has two: the one laid out as ours).
+            pair = [(j, r) for j, r in trl_runs if pair_key(j) == pair_key(job)]
+            pair.sort(key=lambda jr: jr[0]["packing"] != job["packing"])
+            same = pair[0][1] if pair else None
+            best = max(
+                (
+                    r
+                    for j, r in trl_runs
+                    if (j["stage"], j["size"], j["mode"])
+                    == (job["stage"], job["size"], job["mode"])
+                ),
+                key=lambda r: r["tokens_per_s"],
+                default=None,
             )
-            if same and same.get("ok"):
+            if same:
                 row["vs_trl"] = res["steps_per_s"] / same["steps_per_s"]
                 row["tok_vs_trl"] = res["tokens_per_s"] / same["tokens_per_s"]
                 row["rss_vs_trl"] = res["peak_rss_mb"] / same["peak_rss_mb"]
-            if best and best.get("ok"):
+            if best:
                 row["vs_trl_best"] = res["steps_per_s"] / best["steps_per_s"]
                 row["tok_vs_trl_best"] = res["tokens_per_s"] / best["tokens_per_s"]
         rows.append(row)
@@ -866,6 +996,7 @@ COLUMNS = [
     ("size", "size"),
     ("mode", "mode"),
     ("precision", "precision"),
+    ("layout", "layout"),
     ("steps/s", "steps_per_s"),
     ("tokens/s", "tokens_per_s"),
     ("tok/step", "tokens_per_step"),
@@ -979,10 +1110,18 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--variants",
         type=listed(VARIANTS),
-        default=list(VARIANTS),
-        help="default = the --precisions as given; best = bf16 (+ precomputed reference for dpo)",
+        default=["default", "best"],
+        help="default = the --precisions as given; best = bf16 (+ precomputed reference for dpo); "
+        "packed = best with packed rows (ours: train.packing; TRL: sft packing, else padded)",
     )
     p.add_argument("--tools", type=listed(TOOLS), default=list(TOOLS), help="comma list")
+    p.add_argument(
+        "--data",
+        choices=DATASETS,
+        default="short",
+        help="short: the shipped lengths (~60-word prompts and answers); spread: answers of a "
+        "word to a page (about 4 to 500 tokens), rows up to 1024 tokens",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument(
@@ -1024,20 +1163,29 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda:0"
 
     t0 = time.perf_counter()
-    n_rows = BATCH * (args.steps + args.warmup)  # one epoch, every step full
+    # One epoch, every step full (spread: twice that, as TRL's packed rows hold more examples).
+    n_rows = BATCH * (args.steps + args.warmup) * (2 if args.data == "spread" else 1)
+    max_length = limits(args.data)[0]
     models = {size: model_dir(size) for size in args.sizes}
-    data = {size: (real_data_files if size in REAL else data_files)(n_rows) for size in args.sizes}
-    lengths = {
-        size: (real_lengths if size in REAL else check_same_tokens)(
-            models[size], data[size]["pairs"]
-        )
+    data = {
+        size: (real_data_files if size in REAL else data_files)(n_rows, args.data)
         for size in args.sizes
     }
+    lengths = {}
+    for size in args.sizes:
+        if size in REAL:
+            lengths[size] = real_lengths(models[size], data[size]["pairs"])
+        else:
+            lengths[size] = check_same_tokens(models[size], data[size]["pairs"], max_length)
+        if lengths[size]["longest"] > max_length:
+            raise SystemExit(f"{size}: a row of {lengths[size]['longest']} tokens would be cut")
     log(f"assets ready in {time.perf_counter() - t0:.1f}s under {models[args.sizes[0]].parent}")
-    peaks = {p: matmul_peak_gflops(p, args.device) for p in PRECISIONS}
+    jobs = plan(args)
+    # Only the precisions that run: without AVX512-BF16/AMX a CPU emulates bf16 matmuls
+    # (a minute for one 2048 x 2048 product).
+    peaks = {p: matmul_peak_gflops(p, args.device) for p in PRECISIONS if p in used(jobs)}
     log("matmul peak: " + ", ".join(f"{p} {v:,.0f} GFLOP/s" for p, v in peaks.items()))
 
-    jobs = plan(args)
     runs: dict[tuple, list[dict]] = {job_key(job): [] for job in jobs}
     # A pair = the tools' runs of one configuration, back to back (ours, then TRL), between two
     # measurements of the matmul peak; a pair whose peak moved by more than --peak-drift is
@@ -1045,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
     # every configuration once, so a slow spell of a shared machine hits all of them alike.
     groups: dict[tuple, list[dict]] = {}
     for job in jobs:
-        groups.setdefault(job_key(job)[1:], []).append(job)
+        groups.setdefault(pair_key(job), []).append(job)
     kept = {g: 0 for g in groups}
     tries = {g: 0 for g in groups}
     thrown: list[str] = []
@@ -1067,6 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
                 i += 1
                 name = " ".join(
                     [job["tool"], job["stage"], job["size"], job["mode"], precision_label(job)]
+                    + (["packed"] if job["packing"] else [])
                 )
                 log(f"[{i}] {name} (pair {tries[g]}) ...")
                 res = run_child(job, args, models, data[job["size"]])
@@ -1082,7 +1231,7 @@ def main(argv: list[str] | None = None) -> int:
             after = matmul_peak_gflops(precision, args.device)
             moved = after / before - 1
             drift.append(moved)
-            label = " ".join(str(x) for x in g if x is not None)
+            label = " ".join(str(x) for x in g[:-1]) + (" packed" if g[-1] else "")
             if abs(moved) > args.peak_drift and len(members) > 1:
                 thrown.append(f"{label} ({before:,.0f} -> {after:,.0f} GFLOP/s)")
                 log(f"pair thrown away: matmul peak {before:,.0f} -> {after:,.0f} GFLOP/s")
@@ -1106,8 +1255,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({info['threads']} threads), device {info['device']}"
         + (f" ({info['gpu']})" if info.get("gpu") else "")
         + f", TRL {info['trl']}",
-        f"matmul peak (torch.matmul 2048x2048): fp32 {peaks['fp32']:,.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:,.0f} GFLOP/s",
+        "matmul peak (torch.matmul 2048x2048): "
+        + ", ".join(f"{p} {v:,.0f} GFLOP/s" for p, v in peaks.items()),
         f"pairs: each configuration ran as (ours, TRL) back to back, {args.repeats} pair(s) kept, "
         f"the matmul peak measured before and after each pair (it moved "
         f"{100 * min(drift, default=0):+.0f}% to {100 * max(drift, default=0):+.0f}%); "
@@ -1119,13 +1268,14 @@ def main(argv: list[str] | None = None) -> int:
         ),
         f"settings: {args.warmup} warmup + {args.steps} timed steps, (lower) median of the kept "
         f"runs (peak memory: the highest), batch {BATCH} "
-        f"(pairs for rm/dpo), max_length {MAX_LENGTH}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
+        f"(pairs for rm/dpo), max_length {max_length}, LoRA r={LORA['r']} alpha={LORA['alpha']} "
         f"dropout={LORA['dropout']} all-linear (dpo, grpo: dropout off, both tools' default), "
         f"AdamW lr {LR}, no grad checkpointing; grpo: {BATCH} prompts x {GROUP} samples of <= "
         f"{ROLLOUT_TOKENS} new tokens, one update per rollout, KL beta 0.04, no vLLM",
-        "data: mean tokens per row "
+        f"data {args.data}: mean tokens per row "
         + "; ".join(
-            f"{size}: prompt {v['prompt']}, chosen {v['chosen']}, rejected {v['rejected']}"
+            f"{size}: prompt {v['prompt']}, chosen {v['chosen']}, rejected {v['rejected']} "
+            f"(responses min-median-max {v['response']}, longest row {v['longest']})"
             for size, v in lengths.items()
         )
         + " (toys: identical token sequences for both tools, checked on every row; real models:"
@@ -1142,7 +1292,15 @@ def main(argv: list[str] | None = None) -> int:
         "+pre = reference log-probs precomputed (ours: ref.precompute=true, TRL:"
         " precompute_ref_log_probs=True); ours/TRL = steps/s ratio at the same settings"
         " (tok/s ours/TRL: tokens/s ratio, fairer where the tools batch other rows per step);"
-        " ours/TRL best = vs TRL bf16 (+pre for dpo); RSS ours/TRL = peak RSS ratio, same settings",
+        " ours/TRL best = vs TRL's fastest run of the stage by tokens/s (any precision, +pre or"
+        " not, padded or packed; tok/s: the tokens/s ratio, the one to read for packed rows);"
+        " RSS ours/TRL = peak RSS ratio, same pair",
+        f"layout packed: ours train.packing=true train.packing_attention={PACKING_ATTENTION}"
+        f" ({BATCH} examples a step packed into rows of <= max_length, attention kept within"
+        f" each example); TRL: sft packing=True (best-fit decreasing, padding-free:"
+        f" {TRL_PACKED_ROWS} row(s) of max_length a step, one flat sequence), its pair also runs"
+        " TRL padded; TRL has no packing for rm or dpo (its DPO padding_free is disabled in this"
+        " version), so their packed pair runs TRL padded",
     ]
     print()
     print_table(rows, header)

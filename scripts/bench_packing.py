@@ -16,6 +16,8 @@ forward included):
   micro-batches)
 - packed, mask: train.packing=true, train.packing_attention=mask: one forward over the packed
   rows, SDPA with the block-diagonal mask transformers builds from the position ids
+- packed, varlen: train.packing_attention=varlen: one forward over the packed rows whose
+  attention runs SDPA on each example alone (no mask, no attention across examples)
 - packed, slices: train.packing_attention=slices: one forward per example (no mask, no padding)
 - packed, flex: the mask path with attn_implementation=flex_attention (a compiled document
   mask), where it runs here
@@ -91,7 +93,13 @@ def main() -> None:
     from rlhf_cli.cli import compose_checked
     from rlhf_cli.data import load_datasets, real_tokens
     from rlhf_cli.loop import move
-    from rlhf_cli.models import load_model, load_tokenizer, quiet_libraries, resolve_device
+    from rlhf_cli.models import (
+        load_model,
+        load_tokenizer,
+        quiet_libraries,
+        register_varlen,
+        resolve_device,
+    )
     from rlhf_cli.stages import stage_class
 
     quiet_libraries()
@@ -147,13 +155,20 @@ def main() -> None:
         return [examples[i] for i in grouped_by_length(order, lengths, MICRO, 0, 42)]
 
     mask, slices = "train.packing_attention=mask", "train.packing_attention=slices"
+    varlen = "train.packing_attention=varlen"
     modes: dict[str, tuple] = {
         "sft padded": (stage_for("sft"), sft_examples, MICRO),
         "sft grouped": (stage_for("sft"), grouped(sft_examples), MICRO),
         "sft packed, mask": (stage_for("sft", "train.packing=true", mask), sft_examples, MICRO),
+        "sft packed, varlen": (stage_for("sft", "train.packing=true", varlen), sft_examples, MICRO),
         "sft packed, slices": (stage_for("sft", "train.packing=true", slices), sft_examples, MICRO),
         "dpo padded, shared prompt": (stage_for("dpo"), pair_examples, MICRO),
         "dpo packed, mask": (stage_for("dpo", "train.packing=true", mask), pair_examples, MICRO),
+        "dpo packed, varlen": (
+            stage_for("dpo", "train.packing=true", varlen),
+            pair_examples,
+            MICRO,
+        ),
         "dpo packed, slices": (
             stage_for("dpo", "train.packing=true", slices),
             pair_examples,
@@ -188,9 +203,13 @@ def main() -> None:
         finally:
             model.set_attn_implementation("sdpa")
 
-    for name, (stage, examples, size) in modes.items():  # warm-up: one micro-batch each
+    def attention(name: str) -> str:
         if name.endswith("flex"):
-            model.set_attn_implementation("flex_attention")
+            return "flex_attention"
+        return register_varlen() if name.endswith("varlen") else "sdpa"
+
+    for name, (stage, examples, size) in modes.items():  # warm-up: one micro-batch each
+        model.set_attn_implementation(attention(name))
         run(stage, examples[:size], size)
         model.set_attn_implementation("sdpa")
 
@@ -199,8 +218,7 @@ def main() -> None:
     peaks = [matmul_peak_gflops("fp32", "cpu")]
     for r in range(args.repeats):
         for name, (stage, examples, size) in modes.items():
-            if name.endswith("flex"):
-                model.set_attn_implementation("flex_attention")
+            model.set_attn_implementation(attention(name))
             seconds, tokens, positions = run(stage, examples, size)
             model.set_attn_implementation("sdpa")
             results[name].append(tokens / seconds)
