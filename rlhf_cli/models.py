@@ -285,8 +285,8 @@ def load_base_model(cfg: Config, device: torch.device):
         quantization_config=quantization_config(cfg, device),
         device_map={"": str(device)},
     )
-    if attn_implementation(cfg):
-        kwargs["attn_implementation"] = attn_implementation(cfg)
+    if attention := attn_implementation(cfg):
+        kwargs["attn_implementation"] = attention
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:

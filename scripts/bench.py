@@ -284,12 +284,17 @@ def data_files(n_rows: int, dataset: str = "short") -> dict[str, Path]:
 
         # The prompt ends on a word, each response starts with a space: no BPE merge across
         # the boundary, so raw concatenation and joint tokenization agree.
-        pairs = _spread_texts(n_rows, streams) if spread else []
-        for _ in range(0 if spread else n_rows):
-            prompt = words("prompt", rng.randint(45, 55))
-            chosen = " " + words("chosen", rng.randint(55, 75))
-            rejected = " " + words("rejected", rng.randint(55, 75))
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        if spread:
+            pairs = _spread_texts(n_rows, streams)
+        else:
+            pairs = [
+                {
+                    "prompt": words("prompt", rng.randint(45, 55)),
+                    "chosen": " " + words("chosen", rng.randint(55, 75)),
+                    "rejected": " " + words("rejected", rng.randint(55, 75)),
+                }
+                for _ in range(n_rows)
+            ]
         with (out / "pairs.jsonl").open("w", encoding="utf-8") as fh:
             for p in pairs:
                 fh.write(json.dumps(p) + "\n")
@@ -832,8 +837,8 @@ def pair_key(job: dict) -> tuple:
 
 
 def plan(args) -> list[dict]:
-    """Every run to make, deduplicated (for sft/rm `best` is just bf16; TRL's runs of `best`
-    and `packed` are one where TRL has no packing)."""
+    """Every run to make, deduplicated (for sft/rm `best` is just bf16). `packed` pairs are runs
+    of their own, TRL's padded ones included (its run of the pair where TRL has no packing)."""
     jobs, seen = [], set()
     for stage in args.stages:
         for size in args.sizes:
