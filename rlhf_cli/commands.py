@@ -248,16 +248,17 @@ def data_command(args: list[str]) -> None:
 
 
 PLAN_USAGE = (
-    "usage: rlhf plan [gpu_gib=24] [measure=true] [stage=...] [model=...] [quant=...] "
-    "[train.*=...] ... (the memory one device needs for `rlhf train` with the same overrides; "
-    "device=cpu plans for a CPU; measure=true loads the model and checks the plan on this device)"
+    "usage: rlhf plan [gpu_gib=24] [ranks=N] [measure=true] [stage=...] [model=...] "
+    "[quant=...] [train.*=...] ... (the memory one device needs for `rlhf train` with the same "
+    "overrides; device=cpu plans for a CPU; ranks=N with dist.strategy=fsdp: one rank's share "
+    "of N; measure=true loads the model and checks the plan on this device)"
 )
 
 
 def plan_command(args: list[str]) -> None:
     if wants_help(args, PLAN_USAGE):
         return
-    own = {"gpu_gib": None, "measure": "false"}
+    own = {"gpu_gib": None, "measure": "false", "ranks": "1"}
     overrides = []
     for arg in args:
         key, _, value = arg.partition("=")
@@ -273,6 +274,11 @@ def plan_command(args: list[str]) -> None:
             assert gpu > 0
         except (ValueError, AssertionError):
             fail(f"gpu_gib={own['gpu_gib']!r} must be a number of GiB > 0")
+    try:
+        ranks = int(own["ranks"])
+        assert ranks >= 1
+    except (ValueError, AssertionError):
+        fail(f"ranks={own['ranks']!r} must be a whole number >= 1 (the processes of the run)")
     if own["measure"] not in ("true", "false"):
         fail(f"measure={own['measure']!r} must be true or false")
     from rlhf_cli.cli import compose_checked
@@ -290,7 +296,7 @@ def plan_command(args: list[str]) -> None:
             gpu = torch.cuda.get_device_properties(index or 0).total_memory / 2**30
         else:
             gpu = 24.0
-    show(cfg, device, gpu)
+    show(cfg, device, gpu, ranks)
     if own["measure"] == "true":
         _, measured = measure(cfg)
         show_measured(measured)

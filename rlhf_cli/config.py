@@ -457,8 +457,8 @@ class DistConfig:
     """How several processes (torchrun) share the work."""
 
     strategy: str = "ddp"
-    """ddp: every rank holds the model, gradients are summed (LoRA/QLoRA); fsdp: weights,
-    gradients and optimizer state are sharded (FSDP2) for an unquantized base (quant=none)."""
+    """ddp: every rank holds the model, gradients are summed; fsdp: the weights (a 4-bit or
+    unquantized base, its adapters), gradients and optimizer state are sharded (FSDP2)."""
 
     timeout_s: float = 1800.0
     """Seconds a rank waits in a collective for the others before the run fails with an
@@ -865,14 +865,16 @@ class Config:
                 "train.packing_attention=varlen or mask with dist.strategy=fsdp",
             )
             _check(
-                self.quant.mode == "none",
-                f"dist.strategy=fsdp shards an unquantized base: add quant=none (4-bit bases "
-                f"use dist.strategy=ddp), got quant.mode={self.quant.mode}",
+                self.quant.mode != "int8",
+                "dist.strategy=fsdp shards a 4-bit (quant=nf4, fp4) or unquantized (quant=none) "
+                "base; bitsandbytes' 8-bit weights lose their scales when sharded: use quant=nf4, "
+                "or dist.strategy=ddp with quant=int8",
             )
             _check(
-                not isinstance(self.stage, SamplingConfig),
-                f"dist.strategy=fsdp covers sft, rm, dpo and kto; stage={self.stage.name} runs with "
-                "dist.strategy=ddp",
+                not getattr(self.stage, "multi_turn", False),
+                "dist.strategy=fsdp gathers the weights for every generated token, so the ranks "
+                "must generate in step; conversations of several turns end after different "
+                "numbers of replies on each rank: run stage.multi_turn with dist.strategy=ddp",
             )
         if isinstance(self.stage, KtoConfig):
             _check(

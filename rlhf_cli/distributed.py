@@ -9,9 +9,14 @@ the update of 1 rank x b*N x k (tested), with one gradient synchronisation per o
 Rank 0 alone prints, writes metrics and checkpoints.
 
 dist.strategy=fsdp (torch FSDP2, fully_shard) shards the weights, gradients and optimizer state
-of an unquantized base across ranks instead (each decoder layer, the decoder and the LM head are
-units; tied embeddings stay whole on every rank); checkpoints are gathered into the same
-full-weight format as a single device's.
+across ranks instead (each decoder layer, the decoder and the LM head are units; tied embeddings
+stay whole on every rank); checkpoints are gathered into the same full-weight format as a single
+device's. A 4-bit base shards as it is: bitsandbytes' packed NF4 bytes are a uint8 parameter
+that FSDP2 splits along its first dimension, while each layer's quantization constants stay
+whole on the module, where bitsandbytes finds them again for the gathered weight
+(fix_4bit_weight_quant_state_from_module). Under FSDP every forward is a collective: the
+stages keep the ranks in step (generation with synced_gpus, stand-in batches for a rank with
+fewer examples).
 """
 
 from __future__ import annotations
@@ -165,6 +170,43 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
             if p.grad is not None:
                 p.grad.mul_(scale)
     return norm
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    """The bytes this rank holds of `t` (its shard, when FSDP shards it)."""
+    t = t.to_local() if is_sharded(t) else t
+    return t.numel() * t.element_size()
+
+
+def footprint(module: torch.nn.Module, optimizer) -> dict[str, float]:
+    """What this rank holds of the run's static memory, in MiB: the weights (every parameter,
+    a sharded one by its shard, with the 4-bit bases' quantization constants, which stay whole
+    on every rank), the gradients as they stand (call it before they are freed) and the
+    optimizer's moments."""
+    weights = sum(local_bytes(p) for p in module.parameters())
+    seen: set[int] = set()
+    for m in module.modules():
+        state = getattr(m, "quant_state", None)
+        if state is not None and id(state) not in seen and hasattr(state, "as_dict"):
+            seen.add(id(state))
+            weights += sum(
+                v.numel() * v.element_size()
+                for v in state.as_dict(packed=True).values()
+                if torch.is_tensor(v)
+            )
+    grads = sum(local_bytes(p.grad) for p in module.parameters() if p.grad is not None)
+    optim = sum(  # the moments (a step counter per tensor aside: a few bytes)
+        local_bytes(v)
+        for st in optimizer.state.values()
+        for v in st.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
+    mib = 2.0**20
+    return {
+        "memory/weights_mib": weights / mib,
+        "memory/grads_mib": grads / mib,
+        "memory/optimizer_mib": optim / mib,
+    }
 
 
 def fsdp_wrap(model) -> None:

@@ -423,8 +423,10 @@ class Updater:
     """One optimizer update from the accumulated gradients: clip, skip it if the loss or the
     gradient is non-finite (counted in `pos`), step, schedule."""
 
-    def __init__(self, params, optimizer, scheduler, cfg: Config, pos: Position):
+    def __init__(self, params, optimizer, scheduler, cfg: Config, pos: Position, owner=None):
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
+        self.owner = owner  # every module of the run (for `footprint`)
+        self.footprint: dict[str, float] | None = None  # this rank's memory at its 1st update
         self.max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         self.max_nonfinite = cfg.train.max_nonfinite
         self.pos = pos
@@ -443,6 +445,8 @@ class Updater:
             self.optimizer.step()
         else:
             self.skipped_now = True
+        if self.footprint is None and self.owner is not None:
+            self.footprint = dist.footprint(self.owner, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss_value, norm_value
@@ -468,6 +472,162 @@ class Updater:
         return self.scheduler.get_last_lr()[0]
 
 
+class Run:
+    """One training run's whole state (model, optimizer, schedule, position, the stage's own)
+    and what is done to it as a whole: restore it from a checkpoint, save it, and turn a stop
+    (a signal, a failing reward function) into a checkpoint and its message. `train` steps it.
+    Under FSDP the weights and optimizer state are gathered whole to save and split again on
+    restore, so checkpoints look like a single device's."""
+
+    def __init__(self, stage: Stage, train_examples: list, run_dir: Path, config_yaml: str):
+        self.stage, self.cfg, self.model = stage, stage.cfg, stage.model
+        self.run_dir, self.config_yaml = run_dir, config_yaml
+        self.extras = stage.extra_modules()
+        modules = (self.model, *self.extras.values())
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError("the model has no trainable parameters (check peft settings)")
+        self.fsdp = any(dist.is_sharded(p) for p in self.params)
+        if not self.fsdp:
+            dist.broadcast_parameters(self.params)  # every rank starts from rank 0's weights
+        self.owner = dist.optimized_modules(self.model, self.extras)
+        self.total = stage.total_steps(len(train_examples))
+        self.optimizer = make_optimizer(self.params, self.cfg.optim)
+        schedule = lr_lambda(self.cfg.optim, self.total * stage.updates_per_step())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.pos = Position()
+        # Rank 0's (with FSDP each rank holds another shard of the weights).
+        self.fingerprint = dist.broadcast_object(
+            {"model": model_fingerprint(self.model), "data": data_fingerprint(train_examples)}
+        )
+        self.stop: StopFlag | None = None
+        self.last: dict[str, Any] = {}  # the last step's record and eval (for the model card)
+        self.evals: dict[str, Any] = {}
+
+    def updater(self) -> Updater:
+        return Updater(
+            self.params, self.optimizer, self.scheduler, self.cfg, self.pos, owner=self.owner
+        )
+
+    def restore(self, path: Path) -> None:
+        """Continue from the checkpoint at `path`: weights, optimizer, schedule, the stage's
+        state, the position in the data and every rank's random state."""
+        state = ckpt_lib.load_state(path)
+        check_fingerprint(state.get("fingerprint"), self.fingerprint, path, self.cfg.resume_force)
+        if self.fsdp != ("trainable" in state):
+            raise UserError(
+                f"{path} was saved with dist.strategy={'ddp' if self.fsdp else 'fsdp'}: resume "
+                "with the same strategy"
+            )
+        ckpt_lib.load_weights(self.model, path, self.extras, full_state=state.get("trainable"))
+        try:
+            if self.fsdp:
+                dist.load_full_state(
+                    self.model, self.owner, self.optimizer, state["trainable"], state["optimizer"]
+                )
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            take_optim_settings(self.optimizer, self.scheduler, self.cfg.optim)
+        except (ValueError, KeyError) as err:
+            raise UserError(
+                f"{path}: optimizer state does not fit this run ({err}); was optim.name "
+                "or the set of trained parameters changed?"
+            ) from err
+        saved_world = state.get("world_size", 1)
+        if saved_world != dist.world_size():
+            raise UserError(
+                f"{path} was saved by {saved_world} process(es) and this run has "
+                f"{dist.world_size()}: resume with --nproc_per_node={saved_world} (the data order "
+                "and each rank's random state depend on it), or start a new run"
+            )
+        self.stage.load_state_dict(state.get("stage", {}))
+        self.pos = Position(**state["position"])
+        ckpt_lib.set_rng_state(state["rng"][dist.rank()] if "world_size" in state else state["rng"])
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds beside the weights' files (a collective)."""
+        extra = {}
+        if self.fsdp:  # gathered whole: the files look like a single device's
+            extra["trainable"] = dist.full_trainable_state(self.model)
+        return {
+            **extra,
+            "optimizer": dist.full_optimizer_state(self.owner, self.optimizer)
+            if self.fsdp
+            else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "stage": self.stage.state_dict(),
+            "position": asdict(self.pos),
+            "rng": dist.gather_objects(ckpt_lib.rng_state()),  # one per rank
+            "world_size": dist.world_size(),
+            "step": self.pos.step,
+            "fingerprint": self.fingerprint,
+        }
+
+    def save(self, name: str | None = None) -> Path | None:
+        """A checkpoint of this step (or `final/`), written by rank 0; every rank calls it."""
+        stop = self.stop or StopFlag()
+        stop.saving = True  # a second Ctrl-C now waits for the save
+        try:
+            state = self.state()  # a collective: every rank takes part
+            path, failed = None, None
+            if dist.is_main():
+                try:
+                    path = self._write(name, state)
+                except CheckpointError as err:  # e.g. a full disk: every rank stops with it
+                    failed = str(err)
+            failed = dist.broadcast_object(failed)  # (and waits for rank 0's write)
+            if failed:
+                raise CheckpointError(failed)
+        finally:
+            stop.saving = False
+        return path
+
+    def _write(self, name: str | None, state: dict[str, Any]) -> Path:
+        card = None
+        if name == "final":
+            from rlhf_cli.card import command_line, model_card
+
+            kind = "adapter" if ckpt_lib.is_peft(self.model) else "full"
+            card = model_card(
+                self.cfg, self.config_yaml, kind, self.last, self.evals, command_line()
+            )
+        return ckpt_lib.save_checkpoint(
+            self.run_dir,
+            self.pos.step,
+            self.model,
+            state,
+            self.config_yaml,
+            self.cfg.train.keep_last,
+            self.stage.tokenizer if name else None,
+            name,
+            self.extras,
+            card,
+        )
+
+    def rewind(self, pos: Position, rng: Any) -> None:
+        """Back to the start of a step that raised before any update (it runs again)."""
+        for key, value in asdict(pos).items():
+            setattr(self.pos, key, value)
+        ckpt_lib.set_rng_state(rng)
+
+    def interrupted(self, signum: int) -> Interrupted:
+        path = self.save()
+        name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+        return Interrupted(
+            f"{name}: stopped at step {self.pos.step}/{self.total}; checkpoint {path}. "
+            f"Continue with: rlhf train ... run_dir={self.run_dir} resume=auto",
+            128 + signum,
+        )
+
+    def reward_failed(self, err: RewardError) -> UserError:
+        path = self.save()
+        return UserError(
+            f"{err} (checkpoint {path} at step {self.pos.step}/{self.total}: fix the function, "
+            f"then rlhf train ... run_dir={self.run_dir} resume=auto)"
+        )
+
+
 def train(
     stage: Stage,
     train_examples: list,
@@ -480,189 +640,75 @@ def train(
 ) -> dict[str, Any]:
     """Run the loop to the end (or to a signal); returns the summary rows. `stop`: the
     caller's signal handler, when it installed one before (e.g. around model loading)."""
-    cfg = stage.cfg
-    t = cfg.train
-    model = stage.model
-    extras = stage.extra_modules()
-    params = [p for m in (model, *extras.values()) for p in m.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("the model has no trainable parameters (check peft settings)")
-    fsdp = any(dist.is_sharded(p) for p in params)
-    if not fsdp:
-        dist.broadcast_parameters(params)  # every rank starts from rank 0's weights
-    total = stage.total_steps(len(train_examples))
-
-    optimizer = make_optimizer(params, cfg.optim)
-    schedule = lr_lambda(cfg.optim, total * stage.updates_per_step())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    pos = Position()
-    # Rank 0's (with FSDP each rank holds another shard of the weights).
-    fingerprint = dist.broadcast_object(
-        {"model": model_fingerprint(model), "data": data_fingerprint(train_examples)}
-    )
+    t = stage.cfg.train
+    run = Run(stage, train_examples, run_dir, config_yaml)
     if resume_from is not None:
-        state = ckpt_lib.load_state(resume_from)
-        check_fingerprint(state.get("fingerprint"), fingerprint, resume_from, cfg.resume_force)
-        if fsdp != ("trainable" in state):
-            raise UserError(
-                f"{resume_from} was saved with dist.strategy={'ddp' if fsdp else 'fsdp'}: resume "
-                "with the same strategy"
-            )
-        ckpt_lib.load_weights(model, resume_from, extras, full_state=state.get("trainable"))
-        try:
-            if fsdp:
-                owner = dist.optimized_modules(model, extras)
-                dist.load_full_state(
-                    model, owner, optimizer, state["trainable"], state["optimizer"]
-                )
-            else:
-                optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            take_optim_settings(optimizer, scheduler, cfg.optim)
-        except (ValueError, KeyError) as err:
-            raise UserError(
-                f"{resume_from}: optimizer state does not fit this run ({err}); was optim.name "
-                "or the set of trained parameters changed?"
-            ) from err
-        saved_world = state.get("world_size", 1)
-        if saved_world != dist.world_size():
-            raise UserError(
-                f"{resume_from} was saved by {saved_world} process(es) and this run has "
-                f"{dist.world_size()}: resume with --nproc_per_node={saved_world} (the data order "
-                "and each rank's random state depend on it), or start a new run"
-            )
-        stage.load_state_dict(state.get("stage", {}))
-        pos = Position(**state["position"])
-        ckpt_lib.set_rng_state(state["rng"][dist.rank()] if "world_size" in state else state["rng"])
-
-    def state_now() -> dict[str, Any]:
-        extra = {}
-        if fsdp:  # gathered whole: the files look like a single device's
-            extra["trainable"] = dist.full_trainable_state(model)
-        return {
-            **extra,
-            "optimizer": dist.full_optimizer_state(dist.optimized_modules(model, extras), optimizer)
-            if fsdp
-            else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "stage": stage.state_dict(),
-            "position": asdict(pos),
-            "rng": dist.gather_objects(ckpt_lib.rng_state()),  # one per rank
-            "world_size": dist.world_size(),
-            "step": pos.step,
-            "fingerprint": fingerprint,
-        }
-
-    def save(name: str | None = None) -> Path | None:
-        stop.saving = True  # a second Ctrl-C now waits for the save
-        try:
-            state = state_now()  # a collective: every rank takes part
-            path, failed = None, None
-            if dist.is_main():
-                try:
-                    path = _save(name, state)
-                except CheckpointError as err:  # e.g. a full disk: every rank stops with it
-                    failed = str(err)
-            failed = dist.broadcast_object(failed)  # (and waits for rank 0's write)
-            if failed:
-                raise CheckpointError(failed)
-        finally:
-            stop.saving = False
-        return path
-
-    def _save(name: str | None, state: dict[str, Any]) -> Path:
-        card = None
-        if name == "final":
-            from rlhf_cli.card import command_line, model_card
-
-            kind = "adapter" if ckpt_lib.is_peft(model) else "full"
-            card = model_card(cfg, config_yaml, kind, last, evals, command_line())
-        return ckpt_lib.save_checkpoint(
-            run_dir,
-            pos.step,
-            model,
-            state,
-            config_yaml,
-            t.keep_last,
-            stage.tokenizer if name else None,
-            name,
-            extras,
-            card,
-        )
-
-    updater = Updater(params, optimizer, scheduler, cfg, pos)
+        run.restore(resume_from)
+    pos, total = run.pos, run.total
+    updater = run.updater()
+    model = stage.model
     model.train()
     if hasattr(model, "config"):
         model.config.use_cache = False
-    last: dict[str, Any] = {}
-    evals: dict[str, Any] = {}
     start_step, t0 = pos.step, time.perf_counter()
     trackers = None
-    if dist.is_main() and (cfg.log.tensorboard or cfg.log.wandb):
+    if dist.is_main() and (stage.cfg.log.tensorboard or stage.cfg.log.wandb):
         from rlhf_cli.tracking import Trackers
 
         resumed_at = pos.step if resume_from is not None else None
-        trackers = Trackers(cfg.log, run_dir, config_yaml, stage.name, resumed_at)
+        trackers = Trackers(stage.cfg.log, run_dir, config_yaml, stage.name, resumed_at)
     reporter = Reporter(run_dir, total, pos.step, resume_from is not None, dist.is_main(), trackers)
 
-    def interrupted(signum: int) -> Interrupted:
-        path = save()
-        name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
-        return Interrupted(
-            f"{name}: stopped at step {pos.step}/{total}; checkpoint {path}. "
-            f"Continue with: rlhf train ... run_dir={run_dir} resume=auto",
-            128 + signum,
-        )
-
-    def reward_failed(err: RewardError) -> UserError:
-        path = save()
-        return UserError(
-            f"{err} (checkpoint {path} at step {pos.step}/{total}: fix the function, then "
-            f"rlhf train ... run_dir={run_dir} resume=auto)"
-        )
+    def evaluated() -> dict:
+        return evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
 
     stage.resumed = resume_from is not None
     history: list[dict[str, Any]] = []  # this run's train records, for the diagnostics
     noted: dict[str, str] = {}
-    max_new = getattr(cfg.stage, "max_new_tokens", 0)
+    max_new = getattr(stage.cfg.stage, "max_new_tokens", 0)
     with reporter as report, nullcontext(stop) if stop else StopFlag() as stop:
+        run.stop = stop
         stage.stop_requested = lambda: bool(stop.signum)
+
+        def stopped() -> Interrupted:  # a StopRequested: saved at the signal's step
+            return run.interrupted(stop.signum or signal.SIGINT)
+
         if eval_examples and t.eval_on_start and pos.step == 0:
             try:
-                report.eval(0, evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches))
+                report.eval(0, evaluated())
             except StopRequested:  # nothing trained yet: stop as before the first step
-                raise interrupted(stop.signum or signal.SIGINT) from None
+                raise stopped() from None
         while pos.step < total:
             step_t0 = time.perf_counter()
             before = replace(pos), ckpt_lib.rng_state()
             try:
                 examples = stage.step_examples(train_examples, pos)
             except StopRequested:  # a signal during the stage's own long work (sampling)
-                raise interrupted(stop.signum or signal.SIGINT) from None
+                raise stopped() from None
             except RewardError as err:  # rs: its sampling resumes from the saved batches
-                raise reward_failed(err) from None
+                raise run.reward_failed(err) from None
             try:
                 record, tokens = stage.train_step(examples, updater)
             except (RewardError, StopRequested) as err:
                 # Raised before any update (scoring, or a signal during the rollouts): the
                 # checkpoint is the state at the start of the step, which runs again on resume.
-                for key, value in asdict(before[0]).items():
-                    setattr(pos, key, value)
-                ckpt_lib.set_rng_state(before[1])
+                run.rewind(*before)
                 if isinstance(err, StopRequested):
-                    raise interrupted(stop.signum or signal.SIGINT) from None
-                raise reward_failed(err) from None
+                    raise stopped() from None
+                raise run.reward_failed(err) from None
             pos.step += 1
             pos.tokens += tokens
             updater.end_step()
             elapsed = time.perf_counter() - step_t0
-            last = {
+            run.last = last = {
                 **record,
                 "lr": updater.lr,
                 "tokens_per_s": tokens / max(elapsed, 1e-9),
                 "epoch": pos.epoch + pos.offset / max(1, len(train_examples)),
                 "skipped": pos.skipped,
             }
+            if pos.step == start_step + 1 and updater.footprint:  # this rank's, once a run
+                last.update(updater.footprint)
             if updater.skipped_last:
                 report.note(f"step {pos.step}: non-finite loss/gradient, step skipped")
             logged = pos.step % t.log_every == 0 or pos.step == total
@@ -676,33 +722,33 @@ def train(
                     report.note(f"[yellow]note (step {pos.step}):[/] {text}")
             if eval_examples and t.eval_every and pos.step % t.eval_every == 0 and pos.step < total:
                 try:
-                    evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+                    run.evals = evaluated()
                 except StopRequested:  # the eval is dropped; the step is saved
-                    raise interrupted(stop.signum or signal.SIGINT) from None
-                report.eval(pos.step, evals)
+                    raise stopped() from None
+                report.eval(pos.step, run.evals)
             if t.save_every and pos.step % t.save_every == 0 and pos.step < total:
-                save()
+                run.save()
             # Every rank stops at the same step when any of them got the signal.
             signum = int(dist.all_reduce_max(float(stop.signum or 0)))
             if signum:
-                raise interrupted(signum)
+                raise run.interrupted(signum)
         if eval_examples and start_step < total:
             try:
-                evals = evaluate(stage, eval_examples, t.micro_batch_size, t.eval_batches)
+                run.evals = evaluated()
             except StopRequested:
-                raise interrupted(stop.signum or signal.SIGINT) from None
-            report.eval(pos.step, evals)
-        save()
-        final = save("final")
+                raise stopped() from None
+            report.eval(pos.step, run.evals)
+        run.save()
+        final = run.save("final")
 
     elapsed = time.perf_counter() - t0
     trained_steps = pos.step - start_step
     rows = {
         "stage": stage.name,
         "steps": f"{pos.step} ({trained_steps} this run)",
-        "final loss": last.get("loss", float("nan")),
-        **{f"final {k}": last[k] for k in ("score", "kl") if k in last},
-        **{f"eval {k}": v for k, v in evals.items()},
+        "final loss": run.last.get("loss", float("nan")),
+        **{f"final {k}": run.last[k] for k in ("score", "kl") if k in run.last},
+        **{f"eval {k}": v for k, v in run.evals.items()},
         "skipped steps": pos.skipped,
         **({"notes": ", ".join(noted)} if noted else {}),
         "time": f"{elapsed:.1f}s",

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, ModelConfig
 from rlhf_cli.errors import UserError
 
@@ -515,7 +516,12 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     lm.generation_config = GenerationConfig()
     try:
         return model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            # FSDP gathers each layer's weights in every forward: every rank takes a step
+            # per token until all ranks' rows are done (a finished rank runs on idle).
+            synced_gpus=is_fsdp(model) and dist.world_size() > 1,
         )
     finally:
         lm.generation_config = saved
@@ -617,10 +623,14 @@ def shares_prompt(model, batch) -> bool:
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers < 5.x: the old name
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return "prompt_ids" in batch and not checkpointing and not is_fsdp(model)
+
+
+def is_fsdp(model) -> bool:
+    """Whether FSDP (dist.strategy=fsdp) shards `model`'s weights."""
     from torch.distributed.fsdp import FSDPModule
 
-    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
-    return "prompt_ids" in batch and not checkpointing and not sharded
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def shared_prompt_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:

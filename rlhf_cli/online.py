@@ -40,6 +40,7 @@ from rlhf_cli.models import (
     eval_mode,
     generate_ids,
     generation_config,
+    is_fsdp,
     lm_logits,
     own_logits,
     packed_hidden,
@@ -453,9 +454,11 @@ class OnlineStage(Sampler, Stage):
         kept: list[tuple[int, int]] = []  # (part, group) with rewards that differ
         flat: list[tuple[int, int]] = []  # (part, group) whose rewards are all equal
         gen_seconds, tries = 0.0, 0
+        lockstep = is_fsdp(self.model)  # every forward a collective: a full rank samples too
         for t in range(len(examples) // size):
             error = None
-            if len(kept) < need:
+            if len(kept) < need or lockstep:
+                full = len(kept) >= need
                 try:
                     rollout = self.rollout(dist.shard(examples[t * size : (t + 1) * size]))
                     gen_seconds += self.gen_seconds
@@ -463,15 +466,16 @@ class OnlineStage(Sampler, Stage):
                 except RewardError as err:
                     error = err
                 else:
-                    parts.append((rollout, terms))
-                    reward = self.reward(rollout, terms)[0]
-                    same = (
-                        zero_std(reward, group)
-                        if s.dynamic_sampling
-                        else torch.zeros(need, dtype=torch.bool)
-                    )
-                    for g, is_flat in enumerate(same.tolist()):
-                        (flat if is_flat else kept).append((len(parts) - 1, g))
+                    if not full:  # (a full rank sampled in step with the others, and drops it)
+                        parts.append((rollout, terms))
+                        reward = self.reward(rollout, terms)[0]
+                        same = (
+                            zero_std(reward, group)
+                            if s.dynamic_sampling
+                            else torch.zeros(need, dtype=torch.bool)
+                        )
+                        for g, is_flat in enumerate(same.tolist()):
+                            (flat if is_flat else kept).append((len(parts) - 1, g))
             tries += 1
             stop_point(self)  # a signal: after this generation, not after the whole step
             failed, short = dist.all_reduce_sum(
@@ -681,17 +685,23 @@ class OnlineStage(Sampler, Stage):
     def _evaluate(self, examples: list) -> dict[str, float]:
         columns: dict[str, list[torch.Tensor]] = {"score": [], "kl": [], "response_length": []}
         size = self.cfg.stage.rollout_batch_size
+        pool, lockstep = examples, is_fsdp(self.model)
         examples = examples[dist.rank() :: dist.world_size()]
         batches = int(dist.all_reduce_max(float(-(-len(examples) // size))))
         for i in range(0, batches * size, size):
             stop_point(self)  # every rank takes each stop point
-            if i >= len(examples):
+            part = examples[i : i + size]
+            if not part and not lockstep:
                 continue
-            rollout = self.rollout(examples[i : i + size])
+            # Under FSDP every forward is a collective: a rank out of examples runs a stand-in
+            # batch in step with the others and drops its results.
+            rollout = self.rollout(part or pool[:1])
             with autocast(self.amp_dtype, self.device):
                 logps = self.forward(self.model, rollout.select(slice(None)), rollout.prompt_len)[0]
                 ref = self.reference_logps(rollout)
             terms = self.score_terms(rollout)
+            if not part:
+                continue
             columns["score"].append(self.combine(terms))
             if len(terms) > 1:
                 for name, values in terms.items():

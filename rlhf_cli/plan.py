@@ -209,13 +209,23 @@ def settings(cfg: Config, device: str) -> Settings:
     )
 
 
+def quant_constant_bytes(arch: Arch, s: Settings) -> float:
+    """A 4-bit base's quantization constants (one per block of 64 weights; with double quant,
+    themselves 8-bit with a float32 per 256)."""
+    if s.quant not in ("nf4", "fp4"):
+        return 0.0
+    blocks = arch.linear_params / NF4_BLOCK
+    # Each quantized layer keeps its 16-value code table too (and the 256-value one of the
+    # double quantization), float32.
+    tables = arch.layers * len(arch.linears()) * 4 * (16 + (256 if s.double_quant else 0))
+    return (blocks * (1 + 4 / DQ_BLOCK) if s.double_quant else blocks * 4) + tables
+
+
 def base_weight_bytes(arch: Arch, s: Settings) -> float:
     """The frozen (or, for peft=full, trained) base as stored."""
     lin = arch.linear_params
     if s.quant in ("nf4", "fp4"):
-        blocks = lin / NF4_BLOCK
-        scales = blocks * (1 + 4 / DQ_BLOCK) if s.double_quant else blocks * 4
-        stored = lin / 2 + scales
+        stored = lin / 2 + quant_constant_bytes(arch, s)
     elif s.quant == "int8":
         outs = arch.layers * sum(o for _, o in arch.linears().values())
         stored = lin + 4 * outs  # int8 weights + one fp32 scale per output row
@@ -340,8 +350,11 @@ class Plan:
         return sum(r.bytes for r in self.rows if r.peak)
 
 
-def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: str = "") -> Plan:
-    """The rows of memory one device needs for this config (one rank of a DDP run)."""
+def plan(
+    cfg: Config, device: str = "cuda", arch: Arch | None = None, source: str = "", ranks: int = 1
+) -> Plan:
+    """The rows of memory one device needs for this config: one rank of a DDP run, or of an
+    FSDP run (dist.strategy=fsdp) over `ranks` ranks."""
     if arch is None:
         arch, source = model_arch(cfg)
     s = settings(cfg, device)
@@ -484,9 +497,42 @@ def plan(cfg: Config, device: str = "cuda", arch: Arch | None = None, source: st
     name, peak = max(transient, key=lambda t: t[1]) if transient else ("", 0.0)
     if peak:
         rows.append(Row("largest transient", peak, name))
+    if ranks > 1 and cfg.dist.strategy == "fsdp":
+        rows = fsdp_rows(rows, arch, s, ranks)
     if device == "cuda":
         rows.append(Row("CUDA context", CUDA_CONTEXT_GIB * GIB, "held outside torch's allocator"))
     return Plan(rows + extra_rows, arch, source, s)
+
+
+def fsdp_rows(rows: list[Row], arch: Arch, s: Settings, ranks: int) -> list[Row]:
+    """One rank's rows under dist.strategy=fsdp: the weights, gradients and optimizer state
+    divided by the ranks, except what every rank keeps whole (a 4-bit base's quantization
+    constants; an LM head tied to the embeddings), plus the weights FSDP gathers whole while it
+    computes: the embedding (the decoder's unit, for its forward and its backward) and two
+    decoder layers (the one computing and the next, prefetched)."""
+    tied = arch.vocab * arch.hidden if arch.tied else 0
+    whole = {
+        "base weights": quant_constant_bytes(arch, s) + tied * s.base_bytes,
+        # peft=full trains the tied matrix: whole on every rank, with its gradient and moments
+        "trainable parameters": 4.0 * tied if s.full else 0.0,
+        "gradients": 4.0 * tied if s.full else 0.0,
+        "optimizer states": 8.0 * tied if s.full else 0.0,
+    }
+    out = []
+    for r in rows:
+        if r.name in whole:
+            kept = min(whole[r.name], r.bytes)
+            r = Row(r.name, (r.bytes - kept) / ranks + kept, f"{r.note}; 1/{ranks} a rank")
+        out.append(r)
+    lin = arch.linear_params / arch.layers
+    stored = (
+        lin / 2 if s.quant in ("nf4", "fp4") else lin if s.quant == "int8" else lin * s.base_bytes
+    )
+    layer = stored + 2 * arch.hidden * s.base_bytes + 4.0 * sum(lora_params(arch, s)) / arch.layers
+    embedding = arch.vocab * arch.hidden * s.base_bytes
+    gathered = (embedding + 2 * layer) * (1 - 1 / ranks)  # (its own shard counted above)
+    out.append(Row("gathered by FSDP", gathered, "the embedding and two decoder layers, whole"))
+    return out
 
 
 KNOBS: list[tuple[str, dict]] = [
@@ -524,13 +570,13 @@ def with_change(cfg: Config, change: dict) -> Config | None:
     return new
 
 
-def knobs(cfg: Config, device: str, arch: Arch) -> list[tuple[str, float]]:
+def knobs(cfg: Config, device: str, arch: Arch, ranks: int = 1) -> list[tuple[str, float]]:
     """Each applicable knob with the total it gives, most saving first."""
-    now = plan(cfg, device, arch).total
+    now = plan(cfg, device, arch, ranks=ranks).total
     out = []
     for label, change in KNOBS:
         new = with_change(cfg, change)
-        if new is not None and (total := plan(new, device, arch).total) < now:
+        if new is not None and (total := plan(new, device, arch, ranks=ranks).total) < now:
             out.append((label, total))
     return sorted(out, key=lambda t: t[1])
 
@@ -547,17 +593,21 @@ def stdout():
     return Console(soft_wrap=True)
 
 
-def show(cfg: Config, device: str, gpu_gib: float | None) -> Plan:
+def show(cfg: Config, device: str, gpu_gib: float | None, ranks: int = 1) -> Plan:
     from rich.table import Table
 
     console = stdout()
-    p = plan(cfg, device)
+    p = plan(cfg, device, ranks=ranks)
+    sharded = ranks > 1 and cfg.dist.strategy == "fsdp"
+    where = f"one rank of {ranks} (FSDP)" if sharded else f"one {device.upper()} device"
+    if ranks > 1 and not sharded:
+        where += f" (each of the {ranks} ranks holds it all: dist.strategy=ddp)"
     budget = gpu_gib
     a = p.arch
     console.print(
         f"rlhf plan stage={cfg.stage.name} model={cfg.model.name_or_path} ({p.source}): "
         f"{a.layers} layers, hidden {a.hidden}, {a.heads} heads / {a.kv_heads} KV, vocabulary "
-        f"{a.vocab}; one {device.upper()} device"
+        f"{a.vocab}; {where}"
     )
     table = Table(show_header=True, title_justify="left")
     table.add_column("memory")
@@ -572,7 +622,7 @@ def show(cfg: Config, device: str, gpu_gib: float | None) -> Plan:
         verdict = "fits" if fits else "does not fit"
         console.print(f"{verdict} in {budget:g} GiB ({100 * p.total / (budget * GIB):.0f}%)")
         if not fits:
-            for label, total in knobs(cfg, device, a):
+            for label, total in knobs(cfg, device, a, ranks):
                 mark = "fits" if total <= budget * GIB else "still over"
                 console.print(f"  {label}: {gib(total)} GiB ({mark})")
     return p

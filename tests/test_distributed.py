@@ -210,8 +210,16 @@ def test_launch_nproc_runs_torchrun(tmp_path):
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_fsdp_shards_matches_one_rank_and_resumes(tmp_path):
-    args = (*EXACT, "train.save_every=2", "train.keep_last=3")
+# The same with the default 4-bit (NF4) base: FSDP shards its packed weights too.
+QLORA = tuple(a for a in EXACT if a != "quant=none")
+
+
+def test_fsdp_shards_a_4bit_base_matches_one_rank_and_resumes(tmp_path):
+    """FSDP-QLoRA: the NF4 base's packed weights are sharded (bitsandbytes keeps each layer's
+    quantization constants on the module and puts them back on the gathered weight), the LoRA
+    weights, gradients and optimizer state too; each rank holds half of them (measured at its
+    first update), and the run equals one rank with twice the batch."""
+    args = (*QLORA, "train.save_every=2", "train.keep_last=3")
     assert_ok(
         torchrun(
             *args, "dist.strategy=fsdp", "train.micro_batch_size=4", f"run_dir={tmp_path / 'fsdp'}"
@@ -220,6 +228,27 @@ def test_fsdp_shards_matches_one_rank_and_resumes(tmp_path):
     train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
     fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    # LoRA matrices have even first dimensions: their shards are exact halves.
+    for key in ("memory/grads_mib", "memory/optimizer_mib"):
+        assert fsdp[0][key] == pytest.approx(one[0][key] / 2, rel=1e-9), key
+    # The 4-bit constants (~3% here) stay whole on every rank: a little over half.
+    ratio = fsdp[0]["memory/weights_mib"] / one[0]["memory/weights_mib"]
+    assert 0.5 < ratio < 0.53, ratio
+
+    # `rlhf plan ranks=2`: its per-rank rows against what rank 0 held at its first update.
+    from conftest import compose
+
+    from rlhf_cli.plan import plan
+
+    cfg = compose(*args, "dist.strategy=fsdp", "train.micro_batch_size=4")
+    rows = {r.name: r.bytes / 2**20 for r in plan(cfg, "cpu", ranks=2).rows}
+    assert rows["gradients"] == pytest.approx(fsdp[0]["memory/grads_mib"], rel=1e-6)
+    assert rows["optimizer states"] == pytest.approx(fsdp[0]["memory/optimizer_mib"], rel=1e-6)
+    weights = rows["base weights"] + rows["trainable parameters"]
+    assert weights == pytest.approx(fsdp[0]["memory/weights_mib"], rel=0.02)
+    whole = {r.name: r.bytes / 2**20 for r in plan(cfg, "cpu", ranks=1).rows}
+    assert whole["optimizer states"] == pytest.approx(one[0]["memory/optimizer_mib"], rel=1e-6)
+    assert rows["gathered by FSDP"] > 0 and "gathered by FSDP" not in whole
     # Gathered from the shards into the single-device format, key for key (summation-order
     # noise only, amplified by Adam as in the DDP test above).
     assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-4
@@ -240,14 +269,14 @@ def test_fsdp_shards_matches_one_rank_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo", "kto"])
-def test_fsdp_runs_every_offline_stage_as_one_rank_does(tmp_path, stage):
-    """rm, dpo and kto under FSDP equal one rank with twice the batch. rm failed on its first
-    backward: its shared-prompt forward runs the decoder twice and the responses' backward
-    reaches the prompt pass through the KV cache, whose weights FSDP had freed (under FSDP
-    the rows run whole); and AdamW's foreach kernels refused its reward head (a plain tensor)
-    beside the sharded LoRA weights. rm resumes exactly too (its head's optimizer state is
-    saved beside the sharded ones)."""
-    args = (*EXACT, f"stage={stage}", "train.max_steps=3", "data.eval_size=0")
+def test_fsdp_runs_every_offline_stage_on_a_4bit_base_as_one_rank_does(tmp_path, stage):
+    """rm, dpo and kto under FSDP with an NF4 base equal one rank with twice the batch, and
+    resume exactly. rm failed on its first backward: its shared-prompt forward runs the
+    decoder twice and the responses' backward reaches the prompt pass through the KV cache,
+    whose weights FSDP had freed (under FSDP the rows run whole); and AdamW's foreach kernels
+    refused its reward head (a plain tensor) beside the sharded LoRA weights (its optimizer
+    state is saved beside the sharded ones)."""
+    args = (*QLORA, f"stage={stage}", "train.max_steps=3", "data.eval_size=0")
     fsdp_args = (*args, "dist.strategy=fsdp", "train.micro_batch_size=4", "train.save_every=1")
     assert_ok(torchrun(*fsdp_args, f"run_dir={tmp_path / 'fsdp'}"))
     train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
@@ -255,14 +284,141 @@ def test_fsdp_runs_every_offline_stage_as_one_rank_does(tmp_path, stage):
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in fsdp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
     assert max_diff(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")) < 1e-4
-    if stage == "rm":
-        stopped_copy(tmp_path / "fsdp", tmp_path / "resumed", last_step=2)
-        assert_ok(torchrun(*fsdp_args, f"run_dir={tmp_path / 'resumed'}", "resume=auto"))
-        resumed = read_metrics(tmp_path / "resumed")
-        assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in fsdp], abs=1e-6)
-        for name in ("adapter_model.safetensors", "reward_head.safetensors"):
-            runs = (adapter(tmp_path / d, name=name) for d in ("fsdp", "resumed"))
-            assert max_diff(*runs) < 1e-6, name
+    stopped_copy(tmp_path / "fsdp", tmp_path / "resumed", last_step=2)
+    assert_ok(torchrun(*fsdp_args, f"run_dir={tmp_path / 'resumed'}", "resume=auto"))
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    # Steps 1-2 are the copied ones: the resumed process logs its memory at its first step, 3.
+    assert "memory/optimizer_mib" in resumed[2] and "memory/optimizer_mib" not in fsdp[2]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in fsdp], abs=1e-6)
+    names = ["adapter_model.safetensors"] + (["reward_head.safetensors"] if stage == "rm" else [])
+    for name in names:
+        runs = (adapter(tmp_path / d, name=name) for d in ("fsdp", "resumed"))
+        assert max_diff(*runs) < 1e-6, name
+
+
+def test_fsdp_ppo_on_a_4bit_base_equals_ddp_and_resumes(tmp_path):
+    """The online stages under FSDP: rollouts (every rank takes a generation step per token
+    until all are done: the ranks' replies end at different lengths), the adapter-off
+    reference and the updates on the sharded NF4 base equal the same 2 ranks under ddp, where
+    each rank holds the whole model (same prompts per rank, so the same numerics; near-greedy
+    sampling). 17 eval prompts in batches of 8 give rank 1 a batch less: under FSDP it runs a
+    stand-in in step with rank 0 (it would hang in rank 0's generation otherwise) and the
+    eval equals ddp's. Resume is exact: step 2 again from the step-1 checkpoint."""
+    common = (
+        "stage=ppo",
+        "reward.fn=rlhf_cli.rewards:char_fraction",
+        "data.eval_size=17",
+        "stage.rollout_batch_size=8",
+        "stage.max_new_tokens=8",
+        "stage.temperature=1e-3",
+        "train.max_steps=2",
+        "train.eval_every=1",
+        "train.save_every=1",
+    )
+    fsdp_args = (*common, "dist.strategy=fsdp")
+    assert_ok(torchrun(*fsdp_args, f"run_dir={tmp_path / 'fsdp'}"))
+    assert_ok(torchrun(*common, f"run_dir={tmp_path / 'ddp'}"))
+    fsdp, ddp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "ddp")
+    assert len(fsdp) == len(ddp) == 2
+    for a, b in zip(fsdp, ddp):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6)  # the same rollouts
+        # Log-probs at temperature 1e-3 magnify summation-order noise (0.3% on step 2's
+        # gradient norm); a rank's share lost or counted twice is off by 2x.
+        for key in ("loss", "grad_norm", "value/loss", "policy/approx_kl"):
+            assert a[key] == pytest.approx(b[key], rel=2e-2, abs=1e-7), key
+    evals = read_metrics(tmp_path / "fsdp", "eval"), read_metrics(tmp_path / "ddp", "eval")
+    assert len(evals[0]) == 2  # after step 1, at the end
+    assert [e["score"] for e in evals[0]] == pytest.approx([e["score"] for e in evals[1]], abs=1e-6)
+    # Each rank holds half of the LoRA weights' optimizer state (the value head stays whole).
+    assert fsdp[0]["memory/optimizer_mib"] < 0.6 * ddp[0]["memory/optimizer_mib"]
+
+    stopped_copy(tmp_path / "fsdp", tmp_path / "resumed", last_step=1)
+    assert_ok(torchrun(*fsdp_args, f"run_dir={tmp_path / 'resumed'}", "resume=auto"))
+    resumed = read_metrics(tmp_path / "resumed")
+    assert "memory/weights_mib" in resumed[1] and "memory/weights_mib" not in fsdp[1]
+    for key in ("loss", "score", "value/loss"):
+        assert resumed[1][key] == pytest.approx(fsdp[1][key], abs=1e-6), key
+
+
+def test_fsdp_rejection_sampling_runs_short_batches_in_step(tmp_path):
+    """rs under FSDP: 9 prompts a round in generation batches of 4 leave the last batch one
+    prompt, so rank 1 has none: it samples a stand-in in step with rank 0 and keeps nothing.
+    The round's samples and scores, the training and the greedy eval equal ddp's."""
+    from rlhf_cli.stages.rs import read_rows
+
+    common = (
+        "stage=rs",
+        "reward.fn=rlhf_cli.rewards:char_fraction",
+        "peft.dropout=0",
+        "data.eval_size=5",
+        "stage.prompts_per_round=9",
+        "stage.n=2",
+        "stage.rollout_batch_size=4",
+        "stage.max_new_tokens=6",
+        "stage.rounds=1",
+        "train.micro_batch_size=2",
+    )
+    assert_ok(torchrun(*common, "dist.strategy=fsdp", f"run_dir={tmp_path / 'fsdp'}"))
+    assert_ok(torchrun(*common, f"run_dir={tmp_path / 'ddp'}"))
+    rounds = [read_rows(tmp_path / d / "rounds" / "round-1.jsonl") for d in ("fsdp", "ddp")]
+    assert len(rounds[0]) == 9
+    for key in ("ids", "score"):
+        assert [[x[key] for x in r["samples"]] for r in rounds[0]] == [
+            [x[key] for x in r["samples"]] for r in rounds[1]
+        ]
+    fsdp, ddp = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "ddp")
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], abs=1e-5)
+    e2, e1 = read_metrics(tmp_path / "fsdp", "eval")[-1], read_metrics(tmp_path / "ddp", "eval")[-1]
+    assert e2["greedy_score"] == pytest.approx(e1["greedy_score"], abs=1e-6)
+
+
+def test_two_nodes_run_as_one_fsdp_job(tmp_path):
+    """Several machines: two torchrun launches (one per "node", --nnodes=2 --node_rank=0/1)
+    meet at a c10d rendezvous on localhost, as on real machines with one run directory on
+    shared storage; rank 0 (node 0) writes it. The run equals one rank with twice the batch."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (*QLORA[:2], "train.max_steps=3", "data.eval_size=0")
+    run_dir = tmp_path / "nodes"
+    launches = []
+    for node in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node_rank={node}",
+            "--nproc_per_node=1",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=two-nodes",
+            "-m",
+            "rlhf_cli",
+            "train",
+            *args,
+            "dist.strategy=fsdp",
+            "train.micro_batch_size=4",
+            f"run_dir={run_dir}",
+            TIMEOUT,
+        ]
+        launches.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=600) for p in launches]
+    for p, (out, err) in zip(launches, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+    assert "distributed: 2 ranks" in outs[0][1] + outs[0][0]
+    train_in_process(tmp_path / "one", *args, "train.micro_batch_size=8")
+    two, one = read_metrics(run_dir), read_metrics(tmp_path / "one")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert max_diff(adapter(run_dir), adapter(tmp_path / "one")) < 1e-4
+    assert [p.name for p in ckpt_lib.list_checkpoints(run_dir)] == ["step-000003"]
 
 
 def test_packed_fsdp_dpo_equals_one_padded_rank(tmp_path):
@@ -337,17 +493,17 @@ def test_fsdp_keeps_tied_embeddings_tied(tmp_path):
 def test_fsdp_config_is_validated(tmp_path):
     from conftest import rlhf
 
-    res = rlhf("train", "dist.strategy=fsdp", cwd=tmp_path)  # the default base is 4-bit
-    assert res.returncode == 2 and "add quant=none" in res.stderr
+    res = rlhf("train", "quant=int8", "dist.strategy=fsdp", cwd=tmp_path)
+    assert res.returncode == 2 and "use quant=nf4, or dist.strategy=ddp" in res.stderr
     res = rlhf(
         "train",
         "stage=grpo",
+        "stage.tools=[rlhf_cli.multiturn:calculator]",
         "reward.fn=rlhf_cli.rewards:char_fraction",
-        "quant=none",
         "dist.strategy=fsdp",
         cwd=tmp_path,
     )
-    assert res.returncode == 2 and "dist.strategy=ddp" in res.stderr
+    assert res.returncode == 2 and "run stage.multi_turn with dist.strategy=ddp" in res.stderr
     res = rlhf(
         "train",
         "quant=none",

@@ -41,11 +41,13 @@ def test_lora_rows_of_llama2_7b_by_hand():
     assert rows["trainable parameters"] == rows["gradients"] == 4 * 39_976_960
     assert rows["optimizer states"] == 8 * 39_976_960
     # NF4 + double quant: half a byte per linear weight, one byte per 64 (the 8-bit absmax) and
-    # 4 bytes per 64 x 256 (its fp32 scale); embeddings, LM head and norms in bf16.
+    # 4 bytes per 64 x 256 (its fp32 scale), each of the 7 x 32 layers' code tables (16 and 256
+    # fp32 values); embeddings, LM head and norms in bf16.
     a = arch("meta-llama/Llama-2-7b-hf")
     linear = a.params - 2 * 32000 * 4096 - (2 * 32 + 1) * 4096
     assert linear == a.linear_params
-    expected = linear / 2 + linear / 64 + 4 * linear / (64 * 256) + 2 * (a.params - linear)
+    tables = 7 * 32 * 4 * (16 + 256)
+    expected = linear / 2 + linear / 64 + 4 * linear / (64 * 256) + tables + 2 * (a.params - linear)
     assert rows["base weights"] == pytest.approx(expected, rel=1e-12)
     assert rows["base weights"] / GIB == pytest.approx(3.60, abs=0.005)
 

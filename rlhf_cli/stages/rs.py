@@ -32,7 +32,7 @@ from rlhf_cli import distributed as dist
 from rlhf_cli.data import IGNORE_INDEX, SFTExample
 from rlhf_cli.errors import RewardError, UserError
 from rlhf_cli.loop import Position, StopRequested, epoch_order, stop_point
-from rlhf_cli.models import eval_mode, generation_config
+from rlhf_cli.models import eval_mode, generation_config, is_fsdp
 from rlhf_cli.online import Sampler, pooled_means
 from rlhf_cli.progress import console
 from rlhf_cli.stages.sft import SFTStage
@@ -285,8 +285,11 @@ class RSStage(Sampler, SFTStage):
         s = self.cfg.stage
         mine = indices[dist.rank() :: dist.world_size()]
         rows, error = [], None
-        if mine:
-            examples = [self.prompts[i] for i in mine]
+        # Under FSDP every forward is a collective: a rank without prompts in this (last,
+        # short) batch samples a stand-in prompt in step with the others and keeps nothing.
+        stand_in = not mine and is_fsdp(self.model)
+        if mine or stand_in:
+            examples = [self.prompts[i] for i in mine or indices[:1]]
             devices = [self.device] if self.device.type == "cuda" else []
             seed = ((self.cfg.train.seed * 1_000_003 + r) * 100_003 + b) * 101 + dist.rank()
             with torch.random.fork_rng(devices=devices), eval_mode(self.model):
@@ -296,6 +299,8 @@ class RSStage(Sampler, SFTStage):
                     scores = self.scores(rollout).tolist()
                 except RewardError as err:  # every rank stops (below), with this message
                     error, mine = str(err), []
+                if stand_in:
+                    mine = []
             for j, i in enumerate(mine):
                 samples = []
                 for q in range(j * s.n, (j + 1) * s.n):
@@ -343,13 +348,19 @@ class RSStage(Sampler, SFTStage):
         scores, lengths, ended = [], [], []
         size = s.rollout_batch_size
         batches = int(dist.all_reduce_max(float(-(-len(mine) // size))))
+        lockstep = is_fsdp(self.model)
         with eval_mode(self.model):
             for i in range(0, batches * size, size):
                 stop_point(self)  # every rank takes each stop point
-                if i >= len(mine):
+                part = mine[i : i + size]
+                if not part and not lockstep:
                     continue
-                rollout = self.rollout(mine[i : i + size], 1, self.greedy)
-                scores += self.scores(rollout).tolist()
+                # FSDP: a rank out of prompts runs a stand-in in step and keeps nothing.
+                rollout = self.rollout(part or examples[:1], 1, self.greedy)
+                batch_scores = self.scores(rollout).tolist()
+                if not part:
+                    continue
+                scores += batch_scores
                 lengths += rollout.mask.sum(-1).tolist()
                 ended += rollout.ended.tolist()
         return pooled_means(
