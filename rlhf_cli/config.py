@@ -871,6 +871,12 @@ class Config:
                 "or dist.strategy=ddp with quant=int8",
             )
             _check(
+                not self.optim.name.endswith("adamw8bit"),
+                f"optim={self.optim.name} cannot step FSDP's sharded parameters (bitsandbytes' 8-bit "
+                "update has no rule for DTensors): use optim=adamw with dist.strategy=fsdp (it "
+                "shards the optimizer state already), or dist.strategy=ddp",
+            )
+            _check(
                 not getattr(self.stage, "multi_turn", False),
                 "dist.strategy=fsdp gathers the weights for every generated token, so the ranks "
                 "must generate in step; conversations of several turns end after different "

@@ -562,6 +562,8 @@ def with_change(cfg: Config, change: dict) -> Config | None:
             return None
         if key in ("quant.mode", "peft.dropout") and new.peft.method == "full":
             return None
+        if key == "optim.name" and new.dist.strategy == "fsdp":  # (refused under FSDP)
+            return None
         if key == "ref.precompute" and not (
             isinstance(new.stage, DpoConfig | KtoConfig) and new.ref.model
         ):

@@ -341,6 +341,29 @@ def test_fsdp_ppo_on_a_4bit_base_equals_ddp_and_resumes(tmp_path):
         assert resumed[1][key] == pytest.approx(fsdp[1][key], abs=1e-6), key
 
 
+def test_fsdp_dynamic_sampling_keeps_a_full_rank_sampling_in_step(tmp_path):
+    """stage.dynamic_sampling under FSDP: rank 0's groups all differ at the first try, rank 1's
+    never do (tests/rewards_by_rank.py); rank 0 must go on sampling (and dropping) with rank 1
+    through every try, or rank 1's generation waits for it in FSDP's gathers (a hang)."""
+    args = (
+        "stage=grpo",
+        "reward.fn=tests.rewards_by_rank:rank_zero_length",
+        "data.eval_size=0",
+        "stage.rollout_batch_size=4",
+        "stage.group_size=2",
+        "stage.max_new_tokens=6",
+        "stage.dynamic_sampling=true",
+        "stage.dynamic_sampling_max_tries=3",
+        "train.max_steps=1",
+        "dist.strategy=fsdp",
+        f"run_dir={tmp_path / 'fsdp'}",
+    )
+    assert_ok(torchrun(*args))
+    (row,) = read_metrics(tmp_path / "fsdp")
+    assert row["dynamic/tries"] == 3  # rank 1 never filled: every try ran, on both ranks
+    assert row["dynamic/filled"] == pytest.approx(0.5)  # rank 1's 2 groups of 2, ranks averaged
+
+
 def test_fsdp_rejection_sampling_runs_short_batches_in_step(tmp_path):
     """rs under FSDP: 9 prompts a round in generation batches of 4 leave the last batch one
     prompt, so rank 1 has none: it samples a stand-in in step with rank 0 and keeps nothing.
@@ -376,13 +399,20 @@ def test_fsdp_rejection_sampling_runs_short_batches_in_step(tmp_path):
 def test_two_nodes_run_as_one_fsdp_job(tmp_path):
     """Several machines: two torchrun launches (one per "node", --nnodes=2 --node_rank=0/1)
     meet at a c10d rendezvous on localhost, as on real machines with one run directory on
-    shared storage; rank 0 (node 0) writes it. The run equals one rank with twice the batch."""
+    shared storage; rank 0 (node 0) writes it. The run equals one rank with twice the batch
+    (with gradient checkpointing, which recomputes each layer's forward under FSDP's gather in
+    the backward)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = (*QLORA[:2], "train.max_steps=3", "data.eval_size=0")
+    args = (
+        *QLORA[:2],
+        "train.max_steps=3",
+        "data.eval_size=0",
+        "train.gradient_checkpointing=true",
+    )
     run_dir = tmp_path / "nodes"
     launches = []
     for node in (0, 1):
@@ -495,6 +525,8 @@ def test_fsdp_config_is_validated(tmp_path):
 
     res = rlhf("train", "quant=int8", "dist.strategy=fsdp", cwd=tmp_path)
     assert res.returncode == 2 and "use quant=nf4, or dist.strategy=ddp" in res.stderr
+    res = rlhf("train", "optim=adamw8bit", "dist.strategy=fsdp", cwd=tmp_path)
+    assert res.returncode == 2 and "use optim=adamw with dist.strategy=fsdp" in res.stderr
     res = rlhf(
         "train",
         "stage=grpo",
