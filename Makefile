@@ -105,7 +105,7 @@ bench-packing: install
 # The suite in TEST_WORKERS processes (pytest-xdist; one thread each): 2 fits 2 cores and 24 GB.
 TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests scripts
