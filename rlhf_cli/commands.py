@@ -15,14 +15,16 @@ from rlhf_cli.errors import fail
 
 SAMPLE_USAGE = (
     "usage: rlhf sample RUN (prompts=FILE | prompt=TEXT) [out=PATH] [n=1] [max_new_tokens=N] "
-    "[temperature=0 (greedy)] [top_p=1.0] [batch_size=16] [seed=0] [quant=nf4|none|...] "
-    "[device=auto] [force=true] [trust_remote_code=true]"
+    "[temperature=0 (greedy)] [top_p=1.0] [top_k=0] [min_p=0] [batch_size=16] [seed=0] "
+    "[quant=nf4|none|...] [rollout.engine=hf|vllm] [device=auto] [force=true] "
+    "[trust_remote_code=true]"
 )
 EVAL_USAGE = (
     "usage: rlhf eval RUN prompts=FILE [reward.fn=module:fn [reward.kwargs.KEY=VALUE ...] | "
     "reward.model=RM_RUN] [pairs=PREFERENCE_FILE] [out=JSON] [ref=RUN_OR_MODEL] [label=NAME] "
-    "[beta=B] [n=1] [max_new_tokens=N] [temperature=1.0] [top_p=1.0] [batch_size=16] [seed=0] "
-    "[quant=...] [device=auto] [force=true] [trust_remote_code=true]"
+    "[beta=B] [n=1] [max_new_tokens=N] [temperature=1.0] [top_p=1.0] [top_k=0] [min_p=0] "
+    "[batch_size=16] [seed=0] [quant=...] [rollout.engine=hf|vllm] [device=auto] [force=true] "
+    "[trust_remote_code=true]"
 )
 MERGE_USAGE = (
     "usage: rlhf merge RUN out=DIR [dtype=auto|float32|bfloat16|float16] [device=cpu] [force=true] "
@@ -73,6 +75,21 @@ def text(value: str) -> str:
     return value
 
 
+def engine(value: str) -> str:
+    """hf or vllm"""
+    if value not in ("hf", "vllm"):
+        raise ValueError
+    return value
+
+
+def below_one(value: str) -> float:
+    """a number in [0, 1)"""
+    number = float(value)
+    if not 0 <= number < 1:
+        raise ValueError
+    return number
+
+
 def names(value: str) -> list[str]:
     """a comma-separated list"""
     items = [v.strip() for v in value.split(",") if v.strip()]
@@ -87,6 +104,9 @@ GENERATION = {
     "max_new_tokens": whole(1),
     "temperature": non_negative,
     "top_p": probability,
+    "top_k": whole(0),
+    "min_p": below_one,
+    "rollout.engine": engine,
     "batch_size": whole(1),
     "seed": whole(0),
     "quant": text,
@@ -142,6 +162,7 @@ def sample_command(args: list[str]) -> None:
     if len(positional) != 1:
         fail(f"name one run or model directory; {SAMPLE_USAGE}")
     refuse_overwrite(o.get("out"), o.pop("force", False))
+    o["engine"] = o.pop("rollout.engine", "hf")
     from rlhf_cli.sample import sample
 
     sample(positional[0], **o)
@@ -169,6 +190,7 @@ def eval_command(args: list[str]) -> None:
     if kwargs and "reward.fn" not in o:
         fail("reward.kwargs.* are arguments of reward.fn: name the function too")
     o["reward_fn"], o["reward_model"] = o.pop("reward.fn", None), o.pop("reward.model", None)
+    o["engine"] = o.pop("rollout.engine", "hf")
     from rlhf_cli.evaluate import evaluate
 
     evaluate(positional[0], reward_kwargs=kwargs, **o)

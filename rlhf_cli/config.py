@@ -160,6 +160,12 @@ class SamplingConfig(StageConfig):
     evaluates greedily)."""
     top_p: float = 1.0
     """Nucleus sampling; 1.0 samples the full distribution."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens only; 0 = all of them."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p x the likeliest one's probability; 0 = none.
+    (top_p, top_k and min_p shape the sampling only: the online stages' log-probs are those of
+    the whole distribution at the temperature, as the policy's own.)"""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of a response that never emits EOS (rs: before selecting)."""
 
@@ -170,6 +176,8 @@ class SamplingConfig(StageConfig):
         )
         _positive("stage.temperature", self.temperature)
         _check(0 < self.top_p <= 1, f"stage.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"stage.top_k must be >= 0 (0 = off), got {self.top_k}")
+        _check(0 <= self.min_p < 1, f"stage.min_p must be in [0, 1), got {self.min_p}")
         _non_negative("stage.missing_eos_penalty", self.missing_eos_penalty)
 
 
@@ -467,6 +475,54 @@ class DistConfig:
     def __post_init__(self) -> None:
         _choice("dist.strategy", self.strategy, ("ddp", "fsdp"))
         _positive("dist.timeout_s", self.timeout_s)
+
+
+@dataclass
+class RolloutConfig:
+    """Who generates the responses of the online stages and rs (and of rlhf sample / eval)."""
+
+    engine: str = "hf"
+    """hf: transformers' generate on the training model itself. vllm: a vLLM engine in the
+    training process (one per rank under torchrun) holding the policy's merged weights, reloaded
+    after every update (install it with `make install VLLM=1` or pip install -e ".[vllm]")."""
+    tis_cap: float | None = 2.0
+    """vllm: truncated importance sampling. Each token's policy loss is weighted by
+    min(pi_old / pi_engine, tis_cap): the trainer's log-prob over the engine's, for the tokens
+    the engine sampled (the two kernels differ slightly); null = no correction."""
+    dtype: str = "auto"
+    """vllm: the engine's weights: auto = bfloat16 on CUDA, float32 on CPU (bf16 on a CPU
+    without bf16 units is slow), or float32, bfloat16, float16."""
+    kv_cache_gib: float | None = None
+    """vllm: GiB for the engine's KV cache; null = 0.5 on CPU, and on CUDA the share
+    gpu_memory_utilization leaves."""
+    gpu_memory_utilization: float = 0.3
+    """vllm on CUDA: the share of the GPU's memory the engine may take (weights + KV cache);
+    training uses the rest."""
+    sleep: bool = True
+    """vllm on CUDA: free the engine's KV cache (sleep level 1) between rollouts, so the update
+    gets that memory back."""
+    max_model_len: int = 4096
+    """vllm: the longest prompt + response the engine holds (capped at the model's context)."""
+
+    def __post_init__(self) -> None:
+        _choice("rollout.engine", self.engine, ("hf", "vllm"))
+        _check(
+            self.tis_cap is None or self.tis_cap >= 1,
+            f"rollout.tis_cap must be >= 1 (or null: no correction), got {self.tis_cap}",
+        )
+        _choice("rollout.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check(
+            self.kv_cache_gib is None or self.kv_cache_gib > 0,
+            f"rollout.kv_cache_gib must be > 0 (or null), got {self.kv_cache_gib}",
+        )
+        _check(
+            0 < self.gpu_memory_utilization < 1,
+            f"rollout.gpu_memory_utilization must be in (0, 1), got {self.gpu_memory_utilization}",
+        )
+        _check(
+            self.max_model_len >= 16,
+            f"rollout.max_model_len must be >= 16, got {self.max_model_len}",
+        )
 
 
 @dataclass
@@ -832,6 +888,8 @@ class Config:
     """The reward of the online stages (ppo, grpo, rloo) and of rejection sampling (rs)."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Multi-process training under torchrun."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The generation engine of the online stages and rs (rollout.engine=hf or vllm)."""
     log: LogConfig = field(default_factory=LogConfig)
     """Experiment tracking: TensorBoard and Weights & Biases (metrics.jsonl is always written)."""
     device: str = "auto"
@@ -881,6 +939,18 @@ class Config:
                 "dist.strategy=fsdp gathers the weights for every generated token, so the ranks "
                 "must generate in step; conversations of several turns end after different "
                 "numbers of replies on each rank: run stage.multi_turn with dist.strategy=ddp",
+            )
+        if self.rollout.engine == "vllm":
+            _check(
+                isinstance(self.stage, SamplingConfig),
+                f"rollout.engine=vllm: stage={self.stage.name} does not sample (the online "
+                "stages ppo, grpo, rloo, reinforce and rs do): drop rollout.engine",
+            )
+            _check(
+                self.dist.strategy != "fsdp",
+                "rollout.engine=vllm loads the merged policy into each rank's engine, which a "
+                "sharded (FSDP) policy cannot give without gathering it whole: use "
+                "dist.strategy=ddp with rollout.engine=vllm, or rollout.engine=hf with fsdp",
             )
         if isinstance(self.stage, KtoConfig):
             _check(

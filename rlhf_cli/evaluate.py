@@ -130,6 +130,9 @@ def evaluate(
     max_new_tokens: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    engine: str = "hf",
     batch_size: int = 16,
     device: str = "auto",
     seed: int = 0,
@@ -150,6 +153,7 @@ def evaluate(
                 "its name"
             )
     policy = load_policy(run, device, quant, with_reference=ref is None)
+    policy.engine_name = engine
     if ref is not None:
         other = load_policy(ref, device, quant)
         if other.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
@@ -173,6 +177,8 @@ def evaluate(
                 max_new_tokens=max_new_tokens or default_max_new_tokens(policy.cfg),
                 temperature=temperature,
                 top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
                 batch_size=batch_size,
                 seed=seed,
             )
@@ -219,6 +225,8 @@ def _sample_and_score(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    top_k: int,
+    min_p: float,
     batch_size: int,
     seed: int,
 ) -> dict[str, Any]:
@@ -226,7 +234,9 @@ def _sample_and_score(
     if fn is not None:  # every argument it needs, before any sampling
         check_inputs([fn], {k for ex in examples for k in ex.get("columns", {})})
     prompt_ids = [ex["prompt_ids"] for ex in examples]
-    generation = generation_config(policy.tokenizer, max_new_tokens, temperature, top_p)
+    generation = generation_config(
+        policy.tokenizer, max_new_tokens, temperature, top_p, top_k, min_p
+    )
     torch.manual_seed(seed)
     responses = generate(policy, prompt_ids, generation, batch_size)
     texts = [policy.tokenizer.decode(r, skip_special_tokens=True) for r in responses]

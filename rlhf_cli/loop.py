@@ -52,6 +52,9 @@ class Stage:
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def policy_changed(self) -> None:
+        """Called after every optimizer update and restore (a rollout engine reloads)."""
+
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         raise NotImplementedError
 
@@ -423,9 +426,12 @@ class Updater:
     """One optimizer update from the accumulated gradients: clip, skip it if the loss or the
     gradient is non-finite (counted in `pos`), step, schedule."""
 
-    def __init__(self, params, optimizer, scheduler, cfg: Config, pos: Position, owner=None):
+    def __init__(
+        self, params, optimizer, scheduler, cfg: Config, pos: Position, owner=None, on_update=None
+    ):
         self.params, self.optimizer, self.scheduler = params, optimizer, scheduler
         self.owner = owner  # every module of the run (for `footprint`)
+        self.on_update = on_update  # called after each applied update (a stage's rollout engine)
         self.footprint: dict[str, float] | None = None  # this rank's memory at its 1st update
         self.max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         self.max_nonfinite = cfg.train.max_nonfinite
@@ -443,6 +449,8 @@ class Updater:
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         if finite:
             self.optimizer.step()
+            if self.on_update is not None:
+                self.on_update()
         else:
             self.skipped_now = True
         if self.footprint is None and self.owner is not None:
@@ -506,7 +514,13 @@ class Run:
 
     def updater(self) -> Updater:
         return Updater(
-            self.params, self.optimizer, self.scheduler, self.cfg, self.pos, owner=self.owner
+            self.params,
+            self.optimizer,
+            self.scheduler,
+            self.cfg,
+            self.pos,
+            owner=self.owner,
+            on_update=self.stage.policy_changed,
         )
 
     def restore(self, path: Path) -> None:
@@ -542,6 +556,7 @@ class Run:
                 "and each rank's random state depend on it), or start a new run"
             )
         self.stage.load_state_dict(state.get("stage", {}))
+        self.stage.policy_changed()
         self.pos = Position(**state["position"])
         ckpt_lib.set_rng_state(state["rng"][dist.rank()] if "world_size" in state else state["rng"])
 

@@ -440,6 +440,32 @@ def policy_token_losses(
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum_norm")
 
 
+def tis_weights(
+    old_logps: Tensor, engine_logps: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling (TIS; verl's `tis_imp_ratio_cap`, TRL's
+    `vllm_importance_sampling_cap`): the tokens were sampled by a rollout engine whose
+    log-probs (`engine_logps`, mu) differ slightly from the trainer's (`old_logps`, pi_old) of
+    the same policy; the policy loss of each token is weighted by
+
+        w = min(pi_old / mu, cap) = min(exp(old_logps - engine_logps), cap)
+
+    (no gradient: both are fixed numbers of the rollout). Returns (B, R) weights (1 outside
+    `mask`) and the mismatch's statistics over the masked tokens: |old - engine| mean and max,
+    and the share of tokens whose ratio the cap truncated."""
+    keep = mask.bool()
+    diff = (old_logps - engine_logps).detach().float()
+    ratio = torch.exp(diff)
+    weights = torch.where(keep, ratio.clamp(max=cap), 1.0)
+    gap = torch.where(keep, diff.abs(), 0.0)
+    stats = {
+        "logprob_diff_mean": masked_mean(diff.abs(), keep),
+        "logprob_diff_max": gap.max() if gap.numel() else gap.sum(),
+        "tis_clipped": masked_mean((ratio > cap).float(), keep),
+    }
+    return weights, stats
+
+
 def aggregate_loss(
     losses: Tensor, mask: Tensor, mode: str, max_new_tokens: int = 1
 ) -> tuple[Tensor, Tensor]:

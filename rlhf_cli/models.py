@@ -295,6 +295,15 @@ def load_base_model(cfg: Config, device: torch.device):
     return model
 
 
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Gradient checkpointing: transformers renamed it (5.20+: activation_checkpointing_enable;
+    the old name still works there with a deprecation warning, and is the only one before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_model(cfg: Config, device: torch.device, tokenizer):
     """Base (quantized or not) + LoRA adapters (fresh, or model.adapter), ready to train."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -313,11 +322,7 @@ def load_model(cfg: Config, device: torch.device, tokenizer):
         # on CPU. model.dtype=float32 keeps them fp32 (the fp32 residual of that recipe).
         model.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
-        # transformers 5 renamed it; the old name still works with a deprecation warning.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model, gc_kwargs)
 
     if cfg.peft.method == "full":
         model.requires_grad_(True)
@@ -466,9 +471,16 @@ def disable_dropout(model) -> int:
     return changed
 
 
-def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
+def generation_config(
+    tokenizer,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+):
     """A complete GenerationConfig: greedy at temperature 0, else sampling from the policy's own
-    distribution (top-p truncated only when top_p < 1). Every field that reshapes the
+    distribution (truncated only by top_p < 1, top_k > 0 or min_p > 0). Every field that reshapes the
     distribution is set to its neutral value, so nothing is taken from the model's
     generation_config.json (repetition_penalty, min_p, top_k, no_repeat_ngram_size, ...): the
     samples come from the distribution whose log-probs are trained and evaluated."""
@@ -479,8 +491,8 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0, 
         do_sample=sampling,
         temperature=temperature if sampling else 1.0,
         top_p=top_p if sampling else 1.0,
-        top_k=0,
-        min_p=0.0,
+        top_k=top_k if sampling else 0,
+        min_p=min_p if sampling else 0.0,
         typical_p=1.0,
         epsilon_cutoff=0.0,
         eta_cutoff=0.0,

@@ -1,5 +1,6 @@
-"""What the online stages (ppo, grpo, rloo) share: sampling rollouts with the KV cache, scoring
-them, reference log-probs, and the clipped-update loop over minibatches.
+"""What the online stages (ppo, grpo, rloo, reinforce) share: sampling rollouts (through the
+rollout engine, rlhf_cli.rollout), scoring them, reference log-probs, and the clipped-update
+loop over minibatches.
 
 One step = take `rollout_batch_size` prompts, sample `group_size` responses each, score them,
 compute advantages (the stage's own rule), then `epochs` passes of minibatch updates.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from rlhf_cli.losses import (
     kl_penalty,
     masked_mean,
     policy_token_losses,
+    tis_weights,
 )
 from rlhf_cli.models import (
     ScalarHead,
@@ -38,7 +39,6 @@ from rlhf_cli.models import (
     decoder,
     disable_dropout,
     eval_mode,
-    generate_ids,
     generation_config,
     is_fsdp,
     lm_logits,
@@ -50,35 +50,12 @@ from rlhf_cli.models import (
 from rlhf_cli.multiturn import env_factory, sample_episodes
 from rlhf_cli.progress import console
 from rlhf_cli.rewards import ENV_TERM, call_reward_fn, reward_terms, row_inputs
+from rlhf_cli.rollout import Rollout, join_groups, make_rollout  # noqa: F401 (re-exported)
 
 REWARD_ADAPTER = "reward"
 # Response positions whose float32 logits exist at once in OnlineStage.forward (whole rows of
 # them): 1024 x vocabulary x 4 bytes, 200 MB for a 49k vocabulary, instead of the whole batch.
 LOGIT_TOKENS = 1024
-
-
-@dataclass
-class Rollout:
-    """A batch of sampled responses; (B, R) tensors are aligned to the response tokens."""
-
-    input_ids: torch.Tensor  # (B, P + R) left-padded prompt, then the response
-    attention_mask: torch.Tensor  # (B, P + R): 0 on prompt padding and after the first EOS
-    prompt_len: int  # P
-    mask: torch.Tensor  # (B, R) bool: response tokens up to and including the first EOS
-    ended: torch.Tensor  # (B,) bool: the response emitted EOS
-    prompts: list[list[int]]
-    prompt_texts: list[str]
-    responses: list[list[int]]  # the response tokens (up to and including EOS)
-    columns: list[dict[str, Any]]  # each row's other data columns, for the reward functions
-    # Multi-turn (stage.env / stage.tools): `responses` hold the whole conversation after the
-    # prompt, `mask` only the policy's replies; the messages, the final reply's text and the
-    # environment's summed reward of each row.
-    turns: list[list[dict[str, Any]]] | None = None
-    final_texts: list[str] | None = None
-    env_rewards: torch.Tensor | None = None
-
-    def select(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -120,14 +97,16 @@ class RunningMoments:
 
 
 class Sampler:
-    """Sampling responses with the KV cache and scoring them with `reward.model` or
+    """Sampling responses with the rollout engine and scoring them with `reward.model` or
     `reward.fn`: what the online stages and rejection sampling (rs) share. Needs `cfg`,
     `model`, `tokenizer`, `device`, `amp_dtype` (a Stage's) and `self.generation`; for
     conversations of several turns, `make_env` (an environment per response) and `renderer`."""
 
     make_env: Any = None
     renderer: Any = None
-    gen_seconds = 0.0
+    engine: Any = None  # rlhf_cli.rollout: HFEngine or VLLMEngine
+    gen_seconds = 0.0  # the last rollout's generation time
+    sync_seconds = 0.0  # ... and the engine's weight reload before it
 
     name: str
     cfg: Any
@@ -233,27 +212,23 @@ class Sampler:
 
     # -- rollouts ----------------------------------------------------------------------------
 
-    def _generate(self, prompts: list[list[int]], generation) -> list[tuple[list[int], bool]]:
-        """One reply to each token-id prompt (left-padded into one batch, the KV cache on):
-        its tokens up to and including the first EOS, and whether it reached EOS."""
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        attn = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
-        )
-        self.model.config.use_cache = True
+    def setup_engine(self) -> None:
+        from rlhf_cli.rollout import make_engine
+
+        self.engine = make_engine(self.cfg, self.model, self.tokenizer, self.device, self.amp_dtype)
+
+    def policy_changed(self) -> None:
+        """After an optimizer update (or a restore): the engine's copy of the policy is stale."""
+        if self.engine is not None:
+            self.engine.policy_changed()
+
+    def _generate(self, prompts: list[list[int]], generation):
+        """One reply (rlhf_cli.rollout.Reply) to each token-id prompt, timed."""
         t0 = time.perf_counter()
         try:
-            with autocast(self.amp_dtype, self.device):
-                out = generate_ids(self.model, ids, attn, generation)
+            return self.engine.generate(prompts, generation)
         finally:
             self.gen_seconds += time.perf_counter() - t0
-            self.model.config.use_cache = False
-        response = out[:, width:]
-        is_eos = response == self.tokenizer.eos_token_id
-        keep = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # up to the first EOS
-        return [(row[m].tolist(), bool(e)) for row, m, e in zip(response, keep, is_eos.any(-1))]
 
     @torch.no_grad()
     def rollout(self, examples: list[dict], k: int | None = None, generation=None) -> Rollout:
@@ -263,20 +238,22 @@ class Sampler:
         k = self.cfg.stage.group_size if k is None else k
         rows = [ex for ex in examples for _ in range(k)]  # group-contiguous
         generation = generation or self.generation
+        self.sync_seconds = self.engine.sync()  # (vllm) the policy's weights, if they changed
         self.gen_seconds = 0.0
         if self.make_env is None:
             replies = self._generate([ex["prompt_ids"] for ex in rows], generation)
-            responses = [ids for ids, _ in replies]
+            responses = [r.ids for r in replies]
             return make_rollout(
                 rows,
                 responses,
                 [[True] * len(ids) for ids in responses],
-                [ended for _, ended in replies],
+                [r.ended for r in replies],
                 self.tokenizer.pad_token_id,
                 self.device,
+                logps=[r.logps for r in replies] if replies[0].logps is not None else None,
             )
         episodes = sample_episodes(
-            lambda contexts: self._generate(contexts, generation),
+            lambda contexts: [(r.ids, r.ended) for r in self._generate(contexts, generation)],
             rows,
             self.make_env,
             self.renderer,
@@ -331,12 +308,15 @@ class OnlineStage(Sampler, Stage):
         # first update's ratio is exactly 1; updates run in train mode all the same, so that
         # gradient checkpointing (active in train mode only) takes effect.
         disable_dropout(model)
-        self.generation = generation_config(tokenizer, s.max_new_tokens, s.temperature, s.top_p)
+        self.generation = generation_config(
+            tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.min_p
+        )
         self.make_env = env_factory(s)
         if self.make_env is not None:
             from rlhf_cli.data import Renderer
 
             self.renderer = Renderer(tokenizer)
+        self.setup_engine()
 
     def forward(
         self,
@@ -453,7 +433,7 @@ class OnlineStage(Sampler, Stage):
         parts: list[tuple[Rollout, dict[str, torch.Tensor]]] = []
         kept: list[tuple[int, int]] = []  # (part, group) with rewards that differ
         flat: list[tuple[int, int]] = []  # (part, group) whose rewards are all equal
-        gen_seconds, tries = 0.0, 0
+        gen_seconds, sync_seconds, tries = 0.0, 0.0, 0
         lockstep = is_fsdp(self.model)  # every forward a collective: a full rank samples too
         for t in range(len(examples) // size):
             error = None
@@ -462,6 +442,7 @@ class OnlineStage(Sampler, Stage):
                 try:
                     rollout = self.rollout(dist.shard(examples[t * size : (t + 1) * size]))
                     gen_seconds += self.gen_seconds
+                    sync_seconds += self.sync_seconds
                     terms = self.score_terms(rollout)
                 except RewardError as err:
                     error = err
@@ -493,6 +474,8 @@ class OnlineStage(Sampler, Stage):
             # zero advantage, nothing learned.
             "zero_std_groups": float(zero_std(sampled, group).float().mean()) if group > 1 else 0.0,
         }
+        if self.engine.name != "hf":
+            metrics["rollout/sync_s"] = sync_seconds
         if s.dynamic_sampling:
             metrics["dynamic/tries"] = float(tries)
             metrics["dynamic/filled"] = sum(p in flat for p in picks) / need
@@ -549,6 +532,17 @@ class OnlineStage(Sampler, Stage):
         }
         self.advantages(rollout, reward, old)
         seq_kl = kl_tokens.sum(-1)
+        # The engine's log-probs against the trainer's (rollout.engine=vllm): the mismatch,
+        # and with rollout.tis_cap the weights that correct the policy loss for it.
+        tis, mismatch = None, {}
+        if rollout.engine_logps is not None:
+            weights, tstats = tis_weights(
+                old_logps, rollout.engine_logps, mask, self.cfg.rollout.tis_cap or float("inf")
+            )
+            tis = weights if self.cfg.rollout.tis_cap is not None else None
+            mismatch = {f"rollout/{k}": float(v) for k, v in tstats.items()}
+            if tis is None:
+                mismatch.pop("rollout/tis_clipped")
 
         self.model.train()  # dropout is off (__init__); gradient checkpointing applies
         # The tokens the policy loss sees: all response tokens, or (mask_truncated) those of
@@ -594,6 +588,8 @@ class OnlineStage(Sampler, Stage):
                         s.clip_eps_high,
                         s.importance_level,
                     )
+                    if tis is not None:
+                        token_losses = token_losses * tis[idx]
                     mb = {k: v[idx] for k, v in old.items() if torch.is_tensor(v)}
                     extra, estats = self.extra_loss(logps, values, mb, m)
                     share = m.sum() / mb_tokens
@@ -643,6 +639,7 @@ class OnlineStage(Sampler, Stage):
             "gen_tokens_per_s": float(lengths.sum()) / max(sampling["rollout_s"], 1e-9),
             "step_s": time.perf_counter() - t0,
             **sampling,
+            **mismatch,
             **stats,
         }
         if len(terms) > 1:
@@ -732,69 +729,6 @@ def finite_stats(name: str, values: torch.Tensor) -> dict[str, float]:
     mean = float(values.mean()) if values.numel() else 0.0
     std = float(values.std()) if values.numel() > 1 else 0.0
     return {name: mean, f"{name}_std": std}
-
-
-def join_groups(
-    parts: list[Rollout], picks: list[tuple[int, int]], group_size: int, pad: int
-) -> Rollout:
-    """One rollout of the picked groups ((part, group) pairs) of several rollouts: prompts
-    left-padded to the widest, responses right-padded to the longest."""
-    rows = [(parts[p], g * group_size + j) for p, g in picks for j in range(group_size)]
-    multiturn = {}
-    if rows[0][0].turns is not None:
-        multiturn = {
-            "turns": [r.turns[i] for r, i in rows],
-            "final_texts": [r.final_texts[i] for r, i in rows],
-            "env_rewards": torch.stack([r.env_rewards[i] for r, i in rows]),
-        }
-    return make_rollout(
-        [
-            {"prompt_ids": r.prompts[i], "prompt_text": r.prompt_texts[i], "columns": r.columns[i]}
-            for r, i in rows
-        ],
-        [r.responses[i] for r, i in rows],
-        [r.mask[i, : len(r.responses[i])].tolist() for r, i in rows],
-        [bool(r.ended[i]) for r, i in rows],
-        pad,
-        rows[0][0].input_ids.device,
-        **multiturn,
-    )
-
-
-def make_rollout(
-    rows: list[dict],
-    responses: list[list[int]],
-    policy: list[list[bool]],
-    ended: list[bool],
-    pad: int,
-    device: torch.device,
-    **multiturn,
-) -> Rollout:
-    """A Rollout of prompt rows and their responses: prompts left-padded to the widest,
-    responses right-padded to the longest; `policy` marks the tokens the policy wrote (all of
-    a single-turn response)."""
-    prompts = [ex["prompt_ids"] for ex in rows]
-    width = max(len(p) for p in prompts)
-    length = max(1, max(len(r) for r in responses))
-    ids, attn = [], []
-    for p, r in zip(prompts, responses):
-        left, right = width - len(p), length - len(r)
-        ids.append([pad] * left + p + r + [pad] * right)
-        attn.append([0] * left + [1] * (len(p) + len(r)) + [0] * right)
-    return Rollout(
-        input_ids=torch.tensor(ids, device=device),
-        attention_mask=torch.tensor(attn, device=device),
-        prompt_len=width,
-        mask=torch.tensor(
-            [m + [False] * (length - len(m)) for m in policy], dtype=torch.bool, device=device
-        ),
-        ended=torch.tensor(ended, dtype=torch.bool, device=device),
-        prompts=prompts,
-        prompt_texts=[ex["prompt_text"] for ex in rows],
-        responses=responses,
-        columns=[ex.get("columns", {}) for ex in rows],
-        **multiturn,
-    )
 
 
 def over_ranks(averaged: dict[str, float], summed: dict[str, float]) -> dict[str, float]:

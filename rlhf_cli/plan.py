@@ -494,6 +494,17 @@ def plan(
                 "a second adapter + head on the same base (another base: add its weights)",
             )
         )
+    if isinstance(st, (OnlineConfig, RsConfig)) and cfg.rollout.engine == "vllm":
+        # Generation runs in the engine: no KV cache on the trained model.
+        transient = [t for t in transient if not t[0].startswith("KV cache")]
+        sequences = st.rollout_batch_size * (st.group_size if online else st.n)
+        tokens = sequences * (cfg.data.max_prompt_length + st.max_new_tokens)
+        engine = engine_rows(cfg, arch, device, tokens)
+        if device == "cuda" and cfg.rollout.sleep:  # asleep while training: not at the peak
+            engine = [
+                Row(r.name, r.bytes, r.note + "; freed while training", peak=False) for r in engine
+            ]
+        (rows if device != "cuda" or not cfg.rollout.sleep else extra_rows).extend(engine)
     name, peak = max(transient, key=lambda t: t[1]) if transient else ("", 0.0)
     if peak:
         rows.append(Row("largest transient", peak, name))
@@ -502,6 +513,35 @@ def plan(
     if device == "cuda":
         rows.append(Row("CUDA context", CUDA_CONTEXT_GIB * GIB, "held outside torch's allocator"))
     return Plan(rows + extra_rows, arch, source, s)
+
+
+def engine_rows(cfg: Config, arch: Arch, device: str, tokens: int) -> list[Row]:
+    """rollout.engine=vllm: the engine's copy of the merged policy (every weight, in the
+    engine's dtype: not 4-bit) and its KV cache (rollout.kv_cache_gib, or what one generation
+    batch of `tokens` needs at least)."""
+    r = cfg.rollout
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}.get(r.dtype, 2 if device == "cuda" else 4)
+    rows = [
+        Row(
+            "vLLM engine weights",
+            float(size * arch.params),
+            f"the merged policy, {8 * size}-bit, {arch.params / 1e9:.2f}B parameters",
+        )
+    ]
+    per_token = 2 * arch.layers * arch.kv_heads * arch.head_dim * size
+    kv = r.kv_cache_gib if r.kv_cache_gib is not None else (None if device == "cuda" else 0.5)
+    if kv is not None:
+        rows.append(Row("vLLM KV cache", kv * GIB, f"rollout.kv_cache_gib={kv:g}"))
+    else:
+        rows.append(
+            Row(
+                "vLLM KV cache",
+                float(per_token * tokens),
+                f"at least one rollout ({tokens} tokens); vLLM takes what "
+                f"rollout.gpu_memory_utilization={r.gpu_memory_utilization:g} of the GPU leaves",
+            )
+        )
+    return rows
 
 
 def fsdp_rows(rows: list[Row], arch: Arch, s: Settings, ranks: int) -> list[Row]:

@@ -33,7 +33,6 @@ from rlhf_cli.models import (
     adapter_switched,
     autocast,
     autocast_dtype,
-    generate_ids,
     load_base_model,
     load_tokenizer,
     quiet_libraries,
@@ -108,9 +107,21 @@ class Policy:
     ref_model: Any = None  # a separate reference model, or None
     ref_adapter: str | None = None  # a frozen adapter on `model` that is the reference
     reference: str | None = None  # what the reference is; None: no reference loaded
+    engine_name: str = "hf"  # rollout.engine of rlhf sample / eval
+    _engine: Any = None
 
     def renderer(self) -> Renderer:
         return Renderer(self.tokenizer)
+
+    @property
+    def engine(self):
+        """The generation engine (rlhf_cli.rollout), made on first use."""
+        if self._engine is None:
+            from rlhf_cli.rollout import make_engine
+
+            cfg = replace(self.cfg, rollout=replace(self.cfg.rollout, engine=self.engine_name))
+            self._engine = make_engine(cfg, self.model, self.tokenizer, self.device, self.amp)
+        return self._engine
 
     @torch.no_grad()
     def logps(self, batch: PreferenceBatch, reference: bool = False) -> torch.Tensor:
@@ -211,20 +222,9 @@ def prompt_examples(
 def generate(
     policy: Policy, prompts: list[list[int]], generation: GenerationConfig, batch_size: int
 ) -> list[list[int]]:
-    """Responses to token-id prompts: batches left-padded so that every row's last prompt token
-    sits at the same position and generation continues all rows at once with the KV cache.
-    Each response keeps its tokens up to and including the first EOS."""
-    pad, eos = policy.tokenizer.pad_token_id, policy.tokenizer.eos_token_id
-    responses: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=policy.device)
-        attn = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=policy.device
-        )
-        with autocast(policy.amp, policy.device):
-            out = generate_ids(policy.model, ids, attn, generation)
-        for row in out[:, width:].tolist():
-            responses.append(row[: row.index(eos) + 1] if eos in row else row)
-    return responses
+    """Responses to token-id prompts by the policy's engine (hf: batches of `batch_size`,
+    left-padded, with the KV cache; vllm: its own scheduling). Each response keeps its tokens
+    up to and including the first EOS."""
+    from rlhf_cli.rollout import generate_batches
+
+    return [r.ids for r in generate_batches(policy.engine, prompts, generation, batch_size)]

@@ -29,6 +29,9 @@ def sample(
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    engine: str = "hf",
     batch_size: int = 16,
     device: str = "auto",
     seed: int = 0,
@@ -42,12 +45,15 @@ def sample(
     if n > 1 and temperature == 0:
         raise UserError(f"n={n} samples of a greedy decode are all the same: set temperature > 0")
     policy = load_policy(run, device, quant)
+    policy.engine_name = engine
     examples = prompt_examples(policy, prompts, prompt)
     generation = generation_config(
         policy.tokenizer,
         max_new_tokens or default_max_new_tokens(policy.cfg),
         temperature,
         top_p,
+        top_k,
+        min_p,
     )
     torch.manual_seed(seed)
     ids = [ex["prompt_ids"] for ex in examples for _ in range(n)]
@@ -74,9 +80,12 @@ def sample(
         {
             "policy": policy.description,
             "samples": f"{len(rows)} ({len(examples)} prompts x {n})",
-            "decoding": "greedy"
-            if temperature == 0
-            else f"temperature {temperature}, top_p {top_p}",
+            "decoding": (
+                "greedy" if temperature == 0 else f"temperature {temperature}, top_p {top_p}"
+            )
+            + (f", top_k {top_k}" if top_k and temperature else "")
+            + (f", min_p {min_p}" if min_p and temperature else "")
+            + f" ({engine})",
             "mean response tokens": sum(map(len, responses)) / max(1, len(responses)),
             "ended with EOS": sum(bool(r) and r[-1] == eos for r in responses) / max(1, len(rows)),
             **({"written to": out} if out else {}),

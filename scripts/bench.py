@@ -522,6 +522,7 @@ def run_ours(spec: dict, run_dir: Path) -> dict:
             f"stage.max_new_tokens={ROLLOUT_TOKENS}",
             f"stage.minibatch_size={BATCH * GROUP}",
             "reward.fn=rlhf_cli.rewards:length_target",
+            f"rollout.engine={spec.get('engine', 'hf')}",
         ]
     overrides = [
         f"stage={stage}",
@@ -586,6 +587,9 @@ def run_ours(spec: dict, run_dir: Path) -> dict:
         out["gen_tokens_per_s"] = statistics.median(rates)
         rollout_s = [m["rollout_s"] for m in train_rows[spec["warmup"] :]]
         out["rollout_fraction"] = statistics.median(rollout_s) * out["steps_per_s"]
+        syncs = [m["rollout/sync_s"] for m in train_rows[spec["warmup"] :] if "rollout/sync_s" in m]
+        if syncs:
+            out["sync_s"] = statistics.median(syncs)
     return out
 
 
@@ -701,6 +705,18 @@ def run_trl(spec: dict, run_dir: Path) -> dict:
             loss_type="dapo",
             temperature=1.0,
             log_completions=False,
+            # scripts/bench_rollout.py: vLLM in the trainer's process (colocate), its KV cache a
+            # share of the device's memory (on a CPU: of the host's RAM).
+            **(
+                dict(
+                    use_vllm=True,
+                    vllm_mode="colocate",
+                    vllm_gpu_memory_utilization=spec.get("vllm_memory", 0.1),
+                    vllm_enable_sleep_mode=False,
+                )
+                if spec.get("engine") == "vllm"
+                else {}
+            ),
         )
         peft_config = LoraConfig(task_type="CAUSAL_LM", **lora)
 

@@ -685,3 +685,21 @@ def test_kl_estimators_as_loss_terms_by_exact_enumeration():
     assert forward.abs().min() > 1e-2 and (forward - reverse).abs().max() > 1e-2
     torch.testing.assert_close(expected("k2"), forward)
     torch.testing.assert_close(expected("k3"), reverse)
+
+
+def test_tis_weights_by_hand():
+    """min(exp(old - engine), cap) per token, 1 outside the mask; the mismatch statistics over
+    the masked tokens only (the masked-out token has the largest gap, 1.0)."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.1, -3.0]])
+    engine = torch.tensor([[-1.0, -2.5, 0.5], [-0.1, -0.1, -3.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    weights, stats = L.tis_weights(old, engine, mask, cap=1.5)
+    # ratios: e^0 = 1, e^0.5 = 1.6487 -> capped 1.5, (masked: 1), e^-0.1 = 0.904837, 1, 1
+    expected = torch.tensor([[1.0, 1.5, 1.0], [math.exp(-0.1), 1.0, 1.0]])
+    assert torch.allclose(weights, expected, atol=1e-6)
+    assert float(stats["logprob_diff_mean"]) == pytest.approx(0.6 / 5, abs=1e-6)
+    assert float(stats["logprob_diff_max"]) == pytest.approx(0.5, abs=1e-6)
+    assert float(stats["tis_clipped"]) == pytest.approx(1 / 5, abs=1e-6)
+    # No cap (inf): the plain ratio.
+    weights, _ = L.tis_weights(old, engine, mask, cap=float("inf"))
+    assert float(weights[0, 1]) == pytest.approx(math.exp(0.5), abs=1e-5)

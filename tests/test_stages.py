@@ -285,7 +285,9 @@ def test_shared_prompt_forward_equals_one_forward_per_response():
     # Gradient checkpointing drops the KV cache: such a model takes the one-forward path.
     batch = collate_preference(examples, tok.pad_token_id, tok.eos_token_id, shared_prompt=True)
     assert shares_prompt(model, batch)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    from rlhf_cli.models import enable_checkpointing
+
+    enable_checkpointing(model, {"use_reentrant": False})
     assert not shares_prompt(model, batch)
     torch.testing.assert_close(response_logps(model, batch)[0].detach(), logps, atol=1e-4, rtol=0)
 

@@ -109,8 +109,11 @@ class RSStage(Sampler, SFTStage):
                 f"the {dist.world_size()} ranks"
             )
         self._setup_reward()
-        self.generation = generation_config(tokenizer, s.max_new_tokens, s.temperature, s.top_p)
+        self.generation = generation_config(
+            tokenizer, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.min_p
+        )
         self.greedy = generation_config(tokenizer, s.max_new_tokens)
+        self.setup_engine()
         self.prompts: list[dict] = []
         self.run_dir = Path(".")
         self.loaded: tuple[int, list[SFTExample]] | None = None  # (round, its kept examples)
@@ -240,11 +243,13 @@ class RSStage(Sampler, SFTStage):
                 f"rs round {r + 1}: {len(rows)} of {len(indices)} prompts already sampled "
                 f"({partial})"
             )
-        t0 = time.perf_counter()
+        t0, synced = time.perf_counter(), 0.0
         for start in range(len(rows), len(indices), batch):
             if dist.all_reduce_max(float(self.stop_requested())):
                 raise StopRequested
+            self.sync_seconds = 0.0
             new = self.sample_batch(r, start // batch, indices[start : start + batch])
+            synced += self.sync_seconds
             if dist.is_main():
                 append_rows(partial, new)
             rows += new
@@ -263,6 +268,8 @@ class RSStage(Sampler, SFTStage):
             "round/kept_length": mean([float(len(x["ids"])) for x in chosen]),
             "round/sample_s": time.perf_counter() - t0,
         }
+        if self.engine.name != "hf":  # the policy's reload into the engine, in sample_s
+            self.round_stats["rollout/sync_s"] = synced
         console.print(
             f"rs round {r + 1}/{s.rounds}: {len(rows)} prompts x {s.n} samples; mean score "
             f"{self.round_stats['round/score']:.4f}, the {kept} kept "

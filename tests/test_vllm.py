@@ -1,0 +1,237 @@
+"""rollout.engine=vllm: a vLLM engine in the training process, holding the merged policy.
+
+Every test here runs in one pytest-xdist worker (the group "vllm"), which starts one engine for
+the tiny model and reuses it (rlhf_cli.rollout keeps one per process and model shape); CI
+installs vLLM (make install VLLM=1) and fails, not skips, without it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+from conftest import assert_resume_equals, compose, read_metrics, train_in_process
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if not HAVE_VLLM and os.environ.get("CI"):
+    raise RuntimeError("CI runs the vLLM tests: install vLLM with make install VLLM=1")
+
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM not installed (make install VLLM=1)")
+pytestmark = pytest.mark.xdist_group("vllm")
+
+CHAR = "reward.fn=rlhf_cli.rewards:char_fraction"
+SHORT = ("data.eval_size=0", "stage.max_new_tokens=16", "stage.rollout_batch_size=8")
+VLLM = "rollout.engine=vllm"
+
+
+def test_a_missing_vllm_is_one_line_naming_the_install(monkeypatch):
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.rollout import require_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as if not installed
+    with pytest.raises(UserError, match=r"needs vLLM: make install VLLM=1") as err:
+        require_vllm()
+    assert "\n" not in str(err.value)
+
+
+def trained_policy(*overrides: str):
+    """The tiny model as a stage trains it (4-bit base + a fresh LoRA), and its tokenizer."""
+    from rlhf_cli.models import load_model, load_tokenizer
+
+    cfg = compose("stage=grpo", CHAR, VLLM, *overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg, torch.device("cpu"), tokenizer)
+    return cfg, model, tokenizer
+
+
+@needs_vllm
+def test_the_engine_follows_the_policy_after_updates():
+    """Greedy answers of the engine equal transformers' generate on the policy: for the fresh
+    adapter, and after two updates with a large learning rate (which change the answer); its
+    sampled tokens' log-probs equal the trainer's; the same global seed gives the same samples."""
+    from rlhf_cli.models import generation_config
+    from rlhf_cli.rollout import HFEngine, make_engine
+
+    cfg, model, tokenizer = trained_policy()
+    cpu = torch.device("cpu")
+    engine, hf = (
+        make_engine(cfg, model, tokenizer, cpu, None),
+        HFEngine(model, tokenizer, cpu, None),
+    )
+    prompts = [tokenizer("the cat sat on")["input_ids"], tokenizer("a b")["input_ids"]]
+    greedy = generation_config(tokenizer, 12)
+    before = [r.ids for r in hf.generate(prompts, greedy)]
+    assert [r.ids for r in engine.generate(prompts, greedy)] == before
+    assert engine.sync() == 0.0  # nothing changed: no reload
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    target = torch.tensor([tokenizer("zebra zebra zebra zebra")["input_ids"]])
+    model.train()
+    for _ in range(2):
+        loss = model(input_ids=target, labels=target).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.policy_changed()  # what the loop's Updater does after every update
+    model.eval()
+    after = [r.ids for r in hf.generate(prompts, greedy)]
+    assert after != before  # the updates changed the greedy answers
+    assert [r.ids for r in engine.generate(prompts, greedy)] == after
+    assert engine.sync_seconds > 0
+
+    sampling = generation_config(tokenizer, 12, temperature=1.0)
+    torch.manual_seed(3)
+    first = engine.generate(prompts, sampling)
+    torch.manual_seed(3)
+    again = engine.generate(prompts, sampling)
+    other = engine.generate(prompts, sampling)
+    assert [r.ids for r in first] == [r.ids for r in again]
+    assert [r.ids for r in first] != [r.ids for r in other]
+    for prompt, reply in zip(prompts, first):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + reply.ids])).logits[0].float()
+        picked = logits[len(prompt) - 1 : -1].log_softmax(-1)
+        mine = picked.gather(-1, torch.tensor(reply.ids)[:, None])[:, 0].tolist()
+        assert len(reply.logps) == len(reply.ids)
+        assert max(abs(a - b) for a, b in zip(reply.logps, mine)) < 1e-4
+
+
+@needs_vllm
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo", "reinforce"])
+def test_online_stages_sample_with_vllm(tmp_path, stage):
+    """Each online stage trains with the engine: the first step's identities hold (KL 0,
+    ratio 1), the engine's log-probs equal the trainer's (fp32, a 4-bit base merged), and the
+    engine reloads the policy before every step's rollout."""
+    train_in_process(tmp_path / "r", f"stage={stage}", CHAR, VLLM, *SHORT, "train.max_steps=2")
+    rows = read_metrics(tmp_path / "r")
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["policy/ratio_first"] == pytest.approx(1.0, abs=1e-5)
+    for row in rows:
+        assert row["rollout/sync_s"] > 0
+        assert row["rollout/logprob_diff_max"] < 1e-4
+        assert row["rollout/tis_clipped"] == 0.0
+
+
+@needs_vllm
+def test_vllm_resume_equals_uninterrupted(tmp_path):
+    """The engine's samples are seeded from the run's checkpointed generator: a resumed run
+    samples (and scores, and trains) what the uninterrupted run did."""
+    args = (
+        "stage=grpo",
+        CHAR,
+        VLLM,
+        *SHORT,
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.keep_last=3",
+        "optim.lr=2e-3",
+    )
+    assert_resume_equals(tmp_path, args, last_step=2, keys=("score", "kl", "loss"))
+
+
+@needs_vllm
+def test_rs_and_dynamic_sampling_with_vllm(tmp_path):
+    """rs samples its rounds with the engine (and evaluates greedily with it); GRPO's dynamic
+    sampling tries further batches through it."""
+    train_in_process(
+        tmp_path / "rs",
+        "stage=rs",
+        CHAR,
+        VLLM,
+        "stage.max_new_tokens=8",
+        "stage.prompts_per_round=8",
+        "stage.n=2",
+        "stage.rollout_batch_size=4",
+        "stage.rounds=1",
+        "data.max_samples=24",
+        "data.eval_size=4",
+    )
+    import json
+
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "rs" / "rounds" / "round-1.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 8 and all(len(r["samples"]) == 2 for r in rows)
+    assert all(0 < len(x["ids"]) <= 8 for r in rows for x in r["samples"])
+    assert "greedy_score" in read_metrics(tmp_path / "rs", "eval")[-1]
+    train_in_process(
+        tmp_path / "ds",
+        "stage=grpo",
+        CHAR,
+        VLLM,
+        *SHORT,
+        "stage.dynamic_sampling=true",
+        "train.max_steps=1",
+    )
+    assert read_metrics(tmp_path / "ds")[0]["dynamic/tries"] >= 1
+
+
+@needs_vllm
+def test_sample_and_eval_with_vllm_equal_hf_greedy(tmp_path):
+    """`rlhf sample` / `rlhf eval` with rollout.engine=vllm: greedy answers and their scores
+    equal the hf engine's for a trained run."""
+    from rlhf_cli.evaluate import evaluate
+    from rlhf_cli.sample import sample
+
+    run = tmp_path / "run"
+    train_in_process(run, "stage=grpo", CHAR, *SHORT, "train.max_steps=2", "optim.lr=5e-3")
+    prompts = "builtin:prompts"
+    rows = {
+        e: sample(str(run), prompts=prompts, engine=e, max_new_tokens=12) for e in ("hf", "vllm")
+    }
+    assert [r["response"] for r in rows["vllm"]] == [r["response"] for r in rows["hf"]]
+    scores = {
+        e: evaluate(
+            str(run),
+            prompts,
+            reward_fn="rlhf_cli.rewards:char_fraction",
+            temperature=0.0,
+            max_new_tokens=12,
+            engine=e,
+        )
+        for e in ("hf", "vllm")
+    }
+    for key in ("reward", "kl", "response_length"):
+        assert scores["vllm"][key] == pytest.approx(scores["hf"][key], abs=1e-6), key
+
+
+@needs_vllm
+@pytest.mark.parametrize("stage", ["grpo"])
+def test_mean_reward_rises_with_vllm(tmp_path, stage):
+    """test_online's toy task (the share of the letter 'e'), learned with the engine sampling.
+    20 steps of it are seed-sensitive with either engine (the engines draw other samples from
+    one seed): grpo's gain with vllm over train.seed 42, 1, 3, 4, 5: +0.19 +0.16 +0.08 +0.37
+    +0.03; with hf over 3, 4, 5 (the seeds test_online did not tune on): +0.09 +0.04 +0.04."""
+    from test_online import assert_reward_rises
+
+    assert_reward_rises(tmp_path / "r", stage, VLLM)
+
+
+@needs_vllm
+@pytest.mark.parametrize("quant", ["nf4"])
+def test_the_real_model_trains_and_answers_alike_with_vllm(tmp_path, quant):
+    """SmolLM2-135M-Instruct (30 layers, GQA, 49k vocabulary, ChatML) on a 4-bit base: GRPO
+    samples with the engine, whose log-probs equal the trainer's; afterwards the run's greedy
+    answer through the engine equals transformers' (stopped at <|im_end|>, the template's EOS)."""
+    from test_real_model import ONLINE, SMALL
+
+    from rlhf_cli.sample import sample
+
+    run = tmp_path / "r"
+    args = ("stage=grpo", *SMALL, f"quant={quant}", "train.max_steps=2", *ONLINE, VLLM)
+    train_in_process(run, *args, "optim.lr=1e-3")
+    rows = read_metrics(run)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[0]["policy/ratio_first"] == pytest.approx(1.0, abs=1e-4)
+    for row in rows:
+        assert row["rollout/sync_s"] > 0
+        assert row["rollout/logprob_diff_max"] < 1e-3
+    question = "What is the capital of France?"
+    answers = {
+        e: sample(str(run), prompt=question, max_new_tokens=48, engine=e) for e in ("hf", "vllm")
+    }
+    assert answers["vllm"] == answers["hf"] and answers["hf"][0]["ended"]
