@@ -94,6 +94,29 @@ CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
         ("math_answer needs answer",),
     ),
     (
+        "vllm engine for a stage that does not sample",
+        (*T, "stage=dpo", "rollout.engine=vllm"),
+        ("rollout.engine=vllm: stage=dpo does not sample",),
+    ),
+    (
+        "vllm engine under fsdp",
+        (
+            *T,
+            "stage=grpo",
+            "reward.fn=rlhf_cli.rewards:concise",
+            "rollout.engine=vllm",
+            "dist.strategy=fsdp",
+        ),
+        ("rollout.engine=vllm", "dist.strategy=ddp"),
+    ),
+    ("unknown engine", (*T, "stage=grpo", "rollout.engine=sglang"), ("rollout.engine", "vllm")),
+    (
+        "tis cap below 1",
+        (*T, "stage=grpo", "rollout.tis_cap=0.5"),
+        ("rollout.tis_cap must be >= 1",),
+    ),
+    ("top_k negative", (*T, "stage=grpo", "stage.top_k=-1"), ("stage.top_k must be >= 0",)),
+    (
         "grpo with k1 in its loss",
         (*T, "stage=grpo", "reward.fn=rlhf_cli.rewards:concise", "stage.kl_estimator=k1"),
         ("stage.kl_estimator=k1", "zero expected gradient", "k3"),

@@ -13,6 +13,7 @@ from conftest import compose, read_metrics, train_in_process
 from rlhf_cli import multiturn
 from rlhf_cli.errors import UserError
 from rlhf_cli.multiturn import CalculatorEnv, ToolEnv, calculator, parse_tool_calls
+from rlhf_cli.rollout import Reply
 
 ENVS = '''
 class Echo:
@@ -61,7 +62,7 @@ def fixed_replies(stage, words=("yes", "no", "maybe")):
         turn = len(calls)
         ids = stage.tokenizer.encode(words[turn % len(words)], add_special_tokens=False)
         calls.append([ids + [eos] for _ in prompts])
-        return [(ids + [eos], True) for _ in prompts]
+        return [Reply(ids + [eos], True) for _ in prompts]
 
     stage._generate = generate
     return calls
@@ -142,8 +143,8 @@ def test_turn_limits_and_cut_replies(env_dir):
     def cut(prompts, generation):  # the first row's first and the second row's last reply
         turns.append(len(prompts))
         if len(turns) == 1:
-            return [([7, 8], False), ([9, eos], True)]
-        return [([10, eos], True), ([11, 12], False)]
+            return [Reply([7, 8], False), Reply([9, eos], True)]
+        return [Reply([10, eos], True), Reply([11, 12], False)]
 
     stage._generate = cut
     rollout = stage.rollout(examples[:1], k=2)
@@ -176,7 +177,7 @@ def test_a_multi_turn_grpo_run_updates_on_the_generated_ids(env_dir, monkeypatch
     def generate(self, prompts, generation):
         replies = real_generate(self, prompts, generation)
         eos = self.tokenizer.eos_token_id
-        replies = [(ids if ended else ids + [eos], True) for ids, ended in replies]
+        replies = [Reply(r.ids if r.ended else r.ids + [eos], True) for r in replies]
         generated.append(replies)
         return replies
 
@@ -209,7 +210,7 @@ def test_a_multi_turn_grpo_run_updates_on_the_generated_ids(env_dir, monkeypatch
     assert row["policy/ratio_first"] == pytest.approx(1.0, abs=1e-5)
     # The first forward is the rollout's old log-probs: every reply, as generated, in place.
     first = seen[0]
-    replies = [[ids for ids, _ in turn] for turn in generated]
+    replies = [[r.ids for r in turn] for turn in generated]
     for b in range(first.shape[0]):
         flat = first[b].tolist()
         for turn in replies:
@@ -284,8 +285,8 @@ def test_every_online_stage_runs_conversations(env_dir, monkeypatch, stage):
     def generate(self, prompts, generation):  # every reply ends, so the conversations go on
         eos = self.tokenizer.eos_token_id
         return [
-            (ids if ended else ids + [eos], True)
-            for ids, ended in real_generate(self, prompts, generation)
+            Reply(r.ids if r.ended else r.ids + [eos], True)
+            for r in real_generate(self, prompts, generation)
         ]
 
     monkeypatch.setattr(OnlineStage, "_generate", generate)
