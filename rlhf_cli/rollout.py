@@ -374,7 +374,10 @@ class VLLMEngine:
             # process group torchrun started (as TRL's colocate mode does).
             kwargs["distributed_executor_backend"] = "external_launcher"
         t0 = time.perf_counter()
-        with process_state_kept():
+        from rlhf_cli.plan import native_stderr_silenced
+
+        # (its CPU worker prints a NUMA-binding note from C++ on stderr: not the run's line)
+        with process_state_kept(), native_stderr_silenced():
             try:
                 llm = vllm.LLM(**kwargs)
             except (ValueError, RuntimeError) as err:
