@@ -238,6 +238,9 @@ class OnlineConfig(SamplingConfig):
     max_turns: int = 4
     """With env or tools: the most replies the policy makes in one episode (stage.max_new_tokens
     is the limit of each reply)."""
+    tool_timeout_s: float = 10.0
+    """With tools: the seconds a tool call may run; a call still running then is abandoned and
+    the policy is told it timed out."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -267,6 +270,7 @@ class OnlineConfig(SamplingConfig):
         _non_negative("stage.kl_coef", self.kl_coef)
         _choice("stage.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _check(self.max_turns >= 1, f"stage.max_turns must be >= 1, got {self.max_turns}")
+        _positive("stage.tool_timeout_s", self.tool_timeout_s)
         _check(
             not (self.env and self.tools),
             "stage.env and stage.tools both set: an environment calls its own tools (give it "
@@ -499,8 +503,9 @@ class RolloutConfig:
     """vllm on CUDA: the share of the GPU's memory the engine may take (weights + KV cache);
     training uses the rest."""
     sleep: bool = True
-    """vllm on CUDA: free the engine's KV cache (sleep level 1) between rollouts, so the update
-    gets that memory back."""
+    """vllm on CUDA: after each step's rollouts (all turns and dynamic-sampling tries), the
+    engine sleeps at level 2 (weights and KV cache freed) so the update gets that memory back;
+    the updated weights are loaded into it before the next rollout anyway."""
     max_model_len: int = 4096
     """vllm: the longest prompt + response the engine holds (capped at the model's context)."""
 

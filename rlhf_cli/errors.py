@@ -47,9 +47,12 @@ class Interrupted(Exception):
 
 def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     """Print `message` as one error line and exit with `code`."""
+    from rich.markup import escape
+
     from rlhf_cli.progress import console
 
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # The message is plain text: brackets in it are not markup, `:name:` is not an emoji.
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, emoji=False)
     sys.exit(code)
 
 

@@ -638,7 +638,7 @@ class Run:
     def reward_failed(self, err: RewardError) -> UserError:
         path = self.save()
         return UserError(
-            f"{err} (checkpoint {path} at step {self.pos.step}/{self.total}: fix the function, "
+            f"{err} (checkpoint {path} at step {self.pos.step}/{self.total}: fix it, "
             f"then rlhf train ... run_dir={self.run_dir} resume=auto)"
         )
 

@@ -462,8 +462,37 @@ def tis_weights(
         "logprob_diff_mean": masked_mean(diff.abs(), keep),
         "logprob_diff_max": gap.max() if gap.numel() else gap.sum(),
         "tis_clipped": masked_mean((ratio > cap).float(), keep),
+        "tis_weight_mean": masked_mean(weights, keep),
     }
     return weights, stats
+
+
+def truncated_logps(
+    logits: Tensor, tokens: Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> Tensor:
+    """log-probs of `tokens` under the distribution a vLLM engine samples from when it truncates:
+    `logits` (..., V) already divided by the temperature, then, in vLLM's order, min_p (drop the
+    tokens whose probability is below min_p x the likeliest one's), top_k (keep the k largest
+    logits, ties at the k-th kept), top_p (drop the least likely tokens while their cumulative
+    probability stays <= 1 - top_p; the likeliest is always kept), renormalised over what is
+    left. This is what vLLM's `processed_logprobs` report for a sampled token, so the ratio of
+    the two compares like with like (TIS under truncated sampling). A token outside the kept set
+    gets -inf. top_k 0, top_p 1 and min_p 0 are off."""
+    z = logits.float()
+    neg = float("-inf")
+    if min_p > 0:
+        probs = z.softmax(-1)
+        z = z.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p, neg)
+    if 0 < top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, neg)
+    if top_p < 1:
+        ordered, index = z.sort(-1)  # ascending, as vLLM's
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[..., -1] = False
+        z = z.masked_fill(torch.zeros_like(drop).scatter(-1, index, drop), neg)
+    return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)
 
 
 def aggregate_loss(

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import RewardError, UserError
 
 SENTINEL = "\u2063rlhf-cli-reply\u2063"  # stands for a reply when rendering what follows it
 
@@ -40,11 +40,15 @@ class Episode:
     env: Any
     ids: list[int] = field(default_factory=list)  # every token after the prompt
     policy: list[bool] = field(default_factory=list)  # True where the policy wrote the token
+    # The engine's log-prob of each token (vllm; 0 on the context tokens), or None (hf).
+    logps: list[float] | None = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)  # the turns, as text
     reward: float = 0.0  # the environment's rewards, summed
     done: bool = False
     ended: bool = True  # the last reply ended with EOS (not cut at max_new_tokens)
     turns: int = 0  # replies the policy made
+    last_reply: list[int] = field(default_factory=list)  # the final reply's tokens
+    context_full: bool = False  # ended because the next turn would not fit the context
 
 
 def load_object(spec: str, key: str) -> Any:
@@ -68,7 +72,27 @@ def load_object(spec: str, key: str) -> Any:
     return obj
 
 
-def env_factory(stage) -> Callable[[], Any] | None:
+class EnvFactory:
+    """Builds one environment per sampled response; `name` is what error lines call it."""
+
+    def __init__(self, name: str, build: Callable[[], Any]):
+        self.name, self.build = name, build
+
+    def __call__(self) -> Any:
+        try:
+            return self.build()
+        except Exception as err:  # noqa: BLE001 - the user's code: reported, with a checkpoint
+            raise env_error(self.name, "__init__()", err) from err
+
+
+def env_error(name: str, where: str, err: Exception) -> RewardError:
+    """A RewardError for an exception in an environment's code: the run stops the way it does
+    for a failing reward function (a checkpoint at the step's start, one line)."""
+    text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return RewardError(f"environment {name}: {where} raised {type(err).__name__}: {text}".strip())
+
+
+def env_factory(stage) -> EnvFactory | None:
     """What builds one environment per response: stage.env (with stage.env_kwargs), ToolEnv
     over stage.tools, or None for single-turn sampling."""
     env = getattr(stage, "env", None)
@@ -80,10 +104,11 @@ def env_factory(stage) -> Callable[[], Any] | None:
                 raise UserError(
                     f"stage.env={env}: it has no {method}() method (see rlhf_cli.multiturn)"
                 )
-        return lambda: cls(**kwargs)
+        return EnvFactory(f"stage.env={env}", lambda: cls(**kwargs))
     tools = tool_functions(getattr(stage, "tools", []) or [])
     if tools:
-        return lambda: ToolEnv(tools)
+        timeout = float(getattr(stage, "tool_timeout_s", TOOL_TIMEOUT_S))
+        return EnvFactory("stage.tools", lambda: ToolEnv(tools, timeout))
     return None
 
 
@@ -146,14 +171,41 @@ def parse_tool_calls(text: str) -> list[tuple[str, dict]] | str:
     return calls
 
 
+TOOL_TIMEOUT_S = 10.0  # stage.tool_timeout_s's default
+TOOL_RESULT_CHARS = 10_000  # a longer tool result is cut (the policy sees that it was)
+
+
+def call_with_timeout(fn: Callable, args: dict, seconds: float) -> tuple[bool, Any]:
+    """(finished, result or exception) of fn(**args) run in a daemon thread for at most
+    `seconds`. A call still running then is abandoned (Python cannot stop a thread): the run goes
+    on, the policy is told the call timed out."""
+    import threading
+
+    box: list = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn(**args)))
+        except Exception as err:  # noqa: BLE001 - the policy's call: it sees the error
+            box.append((False, err))
+
+    thread = threading.Thread(target=target, daemon=True, name="rlhf-tool-call")
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        return False, TimeoutError(f"no result after {seconds:g} s")
+    return box[0]
+
+
 class ToolEnv:
     """stage.tools: a reply that calls tools gets one `tool` message with their results (an
-    error message for an unknown tool, bad arguments or an exception in the tool, so that the
-    policy can learn from it); a reply without a tool call is the final answer and ends the
-    episode. It gives no reward: the reward functions score the final answer."""
+    error message for an unknown tool, bad arguments, an exception in the tool or a call that
+    ran past stage.tool_timeout_s, so that the policy can learn from it); a reply without a tool
+    call is the final answer and ends the episode. It gives no reward: the reward functions
+    score the final answer."""
 
-    def __init__(self, tools: dict[str, Callable]):
-        self.tools = tools
+    def __init__(self, tools: dict[str, Callable], timeout_s: float = TOOL_TIMEOUT_S):
+        self.tools, self.timeout_s = tools, timeout_s
 
     def reset(self, row: dict) -> None:
         pass
@@ -170,10 +222,16 @@ class ToolEnv:
             if fn is None:
                 results.append(f"error: no tool {name!r} (tools: {', '.join(self.tools)})")
                 continue
-            try:
-                results.append(str(fn(**args)))
-            except Exception as err:  # noqa: BLE001 - the policy's call: it sees the error
-                results.append(f"error: {name} raised {type(err).__name__}: {err}")
+            finished, value = call_with_timeout(fn, args, self.timeout_s)
+            if isinstance(value, TimeoutError) and not finished:
+                results.append(f"error: {name} timed out ({value})")
+            elif not finished:
+                results.append(f"error: {name} raised {type(value).__name__}: {value}")
+            else:
+                text = str(value)
+                if len(text) > TOOL_RESULT_CHARS:
+                    text = text[:TOOL_RESULT_CHARS] + f" ... (cut at {TOOL_RESULT_CHARS} characters)"
+                results.append(text)
         return {"role": "tool", "content": "\n".join(results)}, 0.0, False
 
 
@@ -213,58 +271,117 @@ def _render(renderer, messages: list[dict]) -> str:
 # sampling
 
 
-def as_message(observation: Any) -> dict[str, Any]:
+def as_message(observation: Any, name: str = "the environment") -> dict[str, Any]:
     if isinstance(observation, dict):
-        if "content" not in observation:
-            raise UserError(f"an environment's observation {observation!r} has no content")
+        if not isinstance(observation.get("content"), str):
+            raise RewardError(
+                f"environment {name}: step() returned the observation {short(observation)}: a "
+                "message dict needs a string 'content'"
+            )
         return {"role": "user", **observation}
-    return {"role": "user", "content": str(observation)}
+    if isinstance(observation, str):
+        return {"role": "user", "content": observation}
+    raise RewardError(
+        f"environment {name}: step() returned the observation {short(observation)} "
+        f"({type(observation).__name__}): return a str, a message dict or None"
+    )
+
+
+def short(value: Any, chars: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= chars else text[: chars - 3] + "..."
+
+
+def env_step(env: Any, name: str, text: str) -> tuple[Any, float, bool]:
+    """env.step(text), checked: an exception in it or a return value that is not
+    (observation, reward, done) with a finite number as the reward is a RewardError naming the
+    environment."""
+    try:
+        out = env.step(text)
+    except Exception as err:  # noqa: BLE001 - the user's code: reported, with a checkpoint
+        raise env_error(name, "step()", err) from err
+    if not isinstance(out, tuple | list) or len(out) != 3:
+        raise RewardError(
+            f"environment {name}: step() returned {short(out)}: return (observation, reward, "
+            "done)"
+        )
+    observation, reward, done = out
+    try:
+        reward = float(reward)
+    except (TypeError, ValueError):
+        raise RewardError(
+            f"environment {name}: step() returned the reward {short(reward)}: return a number"
+        ) from None
+    return observation, reward, bool(done)
 
 
 @torch.no_grad()
 def sample_episodes(
-    generate: Callable[[list[list[int]]], list[tuple[list[int], bool]]],
+    generate: Callable[[list[list[int]]], list[Any]],
     examples: list[dict],
     make_env: Callable[[], Any],
     renderer,
     tokenizer,
     max_turns: int,
+    max_new_tokens: int = 0,
+    max_context: int | None = None,
 ) -> list[Episode]:
     """One episode per example (already repeated group_size times): the policy replies (one
-    batched generation per turn, `generate` returning each reply's tokens up to and including
-    EOS and whether it ended there), the environment answers, until it is done or max_turns
-    replies were made. `ended` is whether the last reply ended with EOS."""
+    batched generation per turn, `generate` returning each reply as a rollout.Reply: its tokens
+    up to and including EOS, whether it ended there, the engine's log-probs or None), the
+    environment answers, until it is done or max_turns replies were made. `ended` is whether
+    the last reply ended with EOS.
+
+    An environment's exception or malformed answer is a RewardError naming it (the run stops
+    with a checkpoint at the step's start). A conversation whose next turn (the context, the
+    environment's message and max_new_tokens) would not fit `max_context` tokens ends before
+    that message, cleanly (`context_full`; the final reply is the last one made)."""
+    name = getattr(make_env, "name", "the environment")
     episodes = []
     for ex in examples:
         env = make_env()
-        env.reset({"prompt": ex["prompt_text"], **ex.get("columns", {})})
+        try:
+            env.reset({"prompt": ex["prompt_text"], **ex.get("columns", {})})
+        except Exception as err:  # noqa: BLE001 - the user's code: reported, with a checkpoint
+            raise env_error(name, "reset()", err) from err
         episodes.append(Episode(env))
     eos = tokenizer.eos_token
+    limit = max_context if max_context is not None else float("inf")
     for turn in range(max_turns):
-        active = [e for e in episodes if not e.done]
+        active = [(ex, e) for ex, e in zip(examples, episodes) if not e.done]
         if not active:
             break
-        contexts = [ex["prompt_ids"] + e.ids for ex, e in zip(examples, episodes) if not e.done]
-        for e, (reply, ended) in zip(active, generate(contexts)):
-            e.ids += reply
-            e.policy += [True] * len(reply)
+        contexts = [ex["prompt_ids"] + e.ids for ex, e in active]
+        for (ex, e), reply in zip(active, generate(contexts)):
+            e.ids += reply.ids
+            e.policy += [True] * len(reply.ids)
+            if reply.logps is None or e.logps is None:
+                e.logps = None
+            else:
+                e.logps += list(reply.logps)
+            e.last_reply = list(reply.ids)
             e.turns += 1
-            e.ended = ended
-            text = tokenizer.decode(reply, skip_special_tokens=True)
+            e.ended = reply.ended
+            text = tokenizer.decode(reply.ids, skip_special_tokens=True)
             e.messages.append({"role": "assistant", "content": text})
-            observation, reward, done = e.env.step(text)
-            e.reward += float(reward)
+            observation, reward, done = env_step(e.env, name, text)
+            e.reward += reward
             if done or observation is None or turn == max_turns - 1:
                 e.done = True
                 continue
-            message = as_message(observation)
+            message = as_message(observation, name)
             # A reply cut at max_new_tokens is closed with its EOS as context (not trained on:
             # the policy did not write it), so the conversation reads as the template writes it.
-            obs = ([] if ended else [tokenizer.eos_token_id]) + observation_ids(
+            obs = ([] if reply.ended else [tokenizer.eos_token_id]) + observation_ids(
                 renderer, message, eos
             )
+            if len(ex["prompt_ids"]) + len(e.ids) + len(obs) + max_new_tokens > limit:
+                e.done = e.context_full = True
+                continue
             e.ids += obs
             e.policy += [False] * len(obs)
+            if e.logps is not None:
+                e.logps += [0.0] * len(obs)
             e.messages.append(message)
     return episodes
 
@@ -291,10 +408,39 @@ def _evaluate(node: ast.AST) -> float:
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > 64:
-            raise ValueError("exponent too large")
-        return _OPS[type(node.op)](left, right)
+        _check_size(node.op, left, right)
+        try:
+            return _OPS[type(node.op)](left, right)
+        except OverflowError:
+            raise ValueError("the result is too large") from None
     raise ValueError("only numbers and + - * / // % ** are allowed")
+
+
+MAX_BITS = 1024  # the calculator's largest result: about 308 digits
+
+
+def _bits(x: float) -> float:
+    """log2 |x| (0 for |x| <= 1), for int and float alike."""
+    import math
+
+    x = abs(x)
+    if x <= 1:
+        return 0.0
+    return float(x.bit_length()) if isinstance(x, int) else math.log2(x)
+
+
+def _check_size(op: ast.operator, left: float, right: float) -> None:
+    """Refuse an operation whose result would exceed MAX_BITS before computing it (a power
+    tower such as ((9**64)**64)**64 would otherwise take minutes and gigabytes)."""
+    if _bits(left) > MAX_BITS or _bits(right) > MAX_BITS:
+        raise ValueError("a number is too large")
+    if isinstance(op, ast.Pow):
+        if abs(right) > 64 and abs(left) > 1:
+            raise ValueError("exponent too large")
+        if right > 0 and _bits(left) * right > MAX_BITS:
+            raise ValueError("the result is too large")
+    elif isinstance(op, ast.Mult) and _bits(left) + _bits(right) > MAX_BITS:
+        raise ValueError("the result is too large")
 
 
 def calculator(expression: str) -> str:
@@ -334,6 +480,6 @@ class CalculatorEnv:
         a, op, b = match.groups()
         try:
             result = calculator(f"{a}{op}{b}")
-        except (ValueError, ZeroDivisionError, SyntaxError) as err:
+        except (ValueError, ArithmeticError, SyntaxError) as err:
             result = f"error ({err})"
         return f"Calculator: {a} {op} {b} = {result}. What is the final answer?", 0.0, False

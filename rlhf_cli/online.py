@@ -30,6 +30,7 @@ from rlhf_cli.losses import (
     masked_mean,
     policy_token_losses,
     tis_weights,
+    truncated_logps,
 )
 from rlhf_cli.models import (
     ScalarHead,
@@ -175,8 +176,11 @@ class Sampler:
                 texts = rollout.final_texts or [
                     self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses
                 ]
+                # (multi-turn: the final reply's tokens, as `responses` holds its text)
                 inputs = row_inputs(
-                    rollout.columns, rollout.responses, self.generation.max_new_tokens
+                    rollout.columns,
+                    rollout.final_ids or rollout.responses,
+                    self.generation.max_new_tokens,
                 )
                 if rollout.turns is not None:
                     inputs["turns"] = rollout.turns
@@ -253,13 +257,16 @@ class Sampler:
                 logps=[r.logps for r in replies] if replies[0].logps is not None else None,
             )
         episodes = sample_episodes(
-            lambda contexts: [(r.ids, r.ended) for r in self._generate(contexts, generation)],
+            lambda contexts: self._generate(contexts, generation),
             rows,
             self.make_env,
             self.renderer,
             self.tokenizer,
             self.cfg.stage.max_turns,
+            max_new_tokens=int(generation.max_new_tokens),
+            max_context=self.engine.max_context,
         )
+        logps = [e.logps for e in episodes]
         return make_rollout(
             rows,
             [e.ids for e in episodes],
@@ -267,9 +274,12 @@ class Sampler:
             [e.ended for e in episodes],
             self.tokenizer.pad_token_id,
             self.device,
+            logps=None if any(lp is None for lp in logps) else logps,
             turns=[e.messages for e in episodes],
             final_texts=[e.messages[-1]["content"] if e.messages else "" for e in episodes],
+            final_ids=[e.last_reply for e in episodes],
             env_rewards=torch.tensor([e.reward for e in episodes], device=self.device),
+            context_full=torch.tensor([e.context_full for e in episodes], device=self.device),
         )
 
 
@@ -325,9 +335,12 @@ class OnlineStage(Sampler, Stage):
         prompt_len: int,
         with_values: bool = False,
         with_entropy: bool = False,
+        truncated: bool = False,
     ):
         """(response log-probs (B, R), values (B, R) or None, entropies (B, R) or None) at the
-        sampling temperature. Only the response positions go through the LM head (and the
+        sampling temperature; with `truncated`, a fourth: the log-probs under the truncated
+        distribution the vLLM engine sampled from (stage.top_k/top_p/min_p in vLLM's order,
+        losses.truncated_logps), what its reported log-probs are compared with for TIS. Only the response positions go through the LM head (and the
         family's logit transform, models.lm_logits), whole rows of up to LOGIT_TOKENS positions
         at a time, so the float32 logits of the whole batch never exist at once; a family whose
         transform is unknown runs its own forward (and its logits are whole). The entropy (no
@@ -360,7 +373,8 @@ class OnlineStage(Sampler, Stage):
 
         response = batch["input_ids"][:, prompt_len:]
         temperature = self.cfg.stage.temperature
-        logps, entropies = [], []
+        s = self.cfg.stage
+        logps, entropies, behaviour = [], [], []
         step = max(1, LOGIT_TOKENS // max(1, response.shape[1]))
         for start in range(0, states.shape[0], step):
             rows = slice(start, start + step)
@@ -373,9 +387,18 @@ class OnlineStage(Sampler, Stage):
                 with torch.no_grad():
                     probs = torch.softmax(logits, -1)
                     entropies.append(lse - (probs * logits).sum(-1))
-        logps = torch.cat(logps) * batch["attention_mask"][:, prompt_len:]
+            if truncated:
+                with torch.no_grad():
+                    behaviour.append(
+                        truncated_logps(logits, response[rows], s.top_k, s.top_p, s.min_p)
+                    )
+        keep = batch["attention_mask"][:, prompt_len:]
+        logps = torch.cat(logps) * keep
         values = self.value_head(states) if with_values and self.value_head is not None else None
-        return logps, values, torch.cat(entropies) if with_entropy else None
+        out = (logps, values, torch.cat(entropies) if with_entropy else None)
+        if truncated:  # (-inf for a token outside the trainer's kept set: weight 0, clamped)
+            out += (torch.where(keep.bool(), torch.cat(behaviour).clamp(min=-1e4), 0.0),)
+        return out
 
     @torch.no_grad()
     def reference_logps(self, rollout: Rollout) -> torch.Tensor:
@@ -386,6 +409,11 @@ class OnlineStage(Sampler, Stage):
             return self.forward(self.model, batch, rollout.prompt_len)[0]
 
     # -- the step ----------------------------------------------------------------------------
+
+    def truncates(self) -> bool:
+        """Whether the stage samples from a truncated distribution (top_k, top_p, min_p)."""
+        s = self.cfg.stage
+        return s.temperature > 0 and (s.top_k > 0 or s.top_p < 1 or s.min_p > 0)
 
     def examples_per_step(self) -> int:
         """rollout_batch_size prompts; with dynamic sampling, that many for each try."""
@@ -511,15 +539,24 @@ class OnlineStage(Sampler, Stage):
         t0 = time.perf_counter()
         set_eval(self.model)  # generation with the KV cache, never checkpointed
         rollout, terms, sampling = self.sample(examples)
+        self.engine.release()  # (vllm on CUDA) the update gets the engine's memory
         score = self.combine(terms)
         reward, valid = self.reward(rollout, terms)
         # A response whose reward is not finite leaves the loss (and the reward statistics).
         mask = rollout.mask & valid.unsqueeze(-1)
+        # With the vLLM engine and truncated sampling, its log-probs are those of the truncated
+        # distribution: the trainer's are computed under the same truncation to compare.
+        truncated = rollout.engine_logps is not None and self.truncates()
         with torch.no_grad(), autocast(self.amp_dtype, self.device):
-            old_logps, old_values, _ = self.forward(
-                self.model, rollout.select(slice(None)), rollout.prompt_len, with_values=True
+            old_logps, old_values, _, *behaviour = self.forward(
+                self.model,
+                rollout.select(slice(None)),
+                rollout.prompt_len,
+                with_values=True,
+                truncated=truncated,
             )
             ref_logps = self.reference_logps(rollout)
+        behaviour_logps = behaviour[0] if behaviour else old_logps
         if s.normalize_rewards:
             self.moments.update(reward[valid])
             reward = (reward - self.moments.mean) / (self.moments.std + 1e-8)
@@ -537,12 +574,16 @@ class OnlineStage(Sampler, Stage):
         tis, mismatch = None, {}
         if rollout.engine_logps is not None:
             weights, tstats = tis_weights(
-                old_logps, rollout.engine_logps, mask, self.cfg.rollout.tis_cap or float("inf")
+                behaviour_logps,
+                rollout.engine_logps,
+                mask,
+                self.cfg.rollout.tis_cap or float("inf"),
             )
             tis = weights if self.cfg.rollout.tis_cap is not None else None
             mismatch = {f"rollout/{k}": float(v) for k, v in tstats.items()}
             if tis is None:
                 mismatch.pop("rollout/tis_clipped")
+                mismatch.pop("rollout/tis_weight_mean")
 
         self.model.train()  # dropout is off (__init__); gradient checkpointing applies
         # The tokens the policy loss sees: all response tokens, or (mask_truncated) those of
@@ -649,6 +690,8 @@ class OnlineStage(Sampler, Stage):
             record["turns"] = sum(
                 sum(m["role"] == "assistant" for m in t) for t in rollout.turns
             ) / len(rollout.turns)
+            # Conversations ended because their next turn would not fit the context.
+            record["context_full"] = float(rollout.context_full.float().mean())
         self.samples = self.sample_rows(rollout, score)
         # Responses whose reward was not finite (dropped from the loss), summed over ranks.
         weighted["nonfinite_rewards"] = float((~valid).sum())
@@ -677,7 +720,10 @@ class OnlineStage(Sampler, Stage):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), eval_mode(self.model):
             torch.manual_seed(self.cfg.train.seed)
-            return self._evaluate(examples)
+            try:
+                return self._evaluate(examples)
+            finally:
+                self.engine.release()
 
     def _evaluate(self, examples: list) -> dict[str, float]:
         columns: dict[str, list[torch.Tensor]] = {"score": [], "kl": [], "response_length": []}

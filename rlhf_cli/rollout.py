@@ -64,12 +64,17 @@ class HFEngine:
             device,
             amp_dtype,
         )
+        # The longest prompt + response the model's positions hold (None: no stated limit).
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
 
     def policy_changed(self) -> None:
         pass
 
     def sync(self) -> float:
         return 0.0
+
+    def release(self) -> None:
+        pass
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], generation) -> list[Reply]:
@@ -116,9 +121,11 @@ class Rollout:
     # environment's summed reward of each row.
     turns: list[list[dict[str, Any]]] | None = None
     final_texts: list[str] | None = None
+    final_ids: list[list[int]] | None = None  # the final reply's tokens
     env_rewards: torch.Tensor | None = None
-    # (B, R) the rollout engine's log-prob of each response token (rollout.engine=vllm, single
-    # turn); 0 after the response.
+    context_full: torch.Tensor | None = None  # (B,) bool: ended as the context was full
+    # (B, R) the rollout engine's log-prob of each response token (rollout.engine=vllm); 0 on
+    # the context tokens of a conversation and after the response.
     engine_logps: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -136,7 +143,9 @@ def join_groups(
         multiturn = {
             "turns": [r.turns[i] for r, i in rows],
             "final_texts": [r.final_texts[i] for r, i in rows],
+            "final_ids": [r.final_ids[i] for r, i in rows],
             "env_rewards": torch.stack([r.env_rewards[i] for r, i in rows]),
+            "context_full": torch.stack([r.context_full[i] for r, i in rows]),
         }
     return make_rollout(
         [
@@ -242,16 +251,57 @@ def engine_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def is_quantized(layer: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (its weight holds codes, not values)."""
+    weight = getattr(layer, "weight", None)
+    return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
 def plain_weight(layer: torch.nn.Module) -> torch.Tensor:
     """A linear layer's weight as a plain float tensor: a bitsandbytes 4-bit or 8-bit weight
     dequantized (exactly what its forward multiplies by)."""
-    weight = layer.weight
-    kind = type(weight).__name__
-    if kind in ("Params4bit", "Int8Params"):
+    if is_quantized(layer):
         from peft.utils.integrations import dequantize_bnb_weight
 
-        return dequantize_bnb_weight(weight, getattr(layer, "state", None))
-    return weight
+        return dequantize_bnb_weight(layer.weight, getattr(layer, "state", None))
+    return layer.weight
+
+
+def unmergeable(model) -> str | None:
+    """What merged_weights cannot fold into W + scale B A: a DoRA adapter (its magnitude
+    vector rescales the merged weight) or a LoRA bias (`lora_bias`); None when there is none."""
+    from peft.tuners.lora import LoraLayer
+
+    active = list(getattr(model, "active_adapters", None) or [])
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in active:
+            if getattr(module, "use_dora", {}).get(adapter):
+                return f"a DoRA adapter ({name})"
+            if getattr(module, "lora_bias", {}).get(adapter):
+                return f"a LoRA bias (lora_bias, {name})"
+    return None
+
+
+def trains_embeddings(model) -> bool:
+    """Whether the trained policy's input embeddings or LM head differ from the base's (wrapped
+    by peft: modules_to_save, or a LoRA on them): with tied embeddings the engine must hold them
+    untied, or loading the trained head would overwrite its input embeddings too (and the
+    reverse)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if not hasattr(model, "get_base_model"):
+        return False
+    base = model.get_base_model()
+    heads = {base.get_input_embeddings(), base.get_output_embeddings()}
+    for module in base.modules():
+        if isinstance(module, ModulesToSaveWrapper) and module.original_module in heads:
+            return True
+        if isinstance(module, LoraLayer) and module.get_base_layer() in heads:
+            return True
+    return False
 
 
 @torch.no_grad()
@@ -284,6 +334,11 @@ def merged_weights(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tenso
             copy = module.modules_to_save[active[0]] if active else module.original_module
             for key, value in copy.named_parameters():
                 yield f"{name}.{key}", value.to(dtype)
+            done.append(name)
+        elif is_quantized(module):  # a quantized linear without LoRA: dequantized as well
+            yield f"{name}.weight", plain_weight(module).to(dtype)
+            if getattr(module, "bias", None) is not None:
+                yield f"{name}.bias", module.bias.to(dtype)
             done.append(name)
         else:
             for key, value in module.named_parameters(recurse=False):
@@ -334,13 +389,26 @@ class VLLMEngine:
         context = (
             getattr(model.config, "max_position_embeddings", None) or rollout_cfg.max_model_len
         )
-        self.max_len = min(rollout_cfg.max_model_len, int(context))
+        self.max_len = self.max_context = min(rollout_cfg.max_model_len, int(context))
         cuda = device.type == "cuda"
         kv = rollout_cfg.kv_cache_gib
         if kv is None and not cuda:
             kv = 0.5
         self.sleep_mode = cuda and rollout_cfg.sleep
-        self.key = (model_dir, str(self.dtype), self.max_len, kv, str(device), self.sleep_mode)
+        what = unmergeable(model)
+        if what is not None:
+            raise UserError(
+                f"rollout.engine=vllm: the policy has {what}, which the engine's merged weights "
+                "(W + scale B A) cannot hold: use rollout.engine=hf, or a plain LoRA adapter"
+            )
+        # Tied embeddings whose trained copy differs from the base's: the engine holds them
+        # untied (vLLM would otherwise load the trained LM head into the input embeddings).
+        self.untied = bool(getattr(model.config, "tie_word_embeddings", False)) and (
+            trains_embeddings(model)
+        )
+        self.key = (
+            model_dir, str(self.dtype), self.max_len, kv, str(device), self.sleep_mode, self.untied
+        )
         self.serial = next(_SERIALS)
         self.llm = _ENGINES.get(self.key)
         if self.llm is None:
@@ -366,6 +434,8 @@ class VLLMEngine:
         )
         if kv_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+        if self.untied:
+            kwargs["hf_overrides"] = {"tie_word_embeddings": False}
         if cuda:
             kwargs["gpu_memory_utilization"] = self.cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleep_mode
@@ -447,14 +517,20 @@ class VLLMEngine:
                 f"{getattr(self.model.config, 'max_position_embeddings', '?')}) or shorten "
                 "data.max_prompt_length / stage.max_new_tokens"
             )
-        # One draw from the global generator (checkpointed) seeds this batch's requests.
+        # One draw from the global generator (checkpointed) seeds this batch's requests. vLLM's
+        # CPU sampler also draws from the global generator at every decode step (seeds it then
+        # replaces with the requests' own): it runs on a fork of it, seeded from the same draw,
+        # so the run's stream advances by exactly one draw per batch.
         base = int(torch.randint(0, 2**31 - 1, ()).item())
         seeds = [(base * 1_000_003 + dist.rank() * 65_537 + i) % 2**63 for i in range(len(prompts))]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            [self.sampling_params(generation, s) for s in seeds],
-            use_tqdm=False,
-        )
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(base)
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                [self.sampling_params(generation, s) for s in seeds],
+                use_tqdm=False,
+            )
         eos = self.tokenizer.eos_token_id
         replies = []
         for out in outputs:
@@ -462,10 +538,16 @@ class VLLMEngine:
             ids = list(c.token_ids)
             logps = [d[t].logprob for d, t in zip(c.logprobs, ids)] if c.logprobs else None
             replies.append(Reply(ids, bool(ids) and ids[-1] == eos, logps))
-        if self.sleep_mode:  # the update gets the memory back; the weights reload anyway
+        return replies
+
+    def release(self) -> None:
+        """After a step's rollouts (every turn and dynamic-sampling try done), before the
+        update: on CUDA with rollout.sleep, the engine sleeps at level 2 (weights and KV cache
+        freed, so the update gets the memory back; the weights are reloaded from the updated
+        policy before the next rollout anyway)."""
+        if self.sleep_mode and not self.sleeping:
             self.llm.sleep(level=2)
             self.sleeping, self.stale = True, True
-        return replies
 
 
 def make_engine(cfg, model, tokenizer, device: torch.device, amp_dtype):

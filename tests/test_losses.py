@@ -703,3 +703,30 @@ def test_tis_weights_by_hand():
     # No cap (inf): the plain ratio.
     weights, _ = L.tis_weights(old, engine, mask, cap=float("inf"))
     assert float(weights[0, 1]) == pytest.approx(math.exp(0.5), abs=1e-5)
+
+
+def test_truncated_logps_by_hand():
+    """The log-prob of a token under vLLM's truncated sampling distribution, on probabilities
+    p = (0.4, 0.3, 0.15, 0.1, 0.05) (logits log p): min_p 0.3 keeps p >= 0.12 (three tokens,
+    mass 0.85); top_k 2 keeps two (mass 0.7); top_p 0.8 drops the tail whose cumulative mass is
+    <= 0.2 (0.05 and 0.1: mass 0.85 left); a token outside the kept set is -inf; nothing set:
+    the plain log-prob."""
+    p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    z = p.log().expand(4, 5)
+    tokens = torch.tensor([0, 1, 2, 3])
+    plain = L.truncated_logps(z, tokens)
+    torch.testing.assert_close(plain, p[:4].log())
+    got = L.truncated_logps(z, tokens, min_p=0.3)
+    torch.testing.assert_close(got[:3], (p[:3] / 0.85).log())
+    assert got[3] == float("-inf")
+    got = L.truncated_logps(z, tokens, top_k=2)
+    torch.testing.assert_close(got[:2], (p[:2] / 0.7).log())
+    assert got[2] == float("-inf") and got[3] == float("-inf")
+    got = L.truncated_logps(z, tokens, top_p=0.8)
+    torch.testing.assert_close(got[:3], (p[:3] / 0.85).log())
+    assert got[3] == float("-inf")
+    # top_k and top_p together (top_k first): top 3 -> mass 0.85, renormalised
+    # (0.47, 0.35, 0.18); top_p 0.7 drops the 0.18 (cumulative 0.18 <= 0.3): mass 0.7 left.
+    got = L.truncated_logps(z, tokens, top_k=3, top_p=0.7)
+    torch.testing.assert_close(got[:2], (p[:2] / 0.7).log())
+    assert got[2] == float("-inf")

@@ -41,6 +41,71 @@ def final_length(prompts, responses):
 def reply_words(prompts, responses, turns):
     """The number of replies in the conversation (the turns keyword)."""
     return [float(sum(m["role"] == "assistant" for m in t)) for t in turns]
+
+
+def reply_tokens(prompts, responses, response_ids):
+    """The length of response_ids (what a length reward sees)."""
+    return [float(len(ids)) for ids in response_ids]
+
+
+class Boom:
+    """Raises in step() on the call numbered in calls.txt's `fail_on` (counted in calls.txt)."""
+
+    def __init__(self, fail_on=1):
+        self.fail_on = fail_on
+
+    def reset(self, row):
+        pass
+
+    def step(self, text):
+        import pathlib
+
+        path = pathlib.Path("calls.txt")
+        n = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(n))
+        if n == self.fail_on:
+            raise ZeroDivisionError("the game server divided by zero")
+        return None, 1.0, True
+
+
+class Returns:
+    """step() returns the Python literal it was built with."""
+
+    def __init__(self, value="None"):
+        self.value = value
+
+    def reset(self, row):
+        pass
+
+    def step(self, text):
+        import ast
+
+        return ast.literal_eval(self.value)
+
+
+class Flood:
+    """Answers every reply with `chars` characters."""
+
+    def __init__(self, chars=200_000):
+        self.chars = chars
+
+    def reset(self, row):
+        pass
+
+    def step(self, text):
+        return "a " * (self.chars // 2), 0.0, False
+
+
+def slow_tool(seconds: float) -> str:
+    """Sleeps.
+
+    Args:
+        seconds: How long.
+    """
+    import time
+
+    time.sleep(seconds)
+    return "slept"
 '''
 
 
@@ -351,3 +416,147 @@ def test_a_template_that_describes_tools_gets_them_in_the_prompt(env_dir):
     assert "Tools" not in tokenizer.decode(plain["prompt_ids"])
     with pytest.raises(UserError, match="final_length cannot be described"):
         tool_functions(["my_envs:final_length"])
+
+
+def test_length_rewards_see_the_final_reply_not_the_environment(env_dir):
+    """In a conversation, `response_ids` is the final reply's tokens (as `responses` is its
+    text), not the whole conversation with the environment's messages: DAPO's overlong penalty
+    of three short replies is 0, not -1."""
+    stage, examples = grpo_stage(
+        "stage.env=my_envs:Echo",
+        "stage.max_turns=3",
+        "stage.max_new_tokens=8",
+        "reward.fns=[rlhf_cli.rewards:overlong_penalty,my_envs:reply_tokens]",
+    )
+    fixed_replies(stage, words=("yes", "no", "a b c d e f"))
+    rollout = stage.rollout(examples[:1], k=2)
+    final = stage.tokenizer.encode("a b c d e f", add_special_tokens=False)
+    eos = stage.tokenizer.eos_token_id
+    assert rollout.final_ids == [final + [eos]] * 2
+    assert len(rollout.responses[0]) > 8  # the conversation is longer than one reply's limit
+    terms = stage.score_terms(rollout)
+    assert terms["reply_tokens"].tolist() == [7.0, 7.0]  # 6 tokens and EOS
+    # L_max 8, L_cache 8 // 5 = 1: a reply of up to 7 tokens gets 0 (the policy's three replies
+    # together, 3 + 3 + 7 tokens, or the conversation would get -1).
+    assert terms["overlong_penalty"].tolist() == [0.0, 0.0]
+
+
+def test_an_environment_that_raises_or_answers_garbage_is_one_line(env_dir):
+    """An exception in step(), or a return value that is not (observation, reward, done) with a
+    str/dict/None observation and a numeric reward: a RewardError naming the environment."""
+    from rlhf_cli.errors import RewardError
+
+    stage, examples = grpo_stage("stage.env=my_envs:Boom")
+    fixed_replies(stage)
+    with pytest.raises(RewardError, match=r"^environment stage.env=my_envs:Boom: step\(\) raised "
+                       r"ZeroDivisionError: the game server divided by zero$"):
+        stage.rollout(examples[:1], k=1)
+    cases = {
+        "'done'": "step() returned 'done': return (observation, reward, done)",
+        "(3, 0.0, False)": "returned the observation 3 (int): return a str, a message dict or None",
+        "({'role': 'tool'}, 0.0, False)": "a message dict needs a string 'content'",
+        "('ok', 'high', False)": "returned the reward 'high': return a number",
+    }
+    for value, message in cases.items():
+        stage, examples = grpo_stage(
+            "stage.env=my_envs:Returns", f'+stage.env_kwargs.value="{value}"'
+        )
+        fixed_replies(stage)
+        with pytest.raises(RewardError, match="^environment stage.env=my_envs:Returns: ") as err:
+            stage.rollout(examples[:1], k=1)
+        assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_environment_that_raises_saves_and_resumes(env_dir):
+    """The environment raises at its second step (step 2 of the run): exit 2, one line naming
+    it, no traceback, a checkpoint at step 1; the resume runs steps 2 and 3 only."""
+    from conftest import rlhf
+
+    args = (
+        "stage=grpo",
+        "stage.env=my_envs:Boom",
+        "+stage.env_kwargs.fail_on=3",
+        "stage.group_size=2",
+        "stage.rollout_batch_size=1",
+        "reward.fn=my_envs:final_length",
+        "data.path=rows.jsonl",
+        "data.eval_size=0",
+        "quant=none",
+        "stage.max_new_tokens=4",
+        "train.max_steps=3",
+        "train.save_every=0",
+        "run_dir=r",
+    )
+    res = rlhf("train", *args, cwd=env_dir)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "environment stage.env=my_envs:Boom: step() raised ZeroDivisionError" in res.stderr
+    assert [r["step"] for r in read_metrics(env_dir / "r")] == [1]
+    assert (env_dir / "r" / "checkpoints" / "step-000001").is_dir()
+    res = rlhf("train", *args, "resume=auto", cwd=env_dir)
+    assert res.returncode == 0, res.stderr
+    assert [r["step"] for r in read_metrics(env_dir / "r")] == [1, 2, 3]
+    # Steps: 1 (calls 1, 2), 2 (call 3 raised; the step ran again on resume: 4, 5), 3 (6, 7).
+    assert (env_dir / "calls.txt").read_text() == "7"
+
+
+def test_a_conversation_that_outgrows_the_context_ends_cleanly(env_dir):
+    """An environment answering with 200,000 characters: the episode ends before that message
+    (which would not fit the model's positions), is counted (context_full), and the run goes
+    on; a short answer within the context is kept."""
+    stage, examples = grpo_stage(
+        "stage.env=my_envs:Flood", "stage.max_turns=3", "stage.max_new_tokens=8"
+    )
+    calls = fixed_replies(stage)
+    rollout = stage.rollout(examples[:1], k=2)
+    assert len(calls) == 1  # no second turn: the message did not fit
+    assert rollout.context_full.tolist() == [True, True]
+    assert rollout.responses[0] == calls[0][0]  # the reply alone, no observation
+    assert [m["role"] for m in rollout.turns[0]] == ["assistant"]
+    stage, examples = grpo_stage(
+        "stage.env=my_envs:Flood",
+        "+stage.env_kwargs.chars=20",
+        "stage.max_turns=2",
+        "stage.max_new_tokens=8",
+    )
+    calls = fixed_replies(stage)
+    rollout = stage.rollout(examples[:1], k=1)
+    assert len(calls) == 2 and rollout.context_full.tolist() == [False]
+    # A context limit reached by the replies themselves (the engine's or the model's).
+    # A context limit the conversation reaches by itself (the engine's or the model's): room
+    # for the first reply and its message, not for a second reply of max_new_tokens after it.
+    glue = multiturn.observation_ids(
+        stage.renderer, {"role": "user", "content": "a " * 10}, stage.tokenizer.eos_token
+    )
+    stage.engine.max_context = len(examples[0]["prompt_ids"]) + 3 + len(glue) + 7
+    calls = fixed_replies(stage)
+    rollout = stage.rollout(examples[:1], k=1)
+    assert len(calls) == 1 and rollout.context_full.tolist() == [True]
+    stage.engine.max_context += 1  # now the second turn fits
+    calls = fixed_replies(stage)
+    rollout = stage.rollout(examples[:1], k=1)
+    assert len(calls) == 2 and rollout.context_full.tolist() == [False]
+
+
+def test_tool_calls_have_a_time_limit_and_the_calculator_a_size_limit():
+    """A tool call past stage.tool_timeout_s is answered with an error at once (the run goes
+    on); the calculator refuses results over ~308 digits before computing them (a power tower
+    of 23 characters took 18 s and the next level never returned); CalculatorEnv answers an
+    overflow with an error message instead of raising."""
+    import time
+
+    env = ToolEnv({"calculator": calculator, "slow": lambda seconds: time.sleep(seconds)}, 0.2)
+    t0 = time.perf_counter()
+    message, _, done = env.step('<tool_call>{"name": "slow", "arguments": {"seconds": 5}}</tool_call>')
+    assert time.perf_counter() - t0 < 2
+    assert message["content"] == "error: slow timed out (no result after 0.2 s)" and not done
+    t0 = time.perf_counter()
+    for expression in ("(((9**64)**64)**64)**64", "9**64**64", "10**300 * 10**300"):
+        with pytest.raises(ValueError, match="too large"):
+            calculator(expression)
+    assert time.perf_counter() - t0 < 1
+    assert calculator("2**64") == str(2**64) and calculator("(9**64) * 3") == str(3 * 9**64)
+    env = CalculatorEnv()
+    env.reset({"prompt": "x"})
+    message, _, done = env.step("9" * 320 + " / 3")
+    assert message.startswith("Calculator: ") and "error (" in message and not done

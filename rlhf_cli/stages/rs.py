@@ -253,6 +253,7 @@ class RSStage(Sampler, SFTStage):
             if dist.is_main():
                 append_rows(partial, new)
             rows += new
+        self.engine.release()  # (vllm on CUDA) the round's SFT gets the engine's memory
         kept = select_kept(rows, s.select, s.top_fraction, s.missing_eos_penalty)
         samples = [sample for row in rows for sample in row["samples"]]
         chosen = [sample for sample in samples if sample["kept"]]
@@ -370,6 +371,7 @@ class RSStage(Sampler, SFTStage):
                 scores += batch_scores
                 lengths += rollout.mask.sum(-1).tolist()
                 ended += rollout.ended.tolist()
+        self.engine.release()
         return pooled_means(
             {"greedy_score": scores, "response_length": lengths, "eos_fraction": ended}
         )
