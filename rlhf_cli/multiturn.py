@@ -230,7 +230,9 @@ class ToolEnv:
             else:
                 text = str(value)
                 if len(text) > TOOL_RESULT_CHARS:
-                    text = text[:TOOL_RESULT_CHARS] + f" ... (cut at {TOOL_RESULT_CHARS} characters)"
+                    text = (
+                        text[:TOOL_RESULT_CHARS] + f" ... (cut at {TOOL_RESULT_CHARS} characters)"
+                    )
                 results.append(text)
         return {"role": "tool", "content": "\n".join(results)}, 0.0, False
 
@@ -302,8 +304,7 @@ def env_step(env: Any, name: str, text: str) -> tuple[Any, float, bool]:
         raise env_error(name, "step()", err) from err
     if not isinstance(out, tuple | list) or len(out) != 3:
         raise RewardError(
-            f"environment {name}: step() returned {short(out)}: return (observation, reward, "
-            "done)"
+            f"environment {name}: step() returned {short(out)}: return (observation, reward, done)"
         )
     observation, reward, done = out
     try:

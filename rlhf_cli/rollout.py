@@ -407,7 +407,13 @@ class VLLMEngine:
             trains_embeddings(model)
         )
         self.key = (
-            model_dir, str(self.dtype), self.max_len, kv, str(device), self.sleep_mode, self.untied
+            model_dir,
+            str(self.dtype),
+            self.max_len,
+            kv,
+            str(device),
+            self.sleep_mode,
+            self.untied,
         )
         self.serial = next(_SERIALS)
         self.llm = _ENGINES.get(self.key)

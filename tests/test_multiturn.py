@@ -448,8 +448,11 @@ def test_an_environment_that_raises_or_answers_garbage_is_one_line(env_dir):
 
     stage, examples = grpo_stage("stage.env=my_envs:Boom")
     fixed_replies(stage)
-    with pytest.raises(RewardError, match=r"^environment stage.env=my_envs:Boom: step\(\) raised "
-                       r"ZeroDivisionError: the game server divided by zero$"):
+    with pytest.raises(
+        RewardError,
+        match=r"^environment stage.env=my_envs:Boom: step\(\) raised "
+        r"ZeroDivisionError: the game server divided by zero$",
+    ):
         stage.rollout(examples[:1], k=1)
     cases = {
         "'done'": "step() returned 'done': return (observation, reward, done)",
@@ -547,7 +550,9 @@ def test_tool_calls_have_a_time_limit_and_the_calculator_a_size_limit():
 
     env = ToolEnv({"calculator": calculator, "slow": lambda seconds: time.sleep(seconds)}, 0.2)
     t0 = time.perf_counter()
-    message, _, done = env.step('<tool_call>{"name": "slow", "arguments": {"seconds": 5}}</tool_call>')
+    message, _, done = env.step(
+        '<tool_call>{"name": "slow", "arguments": {"seconds": 5}}</tool_call>'
+    )
     assert time.perf_counter() - t0 < 2
     assert message["content"] == "error: slow timed out (no result after 0.2 s)" and not done
     t0 = time.perf_counter()
