@@ -297,9 +297,10 @@ def trains_embeddings(model) -> bool:
     base = model.get_base_model()
     heads = {base.get_input_embeddings(), base.get_output_embeddings()}
     for module in base.modules():
-        if isinstance(module, ModulesToSaveWrapper) and module.original_module in heads:
+        # (peft's wrapper stands in the model's place, so it may be what the getters return)
+        if isinstance(module, ModulesToSaveWrapper) and heads & {module, module.original_module}:
             return True
-        if isinstance(module, LoraLayer) and module.get_base_layer() in heads:
+        if isinstance(module, LoraLayer) and heads & {module, module.get_base_layer()}:
             return True
     return False
 

@@ -235,3 +235,220 @@ def test_the_real_model_trains_and_answers_alike_with_vllm(tmp_path, quant):
         e: sample(str(run), prompt=question, max_new_tokens=48, engine=e) for e in ("hf", "vllm")
     }
     assert answers["vllm"] == answers["hf"] and answers["hf"][0]["ended"]
+
+
+@needs_vllm
+@pytest.mark.parametrize("truncation", ["stage.top_k=50", "stage.top_p=0.9", "stage.min_p=0.1"])
+def test_tis_is_one_under_truncated_sampling(tmp_path, truncation):
+    """With top_k / top_p / min_p the engine reports log-probs of the truncated distribution it
+    sampled from; the trainer's are taken under the same truncation for TIS, so the weights are
+    1 to within the engine/trainer mismatch (before: the kept mass, 0.14 for top_k 20) and the
+    step equals the one without TIS (same samples: same seed)."""
+    args = ("stage=grpo", CHAR, VLLM, *SHORT, "train.max_steps=1", truncation)
+    train_in_process(tmp_path / "tis", *args)
+    train_in_process(tmp_path / "off", *args, "rollout.tis_cap=null")
+    (tis,), (off,) = read_metrics(tmp_path / "tis"), read_metrics(tmp_path / "off")
+    assert tis["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert tis["rollout/logprob_diff_max"] < 1e-3
+    assert "rollout/tis_weight_mean" not in off
+    assert tis["score"] == off["score"]  # the same samples
+    assert tis["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-4)
+    assert tis["loss"] == pytest.approx(off["loss"], rel=1e-4, abs=1e-5)
+
+
+@needs_vllm
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_a_partly_adapted_quantized_base_reaches_the_engine_dequantized(quant):
+    """LoRA on q_proj and v_proj only: the other linears are bitsandbytes layers without LoRA.
+    merged_weights gives every parameter of the plain model (names and shapes of the unquantized
+    base), each quantized weight dequantized (what its forward multiplies by); the engine's
+    greedy answers and log-probs then equal the trainer's (before: int8 codes reached the engine,
+    or vLLM failed on the packed 4-bit shapes)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.models import generation_config
+    from rlhf_cli.rollout import HFEngine, make_engine, merged_weights, plain_weight
+    from rlhf_cli.tiny import tiny_model_dir
+
+    targets = "peft.target_modules=[q_proj,v_proj]"
+    cfg, model, tokenizer = trained_policy(f"quant={quant}", targets)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir()).state_dict()
+    want = {k: v.shape for k, v in plain.items()}
+    got = dict(merged_weights(model, torch.float32))
+    assert {k: v.shape for k, v in got.items()} == want
+    base = model.get_base_model()
+    k_proj = base.get_submodule("model.layers.0.self_attn.k_proj")
+    assert type(k_proj.weight).__name__ in ("Params4bit", "Int8Params")
+    torch.testing.assert_close(got["model.layers.0.self_attn.k_proj.weight"], plain_weight(k_proj))
+    # ... which is the unquantized weight up to the quantization's rounding
+    exact = plain["model.layers.0.self_attn.k_proj.weight"]
+    assert (
+        got["model.layers.0.self_attn.k_proj.weight"] - exact
+    ).abs().max() < 0.2 * exact.abs().max()
+
+    cpu = torch.device("cpu")
+    engine, hf = (
+        make_engine(cfg, model, tokenizer, cpu, None),
+        HFEngine(model, tokenizer, cpu, None),
+    )
+    prompts = [tokenizer("the cat sat on")["input_ids"], tokenizer("a b")["input_ids"]]
+    if quant == "nf4":  # (LLM.int8's forward also rounds the activations: not W x exactly)
+        greedy = generation_config(tokenizer, 12)
+        assert [r.ids for r in engine.generate(prompts, greedy)] == [
+            r.ids for r in hf.generate(prompts, greedy)
+        ]
+    # int8: at most 0.032 nats/token measured (before: 1.46 on average, int8 codes as weights)
+    assert_engine_logps_match(engine, model, tokenizer, prompts, 0.1 if quant == "int8" else 1e-4)
+
+
+def assert_engine_logps_match(engine, model, tokenizer, prompts, tol=1e-4) -> float:
+    """The engine's log-probs of its sampled tokens equal the policy's, recomputed."""
+    from rlhf_cli.models import generation_config
+
+    torch.manual_seed(0)
+    replies = engine.generate(prompts, generation_config(tokenizer, 12, temperature=1.0))
+    gaps = []
+    for prompt, reply in zip(prompts, replies):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + reply.ids])).logits[0].float()
+        picked = logits[len(prompt) - 1 : -1].log_softmax(-1)
+        mine = picked.gather(-1, torch.tensor(reply.ids)[:, None])[:, 0].tolist()
+        gaps += [abs(a - b) for a, b in zip(reply.logps, mine)]
+    assert max(gaps) < tol, max(gaps)
+    return max(gaps)
+
+
+@needs_vllm
+def test_tied_embeddings_with_a_trained_lm_head_stay_untied_in_the_engine(tmp_path):
+    """A model with tied embeddings (as SmolLM2 and Qwen2.5 are) and peft.modules_to_save=
+    [lm_head]: the trained head differs from the input embeddings; the engine holds them untied,
+    so after two updates its greedy answers and log-probs equal the policy's (before: vLLM
+    loaded the trained head into the tied input embeddings too, 16.7 nats per token off)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.models import generation_config, load_model, load_tokenizer
+    from rlhf_cli.rollout import HFEngine, make_engine
+    from rlhf_cli.tiny import tiny_model_dir
+
+    source = tiny_model_dir()
+    tied = AutoModelForCausalLM.from_pretrained(source, tie_word_embeddings=True)
+    tied.tie_weights()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    tied.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "tied")
+    cfg = compose(
+        "stage=grpo",
+        CHAR,
+        VLLM,
+        "quant=none",
+        f"model.name_or_path={tmp_path / 'tied'}",
+        "peft.modules_to_save=[lm_head]",
+    )
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg, torch.device("cpu"), tokenizer)
+    cpu = torch.device("cpu")
+    engine, hf = (
+        make_engine(cfg, model, tokenizer, cpu, None),
+        HFEngine(model, tokenizer, cpu, None),
+    )
+    assert engine.untied
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    target = torch.tensor([tokenizer("zebra zebra zebra zebra")["input_ids"]])
+    model.train()
+    for _ in range(2):
+        model(input_ids=target, labels=target).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.policy_changed()
+    model.eval()
+    head = model.get_base_model().lm_head
+    assert not torch.equal(head.weight, model.get_base_model().model.embed_tokens.weight)
+    prompts = [tokenizer("the cat sat on")["input_ids"], tokenizer("a b")["input_ids"]]
+    greedy = generation_config(tokenizer, 12)
+    assert [r.ids for r in engine.generate(prompts, greedy)] == [
+        r.ids for r in hf.generate(prompts, greedy)
+    ]
+    assert_engine_logps_match(engine, model, tokenizer, prompts)
+
+
+def test_dora_and_lora_bias_adapters_are_refused_with_vllm():
+    """The engine's merged weights are W + scale B A: a DoRA adapter (magnitude vector) or a
+    LoRA bias would sample another policy, so rollout.engine=vllm refuses them in one line."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.rollout import VLLMEngine, unmergeable
+    from rlhf_cli.tiny import tiny_model_dir
+
+    cfg = compose("stage=grpo", CHAR, VLLM, "quant=none")
+    for kwargs, what in (
+        ({"use_dora": True}, "a DoRA adapter"),
+        ({"lora_bias": True}, "LoRA bias"),
+    ):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], **kwargs))
+        assert what in unmergeable(model)
+        with pytest.raises(UserError, match="rollout.engine=hf, or a plain LoRA adapter") as err:
+            VLLMEngine(cfg.rollout, model, None, str(tiny_model_dir()), torch.device("cpu"))
+        assert what in str(err.value) and "\n" not in str(err.value)
+    plain = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir()),
+        LoraConfig(r=4, target_modules=["q_proj"]),
+    )
+    assert unmergeable(plain) is None
+
+
+@needs_vllm
+def test_a_batch_advances_the_global_generator_by_one_draw():
+    """vLLM's CPU sampler draws from torch's global generator at every decode step; the engine
+    runs it on a fork seeded from its one draw per batch, so the run's stream (which a
+    checkpoint saves) moves by exactly that draw, whatever the response lengths."""
+    from rlhf_cli.models import generation_config
+    from rlhf_cli.rollout import make_engine
+
+    cfg, model, tokenizer = trained_policy()
+    engine = make_engine(cfg, model, tokenizer, torch.device("cpu"), None)
+    prompts = [tokenizer("the cat sat on")["input_ids"]] * 3
+    torch.manual_seed(5)
+    torch.randint(0, 2**31 - 1, ())
+    want = torch.get_rng_state()
+    torch.manual_seed(5)
+    first = engine.generate(prompts, generation_config(tokenizer, 16, temperature=1.0))
+    assert torch.equal(torch.get_rng_state(), want)
+    torch.manual_seed(5)
+    assert [r.ids for r in engine.generate(prompts, generation_config(tokenizer, 16, 1.0))] == [
+        r.ids for r in first
+    ]
+
+
+@needs_vllm
+def test_conversations_through_vllm_keep_the_engines_log_probs(tmp_path, monkeypatch):
+    """Multi-turn with the engine: each reply's log-probs are carried into the episode (the
+    environment's tokens outside the mask), so TIS applies and the mismatch is logged."""
+    import json
+
+    from test_multiturn import ENVS
+
+    (tmp_path / "my_envs.py").write_text(ENVS)
+    rows = [{"prompt": f"Count with me, round {i}.", "answer": f"a{i}"} for i in range(8)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    train_in_process(
+        tmp_path / "r",
+        "stage=grpo",
+        VLLM,
+        "stage.env=my_envs:Echo",
+        "+stage.env_kwargs.replies=2",
+        "reward.fn=my_envs:final_length",
+        "data.path=rows.jsonl",
+        "data.eval_size=0",
+        "stage.rollout_batch_size=4",
+        "stage.max_new_tokens=6",
+        "train.max_steps=1",
+    )
+    (row,) = read_metrics(tmp_path / "r")
+    assert row["turns"] == 2
+    assert row["rollout/logprob_diff_max"] < 1e-4
+    assert row["rollout/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
