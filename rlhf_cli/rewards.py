@@ -21,6 +21,7 @@ import inspect
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -233,13 +234,13 @@ def concise(prompts: list[str], responses: list[str], words: int = 20) -> list[f
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _FINAL_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
-_FRAC = re.compile(r"\\d?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 
 
 def final_answer(response: str) -> str | None:
-    """The answer a response gives: the content of its last \\boxed{...} (nested braces
-    allowed), else its last number (with a sign, decimals, a fraction a/b, thousands commas);
-    None when it gives neither."""
+    """The answer a response gives, as text: the content of its last \\boxed{...} (nested
+    braces allowed), else its last number (with a sign, decimals, a fraction a/b, thousands
+    commas); None when it gives neither. (math_answer does not use it: Math-Verify extracts and
+    compares; this is the plain rule for a reward that wants the text.)"""
     starts = [m.end() for m in _BOXED.finditer(response)]
     if starts:
         depth, i = 1, starts[-1]
@@ -252,50 +253,64 @@ def final_answer(response: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def _as_number(text: str):
-    """`text` as an exact Fraction when it is a number (1,234; -3.5; 7/2; \\frac{7}{2}; 50%
-    is 1/2), else None."""
-    from fractions import Fraction
-
-    t = text.strip().strip("$").strip().rstrip(".").replace("\\!", "").replace("\\,", "")
-    t = re.sub(r"\\(left|right)", "", t).replace("\\%", "%")
-    percent = t.endswith("%")
-    t = t.rstrip("%").strip()
-    t = _FRAC.sub(r"(\1)/(\2)", t).replace(" ", "")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", t):
-        t = t.replace(",", "")
-    m = re.fullmatch(r"\(?(-?[\d.]+)\)?(?:/\(?(-?[\d.]+)\)?)?", t)
-    if m is None:
-        return None
+@functools.cache
+def _math_verify():
     try:
-        value = Fraction(m.group(1)) / (Fraction(m.group(2)) if m.group(2) else 1)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return value / 100 if percent else value
+        import math_verify
+    except ImportError as err:
+        raise RewardError(
+            "rlhf_cli.rewards:math_answer needs Math-Verify: pip install 'math-verify[antlr4_9_3]'"
+            f" ({err})"
+        ) from None
+    return math_verify
 
 
-def same_answer(given: str | None, answer: Any) -> bool:
-    """Whether a response's final answer equals the reference: as numbers when both are (exact:
-    0.5 == 1/2 == \\frac{1}{2} == 50%), else as text (case, spaces, $ and \\text{} ignored)."""
-    if given is None or answer is None:
+def _parse(text: str, timeout: int | None) -> list:
+    mv = _math_verify()
+    targets = [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()]
+    return mv.parse(text, targets, parsing_timeout=timeout)
+
+
+def verify_answer(response: str, answer: Any) -> bool:
+    """Whether `response` gives the reference `answer`, by Math-Verify (the Hugging Face checker
+    that TRL, verifiers, reasoning-gym and GEM use): the response's answer is extracted (a
+    \\boxed{} first, then the last LaTeX or plain expression), parsed into SymPy and compared
+    with the reference's (numbers to 6 decimal places, fractions, percents, sets, intervals,
+    equations' right-hand sides, units and \\text dropped). A reference of words, or one that
+    does not parse as math, is compared as text with the response's last \\boxed{} (or the
+    whole response): case, spaces, $, \\text{} and a final period ignored."""
+    if answer is None:
         return False
     expected = str(answer)
-    a, b = _as_number(given), _as_number(expected)
-    if a is not None and b is not None:
-        return a == b
+    if _WORDS.fullmatch(expected.strip()):  # "Paris", "yes": a word is no formula (p*a*r*i*s)
+        return _plain(response) == _plain(expected)
+    # Math-Verify's timeouts are signals: they work only in the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    # A bare reference with LaTeX or brackets in it ("\\frac{1}{2}", "(3, 4)") is read as
+    # LaTeX; a plain one ("1,234", "0.5") as an expression first.
+    wrapped = f"${expected}$"
+    latex = "$" not in expected and any(c in expected for c in "\\()[]{}^")
+    first, second = (wrapped, expected) if latex else (expected, wrapped)
+    gold = _parse(first, timeout) or _parse(second, timeout)
+    if not gold:
+        return _plain(response) == _plain(expected)
+    predicted = _parse(response, timeout)
+    return bool(predicted) and _math_verify().verify(gold, predicted, timeout_seconds=timeout)
 
-    def text(s: str) -> str:
-        s = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", s)
-        return re.sub(r"[\s$]", "", s).rstrip(".").lower()
 
-    return text(given) == text(expected)
+_WORDS = re.compile(r"[A-Za-z][A-Za-z '-]*\.?")
+
+
+def _plain(text: str) -> str:
+    text = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", final_answer(text) or text)
+    return re.sub(r"[\s$]", "", text).rstrip(".").lower()
 
 
 def math_answer(prompts: list[str], responses: list[str], answer: list[Any]) -> list[float]:
-    """Verifiable reward: 1.0 when the response's final answer (its last \\boxed{...}, else its
-    last number) equals its row's `answer` column (numerically where both are numbers), else
-    0.0."""
-    return [float(same_answer(final_answer(r), a)) for r, a in zip(responses, answer, strict=True)]
+    """Verifiable reward: 1.0 when the response's final answer equals its row's `answer` column
+    by Math-Verify (verify_answer: \\boxed{} first, else the last expression; numbers,
+    fractions, percents, LaTeX), else 0.0."""
+    return [float(verify_answer(r, a)) for r, a in zip(responses, answer, strict=True)]
 
 
 THINK_ANSWER = r"<think>.*?</think>\s*<answer>.*?</answer>"

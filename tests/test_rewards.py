@@ -30,18 +30,117 @@ def test_final_answer(response, given):
 
 
 def test_math_answer_compares_numbers_exactly_and_text_loosely():
+    """Math-Verify's rules: numbers to 6 decimal places (0.333 is not 1/3), fractions, a
+    percent sign in the response dropped (28% answers 28, as Math-Verify's cases say), text
+    compared loosely."""
     responses = [
         "so \\boxed{\\frac{1}{2}}",  # 1/2 == 0.5
         "1,234",  # == 1234
-        "\\boxed{50\\%}",  # == 1/2
+        "The growth was 50%.",  # == 50
         "I get 41",  # != 42
         "\\boxed{\\text{Paris}}",  # == "paris."
-        "\\boxed{0.333}",  # != 1/3: exact, no tolerance
+        "\\boxed{0.333}",  # != 1/3
         "whatever",  # no answer
         "7",  # the row has none
     ]
-    answers = ["0.5", 1234, "1/2", 42, "paris.", "1/3", "3", None]
+    answers = ["0.5", 1234, "50", 42, "paris.", "1/3", "3", None]
     assert math_answer([""] * 8, responses, answers) == [1, 1, 1, 0, 1, 0, 0, 0]
+
+
+# Right answers the previous hand-written checker scored 0 (issue 35), and two it scored 1 that
+# are wrong; Math-Verify gets each right.
+HAND = [
+    ("The answer is $-\\frac{1}{2}$", "-1/2", 1),
+    ("So $\\frac{1}{2}$.", "0.5", 1),  # a \frac outside \boxed (was read as its denominator)
+    ("$\\boxed{5 \\text{ dollars}}$", "5", 1),
+    ("$\\left(3, 4\\right)$", "(3, 4)", 1),
+    ("$\\boxed{14{,}916}$", "14916", 1),
+    ("$x = 5$", "5", 1),
+    ("$\\frac13$", "1/3", 1),
+    ("1 000", "1000", 1),
+    ("1000,99", "1000.99", 1),
+    ("0.333333", "1/3", 1),
+    ("So 47 * 83 = 3901.", "3901", 1),
+    ("12,34 euros", "34", 0),
+    ("pages 3-5", "-5", 0),
+]
+
+# Math-Verify's own published cases (huggingface/Math-Verify tests/test_all.py: number
+# extraction, fractions, sets, LaTeX notation, percents): (reference, response, expected).
+MATH_VERIFY_CASES = [
+    ("-5", "-5", 1),
+    ("7425000", "7,425,000", 1),
+    ("1000", "1 000", 1),
+    ("1000", "1000.0", 1),
+    ("1000.0", "1,000.0", 1),
+    ("1000.99", "1000,99", 1),
+    ("1,22", "1.22", 1),
+    ("2.74", "Soucis : 2,74 $ a..", 1),
+    ("0.4", ".4", 1),
+    ("1000.99", "1,000.99", 1),
+    ("1000.99", "$1,000.99", 1),
+    ("1000.99", "1,000.99$", 1),
+    ("1000.99", "the number is not 10 which is 1,000.99€", 1),
+    ("1000.99", "so the number is 10 which is 1,000.99m²", 1),
+    ("1000.99", "not it's not 10 it's 1,000.99m²", 1),
+    ("0,111", "0.111", 1),
+    ("2", "AZYUK2A", 0),
+    ("10/9", "\\frac{10}{9}", 1),
+    ("-10/9", "-\\frac{10}{9}", 1),
+    ("$[0,1)$", "$[0,1)$", 1),
+    ("$[0,9)$", "$[0,1)$", 0),
+    ("$(0,9)$", "$[0,9)$", 0),
+    ("$1$", "$-[0,1)$", 0),
+    ("$9$", "Answer \\[ 9 \\]", 1),
+    ("$9$", "Answer $ 9 $", 1),
+    ("$9$", "Answer $$ 9 $$", 1),
+    ("$9$", "Answer \\( 9 \\)", 1),
+    ("$10$", "Answer \\( (9+1) \\)", 1),
+    ("$9$", "Answer \\[ \n 9 \n \\]", 1),
+    ("$9$", "Answer $$ \n 9 \n $$", 1),
+    ("$10/9$", "Answer $ \\frac{1}{2} \\$ = \\frac{10}{9} $", 1),
+    ("$1/3$", "$\\frac13 $", 1),
+    ("$1$", "$\\frac3{3} $", 1),
+    ("$\\sqrt{3}$", "$\\sqrt3 $", 1),
+    ("$1/3$", "$\\cfrac{1}{3} $", 1),
+    ("$1/3$", "$\\dfrac{1}{3} $", 1),
+    ("$1/3$", "$\\tfrac{1}{3} $", 1),
+    ("$1/3$", "$ 1/3 $", 1),
+    ("$1/3$", "$\\left( \\frac{1}{3} \\right)$", 1),
+    ("$1/3$", "$\\boxed{\\frac{1}{3}}$", 1),
+    ("$1/3$", "$\\frac{1}{3} \\text{meters}$", 1),
+    ("$1/3$", "$\\frac{1}{3} \\textbf{meters}$", 1),
+    ("$1/3$", "$k = \\frac{1}{3}$", 1),
+    ("$28\\%$", "28 percent", 1),
+    ("$28\\%$", "28 pct", 1),
+    ("$28\\%$", "28 %", 1),
+    ("$28\\%$", "$28$ %", 1),
+    ("$28\\%$", "$28$ percent", 1),
+    ("$28\\%$", "$\\boxed{28}$ pct", 1),
+    ("$28\\%$", "28", 1),
+    ("$0.28$", "28", 0),
+    ("$28/100$", "28", 0),
+    ("$28$", "28/100", 0),
+    ("$\\frac{28}{100}$", "28", 0),
+    ("$28*\\frac{1}{100}$", "28", 0),
+    # Math-Verify runs these two with LaTeX extraction alone (an inline formula split over
+    # lines is no formula); math_answer also reads plain expressions, so the 9 counts.
+    ("$9$", "Answer $ \n 9 \n $", 1),
+    ("$9$", "Answer \\( \n 9 \n \\)", 1),
+]
+
+
+@pytest.mark.parametrize("response, answer, expected", HAND)
+def test_math_answer_on_the_hand_cases(response, answer, expected):
+    assert math_answer([""], [response], [answer]) == [expected]
+
+
+def test_math_answer_on_math_verifys_published_cases():
+    gold = [g for g, _, _ in MATH_VERIFY_CASES]
+    responses = [r for _, r, _ in MATH_VERIFY_CASES]
+    got = math_answer([""] * len(gold), responses, gold)
+    wrong = [case for case, v in zip(MATH_VERIFY_CASES, got) if v != case[2]]
+    assert wrong == []
 
 
 def test_format_match():
