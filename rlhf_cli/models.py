@@ -189,9 +189,15 @@ def varlen_bounds(position_ids: torch.Tensor) -> torch.Tensor:
     """Where each sequence of packed rows starts in their flattened positions, and the end
     (cumulative lengths, as flash-attention's varlen kernel takes them): a sequence starts
     wherever its position id is 0 (data.pack_rows restarts them per sequence and per run of
-    padding), so no sequence crosses a row's end."""
+    padding), and wherever the ids do not count on from the previous one or a row begins (a
+    first sequence that does not start at 0, a caller's own positions), so no sequence crosses
+    a row's end."""
+    width = position_ids.shape[-1]
     flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().flatten()
+    new = torch.ones_like(flat, dtype=torch.bool)
+    new[1:] = (flat[1:] == 0) | (flat[1:] != flat[:-1] + 1)
+    new[::width] = True
+    starts = new.nonzero().flatten()
     end = torch.tensor([flat.numel()], device=flat.device)
     return torch.cat([starts, end]).to(torch.int32)
 
@@ -489,10 +495,12 @@ def generation_config(
     sampling = temperature > 0
     return GenerationConfig(
         do_sample=sampling,
-        temperature=temperature if sampling else 1.0,
-        top_p=top_p if sampling else 1.0,
-        top_k=top_k if sampling else 0,
-        min_p=min_p if sampling else 0.0,
+        # Greedy: the sampling knobs unset (generate_ids blanks the model's own defaults), or
+        # transformers warns on every call that they are ignored.
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=top_k if sampling else None,
+        min_p=min_p if sampling else None,
         typical_p=1.0,
         epsilon_cutoff=0.0,
         eta_cutoff=0.0,
@@ -502,8 +510,7 @@ def generation_config(
         length_penalty=1.0,
         num_beams=1,
         num_return_sequences=1,
-        min_length=0,
-        min_new_tokens=0,
+        min_length=0,  # (min_new_tokens unset: both set is a warning on every call)
         max_new_tokens=max_new_tokens,
         bad_words_ids=None,
         suppress_tokens=None,

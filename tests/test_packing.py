@@ -59,6 +59,10 @@ def test_varlen_bounds_by_hand():
     # rows' flattened positions; padding runs count as sequences of their own.
     positions = torch.tensor([[0, 1, 2, 0, 0, 1], [0, 1, 0, 1, 2, 3]])
     assert varlen_bounds(positions).tolist() == [0, 3, 4, 6, 8, 12]
+    # A first run that does not start at 0, and a row whose ids go on from the row before:
+    # each still starts a sequence (a reshape crashed on the first).
+    positions = torch.tensor([[2, 3, 4, 0, 1], [5, 6, 0, 1, 2]])
+    assert varlen_bounds(positions).tolist() == [0, 3, 5, 7, 10]
 
 
 class Module(torch.nn.Module):
