@@ -89,6 +89,17 @@ CASES: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = [
         ("stage.tools: rlhf_cli.rewards:keyword cannot be described",),
     ),
     (
+        "tool time limit not positive",
+        (
+            *T,
+            "stage=grpo",
+            "stage.tools=[rlhf_cli.multiturn:calculator]",
+            "reward.fn=rlhf_cli.rewards:concise",
+            "stage.tool_timeout_s=0",
+        ),
+        ("stage.tool_timeout_s must be > 0",),
+    ),
+    (
         "reward needs a column the data lacks",
         (*T, "stage=grpo", "reward.fn=rlhf_cli.rewards:math_answer"),
         ("math_answer needs answer",),
