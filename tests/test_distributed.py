@@ -143,8 +143,12 @@ def test_two_rank_kto_equals_one_rank_and_its_uneven_eval_finishes(tmp_path):
     for split in ("train", "eval"):
         two, one = read_metrics(tmp_path / "two", split), read_metrics(tmp_path / "one", split)
         assert len(two) == len(one) == (3 if split == "train" else 1)
+        # (summation order: 1.8e-5 on a KL of 1.58 measured on an AVX-512 host; a share of
+        # the step's reference point lost or counted twice is off by far more)
         for key in ("loss", "kl", "rewards/desirable", "rewards/undesirable"):
-            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=1e-5), key
+            assert [r[key] for r in two] == pytest.approx(
+                [r[key] for r in one], rel=1e-4, abs=1e-5
+            ), key
     assert read_metrics(tmp_path / "one")[-1]["kl"] > 0  # z0 at work by the last step
 
 
@@ -324,9 +328,11 @@ def test_fsdp_ppo_on_a_4bit_base_equals_ddp_and_resumes(tmp_path):
     for a, b in zip(fsdp, ddp):
         assert a["score"] == pytest.approx(b["score"], abs=1e-6)  # the same rollouts
         # Log-probs at temperature 1e-3 magnify summation-order noise (0.3% on step 2's
-        # gradient norm); a rank's share lost or counted twice is off by 2x.
-        for key in ("loss", "grad_norm", "value/loss", "policy/approx_kl"):
+        # gradient norm; 5% on its approx_kl, a number of 1e-4, on an AVX-512 host); a rank's
+        # share lost or counted twice is off by 2x.
+        for key in ("loss", "grad_norm", "value/loss"):
             assert a[key] == pytest.approx(b[key], rel=2e-2, abs=1e-7), key
+        assert a["policy/approx_kl"] == pytest.approx(b["policy/approx_kl"], rel=0.2)
     evals = read_metrics(tmp_path / "fsdp", "eval"), read_metrics(tmp_path / "ddp", "eval")
     assert len(evals[0]) == 2  # after step 1, at the end
     assert [e["score"] for e in evals[0]] == pytest.approx([e["score"] for e in evals[1]], abs=1e-6)

@@ -114,7 +114,10 @@ def test_precomputed_reference_gives_the_same_losses(tmp_path):
     for a, b in zip(live, pre):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
-    assert max_diff(adapter(tmp_path / "live"), adapter(tmp_path / "pre")) < 1e-5
+    # Adam moves a weight by about lr a step whatever its gradient's size, so the rounding of
+    # the other batch shapes (7.9e-5 after 4 steps on an AVX-512 host) shows on weights whose
+    # gradient is near 0; another reference would change the losses above.
+    assert max_diff(adapter(tmp_path / "live"), adapter(tmp_path / "pre")) < 5e-4
 
 
 def test_dpo_from_sft_adapter_uses_it_as_reference(tmp_path):

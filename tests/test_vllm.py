@@ -200,15 +200,19 @@ def test_sample_and_eval_with_vllm_equal_hf_greedy(tmp_path):
 
 
 @needs_vllm
-@pytest.mark.parametrize("stage", ["grpo"])
-def test_mean_reward_rises_with_vllm(tmp_path, stage):
-    """test_online's toy task (the share of the letter 'e'), learned with the engine sampling.
-    20 steps of it are seed-sensitive with either engine (the engines draw other samples from
-    one seed): grpo's gain with vllm over train.seed 42, 1, 3, 4, 5: +0.19 +0.16 +0.08 +0.37
-    +0.03; with hf over 3, 4, 5 (the seeds test_online did not tune on): +0.09 +0.04 +0.04."""
-    from test_online import assert_reward_rises
+def test_mean_reward_rises_with_vllm(tmp_path):
+    """test_online's toy task (the share of the letter 'e'), learned by GRPO with the engine
+    sampling, over 4 seeds: 20 steps of it are seed-sensitive with either engine (they draw
+    other samples from one seed; the kernels' rounding differs between hosts), so the mean gain
+    must beat 0.1. Measured on an AVX-512 host, train.seed 42, 1, 2, 3: vllm +0.07 +0.19 +0.52
+    +0.04 (mean 0.20); hf +0.50 +0.49 +0.24 +0.09 (mean 0.33)."""
+    from test_online import reward_gain
 
-    assert_reward_rises(tmp_path / "r", stage, VLLM)
+    gains = [reward_gain(tmp_path / str(s), "grpo", VLLM, f"train.seed={s}")[0] for s in SEEDS]
+    assert sum(gains) / len(gains) > 0.1, gains
+
+
+SEEDS = (42, 1, 2, 3)
 
 
 @needs_vllm
