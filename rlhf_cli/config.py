@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import UserError, first_line
 
 
 class ConfigError(UserError, ValueError):
@@ -1080,7 +1080,7 @@ def load_saved_config(path) -> Config:
     except ConfigError:
         raise
     except Exception as err:  # YAML or schema errors: the file is damaged or from elsewhere
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ConfigError(
             f"{path}: not a config this version of rlhf-cli can read ({first}); was it edited "
             "by hand or written by another version?"

@@ -29,7 +29,7 @@ from typing import Any, NotRequired, TypedDict
 import torch
 
 from rlhf_cli.config import DataConfig
-from rlhf_cli.errors import DataError
+from rlhf_cli.errors import DataError, first_line
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -155,7 +155,7 @@ def _load_with_datasets(source: str, split: str = "train", name: str | None = No
     try:
         ds = datasets.load_dataset(source, name, split=split, **kw)
     except Exception as err:  # datasets raises many types; all mean "cannot load this"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DataError(f"could not load dataset {source!r} (split {split!r}): {first}") from err
     return ds.to_list()
 

@@ -17,6 +17,15 @@ EXIT_USER_ERROR = 2
 LIBRARY_LOG_ENV = "RLHF_LIBRARY_LOG"  # the level of library log records shown: error (default)
 
 
+def first_line(err: BaseException, empty: str | None = None) -> str:
+    """An exception's message as one line: its first non-empty line; `empty` (default: the
+    exception's type name) when it has none."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__ if empty is None else empty
+    return text.splitlines()[0]
+
+
 class UserError(Exception):
     """A bad config, data file, checkpoint or environment; the message says how to fix it."""
 

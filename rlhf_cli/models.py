@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, ModelConfig
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +82,7 @@ def model_path(model_cfg: ModelConfig) -> str:
 
 
 def _hub_error(what: str, name: str, err: Exception) -> UserError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err)
     hint = "check the name, or download it first (HF_HUB_OFFLINE=1 is set?)"
     if Path(name).exists():
         hint = "the directory exists but does not hold a complete model"

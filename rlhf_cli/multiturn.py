@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.errors import RewardError, UserError
+from rlhf_cli.errors import RewardError, UserError, first_line
 
 SENTINEL = "\u2063rlhf-cli-reply\u2063"  # stands for a reply when rendering what follows it
 
@@ -88,7 +88,7 @@ class EnvFactory:
 def env_error(name: str, where: str, err: Exception) -> RewardError:
     """A RewardError for an exception in an environment's code: the run stops the way it does
     for a failing reward function (a checkpoint at the step's start, one line)."""
-    text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    text = first_line(err, empty="")[:300]
     return RewardError(f"environment {name}: {where} raised {type(err).__name__}: {text}".strip())
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import distributed as dist
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import UserError, first_line
 
 VLLM_INSTALL = 'make install VLLM=1 (or pip install -e ".[vllm]" on a CUDA machine)'
 
@@ -234,7 +234,7 @@ def require_vllm():
     except (ImportError, RuntimeError, OSError) as err:
         # pip brings CUDA builds of torchvision/torchaudio next to the CPU build of vllm; their
         # operators then fail to load (`operator torchvision::nms does not exist`).
-        line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        line = first_line(err)
         hint = ""
         if "torchvision" in str(err) or "torchaudio" in str(err):
             hint = (
@@ -458,7 +458,7 @@ class VLLMEngine:
             try:
                 llm = vllm.LLM(**kwargs)
             except (ValueError, RuntimeError) as err:
-                line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                line = first_line(err)
                 raise UserError(f"rollout.engine=vllm: the engine did not start: {line}") from None
         from rlhf_cli.progress import console
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from rlhf_cli.config import LogConfig
-from rlhf_cli.errors import UserError
+from rlhf_cli.errors import UserError, first_line
 
 WANDB_ID_FILE = "wandb-run-id"
 
@@ -119,7 +119,7 @@ class Trackers:
                 self.wandb_run = self._start_wandb(log, run_dir, config, stage, resume_step)
             except Exception as err:  # no login, a bad project, no network: one line
                 self.close(failed=True)
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                first = first_line(err)
                 raise UserError(
                     f"log.wandb=true: W&B did not start ({first}); log in with `wandb login` "
                     "(or set WANDB_API_KEY), or add log.wandb_mode=offline and `wandb sync` later"
