@@ -175,26 +175,24 @@ TOOL_TIMEOUT_S = 10.0  # stage.tool_timeout_s's default
 TOOL_RESULT_CHARS = 10_000  # a longer tool result is cut (the policy sees that it was)
 
 
-def call_with_timeout(fn: Callable, args: dict, seconds: float) -> tuple[bool, Any]:
-    """(finished, result or exception) of fn(**args) run in a daemon thread for at most
-    `seconds`. A call still running then is abandoned (Python cannot stop a thread): the run goes
-    on, the policy is told the call timed out."""
+def call_with_timeout(fn: Callable, args: dict, seconds: float) -> tuple[str, Any]:
+    """fn(**args) run in a daemon thread for at most `seconds`: ("ok", its result), ("raised",
+    its exception) or ("timeout", None). A call still running then is abandoned (Python cannot
+    stop a thread): the run goes on, the policy is told the call timed out."""
     import threading
 
     box: list = []
 
     def target() -> None:
         try:
-            box.append((True, fn(**args)))
+            box.append(("ok", fn(**args)))
         except Exception as err:  # noqa: BLE001 - the policy's call: it sees the error
-            box.append((False, err))
+            box.append(("raised", err))
 
     thread = threading.Thread(target=target, daemon=True, name="rlhf-tool-call")
     thread.start()
     thread.join(seconds)
-    if not box:
-        return False, TimeoutError(f"no result after {seconds:g} s")
-    return box[0]
+    return box[0] if box else ("timeout", None)
 
 
 class ToolEnv:
@@ -222,10 +220,10 @@ class ToolEnv:
             if fn is None:
                 results.append(f"error: no tool {name!r} (tools: {', '.join(self.tools)})")
                 continue
-            finished, value = call_with_timeout(fn, args, self.timeout_s)
-            if isinstance(value, TimeoutError) and not finished:
-                results.append(f"error: {name} timed out ({value})")
-            elif not finished:
+            outcome, value = call_with_timeout(fn, args, self.timeout_s)
+            if outcome == "timeout":
+                results.append(f"error: {name} timed out (no result after {self.timeout_s:g} s)")
+            elif outcome == "raised":
                 results.append(f"error: {name} raised {type(value).__name__}: {value}")
             else:
                 text = str(value)

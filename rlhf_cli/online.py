@@ -340,8 +340,8 @@ class OnlineStage(Sampler, Stage):
         """(response log-probs (B, R), values (B, R) or None, entropies (B, R) or None) at the
         sampling temperature; with `truncated`, a fourth: the log-probs under the truncated
         distribution the vLLM engine sampled from (stage.top_k/top_p/min_p in vLLM's order,
-        losses.truncated_logps), what its reported log-probs are compared with for TIS. Only the response positions go through the LM head (and the
-        family's logit transform, models.lm_logits), whole rows of up to LOGIT_TOKENS positions
+        losses.truncated_logps), what its reported log-probs are compared with for TIS. Only
+        the response positions go through the LM head (and the family's logit transform, models.lm_logits), whole rows of up to LOGIT_TOKENS positions
         at a time, so the float32 logits of the whole batch never exist at once; a family whose
         transform is unknown runs its own forward (and its logits are whole). The entropy (no
         gradient) is H = logsumexp(z) - sum softmax(z) z."""
@@ -372,13 +372,12 @@ class OnlineStage(Sampler, Stage):
                 return lm_logits(model, states[rows])
 
         response = batch["input_ids"][:, prompt_len:]
-        temperature = self.cfg.stage.temperature
         s = self.cfg.stage
         logps, entropies, behaviour = [], [], []
         step = max(1, LOGIT_TOKENS // max(1, response.shape[1]))
         for start in range(0, states.shape[0], step):
             rows = slice(start, start + step)
-            logits = head(rows).float() / temperature
+            logits = head(rows).float() / s.temperature
             # log softmax at the sampled token only: gather minus logsumexp (no (B, R, V) copy).
             picked = logits.gather(-1, response[rows].unsqueeze(-1)).squeeze(-1)
             lse = torch.logsumexp(logits, -1)

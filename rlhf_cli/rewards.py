@@ -239,8 +239,8 @@ _FINAL_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 def final_answer(response: str) -> str | None:
     """The answer a response gives, as text: the content of its last \\boxed{...} (nested
     braces allowed), else its last number (with a sign, decimals, a fraction a/b, thousands
-    commas); None when it gives neither. (math_answer does not use it: Math-Verify extracts and
-    compares; this is the plain rule for a reward that wants the text.)"""
+    commas); None when it gives neither. (math_answer compares with Math-Verify; it uses this
+    only for a reference that is text.)"""
     starts = [m.end() for m in _BOXED.finditer(response)]
     if starts:
         depth, i = 1, starts[-1]
