@@ -12,6 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+from rlhf_cli.core.errors import (  # no heavy imports: `rlhf --help` stays fast
+    fail,
+    guarded,
+    route_library_logs,
+)
+
 USAGE = """usage: rlhf <command> [options] [key=value ...]
 
 commands:
@@ -34,6 +40,7 @@ rlhf train --help      lists every config group, option and key
 rlhf --version         prints the version
 """
 
+
 # Hydra flags passed through (with the number of values each takes).
 HYDRA_FLAGS = {
     "-m": 0,
@@ -45,49 +52,6 @@ HYDRA_FLAGS = {
     "--package": 1,
     "--info": 0,
 }
-from rlhf_cli.errors import fail, guarded, route_library_logs  # noqa: E402  (no heavy imports)
-
-
-def one_line(err: BaseException) -> str:
-    """A Hydra/OmegaConf composition error as one line: what failed and why."""
-    import re
-
-    from hydra.errors import MissingConfigException
-
-    chain: list[BaseException] = []
-    e: BaseException | None = err
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    missing = next((c for c in chain if isinstance(c, MissingConfigException)), None)
-    if missing is not None:
-        m = re.search(r"Could not find '([^/']+)/([^']+)'", str(missing))
-        if m:
-            group, name = m.groups()
-            return (
-                f"{group}={name}: no such option; choose one of: {', '.join(group_options(group))}"
-            )
-    parts = []
-    for c in chain[:2]:
-        lines = [ln.strip() for ln in str(c).splitlines() if ln.strip()]
-        # Hydra's "use +key=value" hint only helps for free-form dicts (reward.kwargs).
-        drop = ("full_key:", "object_type=", "reference_type=")
-        lines = [
-            ln
-            for ln in lines
-            if not ln.startswith(drop) and not (ln.startswith("To append") and "kwargs." not in ln)
-        ]
-        text = re.sub(r"\s*(reference_type|object_type)=(\w+\[[^\]]*\]|\S+)", "", " ".join(lines))
-        text = text.rstrip(".")
-        if text and "$VALUE" not in text:
-            parts.append(text)
-    return ": ".join(parts) or type(err).__name__
-
-
-def group_options(group: str) -> list[str]:
-    from rlhf_cli.config import config_dir
-
-    return sorted(f.stem for f in (config_dir() / group).glob("*.yaml"))
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -111,43 +75,8 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def compose_checked(overrides: list[str]):
-    """Compose and validate the config for one set of overrides; exit with one line if bad."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from rlhf_cli.config import config_dir, register_configs
-    from rlhf_cli.errors import UserError
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-            cfg = compose("config", overrides=overrides)
-        return OmegaConf.to_object(cfg)
-    except UserError as err:
-        fail(f"config: {err}")
-    except Exception as err:  # Hydra/OmegaConf composition errors
-        fail(f"config: {one_line(err)} (`rlhf train --help` lists the keys)")
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def sweep_jobs(overrides: list[str]) -> list[list[str]]:
-    """Every job of a multirun, as override lists (Hydra's own sweep expansion)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as err:
-        fail(f"config: {one_line(err)}")
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [job for batch in batches for job in batch]
-
-
 def train_help() -> None:
+    from rlhf_cli.compose import group_options
     from rlhf_cli.config import GROUP_SCHEMAS, STAGE_SCHEMAS, config_dir, describe
 
     out = ["usage: rlhf train [-m] [group=option ...] [key=value ...]", "", "config groups:"]
@@ -191,6 +120,8 @@ def train_command(args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
         train_help()
         return
+    from rlhf_cli.compose import compose_checked, sweep_jobs
+
     flags, overrides = split_args(args)
     launch = [o for o in overrides if o.startswith("launch.")]
     overrides = [o for o in overrides if not o.startswith("launch.")]
@@ -219,7 +150,7 @@ def _launch_torchrun(launch: list[str], flags, overrides, multirun: bool, cfg) -
     if unknown:
         fail(
             f"unknown option {', '.join(sorted(unknown))}; for several nodes call torchrun "
-            "directly (see the README)"
+            "directly (see docs/distributed.md)"
         )
     try:
         nproc = int(options["launch.nproc"])
@@ -341,7 +272,7 @@ def score_command(args: list[str]) -> None:
     except (ValueError, AssertionError):
         fail(f"batch_size={options['batch_size']!r} must be a whole number >= 1")
     from rlhf_cli.config import allow_remote_code
-    from rlhf_cli.score import score_file
+    from rlhf_cli.tools.score import score_file
 
     allow_remote_code(options.get("trust_remote_code", "false").lower() == "true")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_cli.errors import fail
+from rlhf_cli.core.errors import fail
 
 SAMPLE_USAGE = (
     "usage: rlhf sample RUN (prompts=FILE | prompt=TEXT) [out=PATH] [n=1] [max_new_tokens=N] "
@@ -163,7 +163,7 @@ def sample_command(args: list[str]) -> None:
         fail(f"name one run or model directory; {SAMPLE_USAGE}")
     refuse_overwrite(o.get("out"), o.pop("force", False))
     o["engine"] = o.pop("rollout.engine", "hf")
-    from rlhf_cli.sample import sample
+    from rlhf_cli.tools.sample import sample
 
     sample(positional[0], **o)
 
@@ -191,7 +191,7 @@ def eval_command(args: list[str]) -> None:
         fail("reward.kwargs.* are arguments of reward.fn: name the function too")
     o["reward_fn"], o["reward_model"] = o.pop("reward.fn", None), o.pop("reward.model", None)
     o["engine"] = o.pop("rollout.engine", "hf")
-    from rlhf_cli.evaluate import evaluate
+    from rlhf_cli.tools.evaluate import evaluate
 
     evaluate(positional[0], reward_kwargs=kwargs, **o)
 
@@ -202,7 +202,7 @@ def merge_command(args: list[str]) -> None:
     positional, o, _ = parse(args, MERGE_USAGE, {**COMMON, "out": text, "dtype": text})
     if len(positional) != 1 or "out" not in o:
         fail(f"name one run and out=DIR; {MERGE_USAGE}")
-    from rlhf_cli.merge import merge
+    from rlhf_cli.tools.merge import merge
 
     merge(positional[0], **o)
 
@@ -214,7 +214,7 @@ def plot_command(args: list[str]) -> None:
     if not positional or "out" not in o:
         fail(f"name runs (or eval JSON files) and out=PNG; {PLOT_USAGE}")
     refuse_overwrite(o["out"], o.pop("force", False))
-    from rlhf_cli import plot
+    from rlhf_cli.tools import plot
 
     frontier = [p.endswith(".json") for p in positional]
     if any(frontier) and not all(frontier):
@@ -237,8 +237,8 @@ def fetch_model_command(args: list[str]) -> None:
         return
     if len(args) != 1:
         fail(f"name one model; {FETCH_USAGE}")
-    from rlhf_cli.progress import console
-    from rlhf_cli.real import fetch
+    from rlhf_cli.core.progress import console
+    from rlhf_cli.model.real import fetch
 
     path = fetch(args[0])
     console.print(f"{args[0]}: offline copy at {path}")
@@ -264,7 +264,7 @@ def data_command(args: list[str]) -> None:
         assert n >= 0
     except (ValueError, AssertionError):
         fail(f"n={given[-1]!r} must be a whole number >= 0")
-    from rlhf_cli.inspect_data import inspect_data
+    from rlhf_cli.tools.inspect import inspect_data
 
     inspect_data(overrides, n)
 
@@ -303,8 +303,9 @@ def plan_command(args: list[str]) -> None:
         fail(f"ranks={own['ranks']!r} must be a whole number >= 1 (the processes of the run)")
     if own["measure"] not in ("true", "false"):
         fail(f"measure={own['measure']!r} must be true or false")
-    from rlhf_cli.cli import compose_checked
-    from rlhf_cli.plan import check_measurable, measure, show, show_measured
+    from rlhf_cli.compose import compose_checked
+    from rlhf_cli.tools.plan import show
+    from rlhf_cli.tools.plan_measure import check_measurable, measure, show_measured
 
     cfg = compose_checked(overrides)
     if own["measure"] == "true":

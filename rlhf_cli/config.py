@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from rlhf_cli.errors import UserError, first_line
+from rlhf_cli.core.errors import UserError, first_line
 
 
 class ConfigError(UserError, ValueError):
@@ -809,7 +809,7 @@ class TrainConfig:
     model on flash-attention keeps its own varlen kernel), mask (one forward over the rows with
     the block-diagonal mask transformers builds from their position ids) or slices (one
     forward per example: no mask, but small matmuls; not under FSDP). varlen was the fastest
-    on a CPU (README "Packing")."""
+    on a CPU (docs/packing.md)."""
     max_nonfinite: int = 5
     """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
     shuffle: bool = True
@@ -921,42 +921,9 @@ class Config:
             "add quant=none",
         )
         if self.dist.strategy == "fsdp":
-            _check(
-                self.train.packing_attention != "slices",
-                "train.packing_attention=slices runs a forward per example, and FSDP gathers "
-                "the weights in every forward (the ranks would wait on each other): use "
-                "train.packing_attention=varlen or mask with dist.strategy=fsdp",
-            )
-            _check(
-                self.quant.mode != "int8",
-                "dist.strategy=fsdp shards a 4-bit (quant=nf4, fp4) or unquantized (quant=none) "
-                "base; bitsandbytes' 8-bit weights lose their scales when sharded: use quant=nf4, "
-                "or dist.strategy=ddp with quant=int8",
-            )
-            _check(
-                not self.optim.name.endswith("adamw8bit"),
-                f"optim={self.optim.name} cannot step FSDP's sharded parameters (bitsandbytes' 8-bit "
-                "update has no rule for DTensors): use optim=adamw with dist.strategy=fsdp (it "
-                "shards the optimizer state already), or dist.strategy=ddp",
-            )
-            _check(
-                not getattr(self.stage, "multi_turn", False),
-                "dist.strategy=fsdp gathers the weights for every generated token, so the ranks "
-                "must generate in step; conversations of several turns end after different "
-                "numbers of replies on each rank: run stage.multi_turn with dist.strategy=ddp",
-            )
+            self._check_fsdp()
         if self.rollout.engine == "vllm":
-            _check(
-                isinstance(self.stage, SamplingConfig),
-                f"rollout.engine=vllm: stage={self.stage.name} does not sample (the online "
-                "stages ppo, grpo, rloo, reinforce and rs do): drop rollout.engine",
-            )
-            _check(
-                self.dist.strategy != "fsdp",
-                "rollout.engine=vllm loads the merged policy into each rank's engine, which a "
-                "sharded (FSDP) policy cannot give without gathering it whole: use "
-                "dist.strategy=ddp with rollout.engine=vllm, or rollout.engine=hf with fsdp",
-            )
+            self._check_vllm()
         if isinstance(self.stage, KtoConfig):
             _check(
                 self.train.micro_batch_size * self.train.grad_accum >= 2,
@@ -971,31 +938,77 @@ class Config:
                 "ref.precompute / ref.model",
             )
         if isinstance(self.stage, SamplingConfig):
-            r = self.reward
-            _check(
-                not (r.fn and r.fns),
-                "reward.fn and reward.fns both set: put every function in reward.fns",
-            )
-            _check(
-                bool(r.model or r.fn or r.fns or getattr(self.stage, "env", None)),
-                f"stage={self.stage.name} needs a reward: reward.model=<rm run>, "
-                "reward.fn=package.module:function, reward.fns=[...] or stage.env",
-            )
-            for spec in [r.fn] if r.fn else r.fns:
-                key = "reward.fn" if r.fn else "reward.fns"
-                _check(
-                    isinstance(spec, str) and ":" in spec,
-                    f"{key}: {spec!r} must look like package.module:function",
-                )
-            terms = len(r.fns) + bool(r.fn) + bool(r.model)
-            _check(
-                not r.weights or len(r.weights) == terms,
-                f"reward.weights has {len(r.weights)} values for {terms} reward terms (the "
-                "functions, then reward.model): give one per term, or none for 1 each",
-            )
+            self._check_reward()
         _check(
             not (self.peft.method == "full" and self.model.adapter),
             "model.adapter is a LoRA adapter but peft=full: use peft=lora or drop model.adapter",
+        )
+
+    def _check_fsdp(self) -> None:
+        """What dist.strategy=fsdp cannot shard or run."""
+        _check(
+            self.train.packing_attention != "slices",
+            "train.packing_attention=slices runs a forward per example, and FSDP gathers "
+            "the weights in every forward (the ranks would wait on each other): use "
+            "train.packing_attention=varlen or mask with dist.strategy=fsdp",
+        )
+        _check(
+            self.quant.mode != "int8",
+            "dist.strategy=fsdp shards a 4-bit (quant=nf4, fp4) or unquantized (quant=none) "
+            "base; bitsandbytes' 8-bit weights lose their scales when sharded: use quant=nf4, "
+            "or dist.strategy=ddp with quant=int8",
+        )
+        _check(
+            not self.optim.name.endswith("adamw8bit"),
+            f"optim={self.optim.name} cannot step FSDP's sharded parameters (bitsandbytes' 8-bit "
+            "update has no rule for DTensors): use optim=adamw with dist.strategy=fsdp (it "
+            "shards the optimizer state already), or dist.strategy=ddp",
+        )
+        _check(
+            not getattr(self.stage, "multi_turn", False),
+            "dist.strategy=fsdp gathers the weights for every generated token, so the ranks "
+            "must generate in step; conversations of several turns end after different "
+            "numbers of replies on each rank: run stage.multi_turn with dist.strategy=ddp",
+        )
+
+    def _check_vllm(self) -> None:
+        """rollout.engine=vllm: a stage that samples, not under FSDP."""
+        _check(
+            isinstance(self.stage, SamplingConfig),
+            f"rollout.engine=vllm: stage={self.stage.name} does not sample (the online "
+            "stages ppo, grpo, rloo, reinforce and rs do): drop rollout.engine",
+        )
+        _check(
+            self.dist.strategy != "fsdp",
+            "rollout.engine=vllm loads the merged policy into each rank's engine, which a "
+            "sharded (FSDP) policy cannot give without gathering it whole: use "
+            "dist.strategy=ddp with rollout.engine=vllm, or rollout.engine=hf with fsdp",
+        )
+
+    def _check_reward(self) -> None:
+        """A sampling stage's reward: one given, functions named module:function, a weight per
+        term."""
+        r = self.reward
+        _check(
+            not (r.fn and r.fns),
+            "reward.fn and reward.fns both set: put every function in reward.fns",
+        )
+        _check(
+            bool(r.model or r.fn or r.fns or getattr(self.stage, "env", None)),
+            f"stage={self.stage.name} needs a reward: reward.model=<rm run>, "
+            "reward.fn=package.module:function, reward.fns=[...] or stage.env",
+        )
+        for spec in [r.fn] if r.fn else r.fns:
+            key = "reward.fn" if r.fn else "reward.fns"
+            _check(
+                isinstance(spec, str) and ":" in spec,
+                f"{key}: {spec!r} must look like package.module:function",
+            )
+        terms = len(r.fns) + bool(r.fn) + bool(r.model)
+        _check(
+            not r.weights or len(r.weights) == terms,
+            f"reward.weights has {len(r.weights)} values for {terms} reward terms (the "
+            "functions, then reward.model): give one per term, or none for 1 each",
         )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.errors import RewardError, UserError, first_line
+from rlhf_cli.core.errors import RewardError, UserError, first_line
 
 SENTINEL = "\u2063rlhf-cli-reply\u2063"  # stands for a reply when rendering what follows it
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf_cli.errors import RewardError, UserError
+from rlhf_cli.core.errors import RewardError, UserError
 
 RewardFn = Callable[..., list[float]]
 MODEL_TERM = "model"  # the reward model's term: rewards/model

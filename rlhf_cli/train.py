@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 import signal
 from contextlib import ExitStack
@@ -11,25 +10,26 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rlhf_cli import checkpoint as ckpt_lib
-from rlhf_cli import distributed as dist
 from rlhf_cli.config import Config, SamplingConfig, allow_remote_code
-from rlhf_cli.data import load_datasets
-from rlhf_cli.errors import CheckpointError, Interrupted, UserError
-from rlhf_cli.loop import StopFlag, StopRequested, train
-from rlhf_cli.models import (
+from rlhf_cli.core import distributed as dist
+from rlhf_cli.core.errors import CheckpointError, Interrupted, UserError
+from rlhf_cli.core.progress import console, summary_table
+from rlhf_cli.core.quiet import quiet_libraries
+from rlhf_cli.data.examples import load_datasets
+from rlhf_cli.model.load import (
     autocast_dtype,
     count_parameters,
     load_model,
     load_tokenizer,
-    quiet_libraries,
     resolve_device,
 )
 from rlhf_cli.multiturn import env_factory, tool_functions
-from rlhf_cli.progress import console, summary_table
 from rlhf_cli.rewards import check_inputs, reward_terms
 from rlhf_cli.stages import stage_class
-from rlhf_cli.tracking import check_available as check_trackers
+from rlhf_cli.trainer import checkpoint as ckpt_lib
+from rlhf_cli.trainer.loop import train
+from rlhf_cli.trainer.state import StopFlag, StopRequested, seed_everything
+from rlhf_cli.trainer.tracking import check_available as check_trackers
 
 # Keys that may change between a run and its resumption without a warning.
 RESUME_FREE_KEYS = {
@@ -47,7 +47,11 @@ RESUME_FREE_KEYS = {
     "resume_force",
     "dist.timeout_s",
 }
+
+
 RESUME_FREE_PREFIXES = ("log.",)  # tracking may be switched on or off when resuming
+
+
 # Folders above run_dir that did not exist before this command (set by the CLI): removed again,
 # when empty, with a run directory that a mistake left empty.
 NEW_PARENTS: list[Path] = []
@@ -133,11 +137,6 @@ def _saved_stage(checkpoint: Path) -> str | None:
     saved = OmegaConf.to_container(OmegaConf.create(path.read_text()))
     stage = saved.get("stage") if isinstance(saved, dict) else None
     return stage.get("name") if isinstance(stage, dict) else None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run(cfg: Config, config_yaml: str, run_dir: Path) -> dict:

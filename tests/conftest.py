@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _link_real_models() -> None:
     """The per-session cache builds the tiny model afresh; the real models' offline copies
     (`rlhf fetch-model`, run by `make install`) are linked in from the user's cache."""
-    from rlhf_cli.real import OFFLINE
+    from rlhf_cli.model.real import OFFLINE
 
     cache = Path(os.environ["RLHF_CLI_CACHE"])
     for copy in OFFLINE.values():
@@ -45,7 +45,7 @@ RLHF = [sys.executable, "-m", "rlhf_cli"]
 
 def compose(*overrides: str):
     """The validated Config for these overrides (exits like the CLI on a bad one)."""
-    from rlhf_cli.cli import compose_checked
+    from rlhf_cli.compose import compose_checked
 
     return compose_checked(list(overrides))
 

@@ -208,7 +208,7 @@ def test_the_corpus_is_large():
 
 
 def test_a_locked_run_dir_is_one_line_and_changes_nothing(work):
-    from rlhf_cli.checkpoint import RunLock
+    from rlhf_cli.trainer.checkpoint import RunLock
 
     before = snapshot(work)
     with RunLock(work / "run"):

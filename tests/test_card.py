@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import rlhf
 
-from rlhf_cli.card import hub_dataset
+from rlhf_cli.trainer.card import hub_dataset
 
 
 def test_a_run_and_its_merged_model_get_model_cards(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from conftest import FAST, rlhf, train_in_process
 
 from rlhf_cli.config import GROUP_SCHEMAS, SftConfig, config_dir
-from rlhf_cli.errors import EXIT_USER_ERROR
+from rlhf_cli.core.errors import EXIT_USER_ERROR
 
 GROUPS = ("stage", "model", "data", "peft", "quant", "optim")
 

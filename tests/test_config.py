@@ -188,7 +188,7 @@ def test_four_bit_compute_dtype_follows_what_the_cpu_multiplies_natively():
     import torch
     from conftest import compose
 
-    from rlhf_cli.models import native_bf16, quantization_config
+    from rlhf_cli.model.load import native_bf16, quantization_config
 
     cpu = torch.device("cpu")
     auto = quantization_config(compose(), cpu).bnb_4bit_compute_dtype

@@ -14,7 +14,7 @@ import torch
 from conftest import compose, read_metrics, train_in_process
 from test_stages import PAIRS, shipped_pairs, write_jsonl
 
-from rlhf_cli.errors import UserError
+from rlhf_cli.core.errors import UserError
 
 
 def greedy_by_hand(model, ids: list[int], n: int) -> list[int]:
@@ -28,14 +28,14 @@ def greedy_by_hand(model, ids: list[int], n: int) -> list[int]:
 
 def test_generation_ignores_the_models_generation_config(tmp_path):
     """A model whose generation_config.json sets repetition_penalty / no_repeat_ngram_size:
-    `rlhf sample` (and every rollout, through models.generate_ids) still decodes from the
+    `rlhf sample` (and every rollout, through rollout.engine.generate_ids) still decodes from the
     model's own distribution."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.models import generate_ids, generation_config
-    from rlhf_cli.policy import load_policy, prompt_examples
-    from rlhf_cli.sample import sample
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.tiny import tiny_model_dir
+    from rlhf_cli.rollout.engine import generate_ids, generation_config
+    from rlhf_cli.tools.policy import load_policy, prompt_examples
+    from rlhf_cli.tools.sample import sample
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir(), model_dir)
@@ -104,10 +104,10 @@ def test_logps_equal_log_softmax_of_the_models_own_logits(model_type):
     """labelled_logps (offline stages, both layouts) and the online forward give
     log_softmax(model(...).logits) at the labelled tokens, whatever the family does to its
     logits after the LM head."""
-    from rlhf_cli.data import IGNORE_INDEX, collate_preference
-    from rlhf_cli.losses import token_logps
-    from rlhf_cli.models import labelled_logps, own_logits
-    from rlhf_cli.online import OnlineStage
+    from rlhf_cli.data.batches import collate_preference
+    from rlhf_cli.losses import IGNORE_INDEX, token_logps
+    from rlhf_cli.model.forward import labelled_logps, own_logits
+    from rlhf_cli.trainer.online import OnlineStage
 
     model = tiny_family(model_type)
     assert own_logits(model) == (model_type == "gpt2")
@@ -149,7 +149,7 @@ def test_logps_equal_log_softmax_of_the_models_own_logits(model_type):
             pack=None,  # padded rows (train.packing off)
         )
         batch = {"input_ids": ids, "attention_mask": attn}
-        from rlhf_cli import online
+        from rlhf_cli.trainer import online
 
         full = model(
             input_ids=ids, attention_mask=attn, position_ids=online.position_ids(attn)
@@ -186,8 +186,8 @@ def test_chunked_head_logps_equal_whole_logits_with_gradients(
     states, and a trained head's weight) of log_softmax over the whole (n, vocab) logits; each
     row's gradient is scaled by its own incoming gradient; and nothing of size vocab is kept
     for the backward."""
-    from rlhf_cli import models
-    from rlhf_cli.models import head_logps, lm_logits
+    from rlhf_cli.model import forward
+    from rlhf_cli.model.forward import head_logps, lm_logits
 
     model = tiny_family(model_type)
     head = model.get_output_embeddings()
@@ -215,7 +215,7 @@ def test_chunked_head_logps_equal_whole_logits_with_gradients(
     assert (want[1].abs().sum(-1) > 0).all()
     tol = dict(atol=2e-2, rtol=2e-2) if precision == "bf16" else dict(atol=1e-5, rtol=1e-5)
     for chunk in (3, 1024):
-        monkeypatch.setattr(models, "HEAD_CHUNK", chunk)
+        monkeypatch.setattr(forward, "HEAD_CHUNK", chunk)
         saved_shapes: list[tuple] = []
 
         def chunked(hidden, shapes=saved_shapes):
@@ -243,8 +243,8 @@ def test_a_frozen_heads_weight_is_cast_once_per_call_under_autocast(monkeypatch)
     included)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from rlhf_cli import models
-    from rlhf_cli.models import head_logps
+    from rlhf_cli.model import forward
+    from rlhf_cli.model.forward import head_logps
 
     model = tiny_family("llama")
     weight = model.get_output_embeddings().weight.requires_grad_(False)  # frozen, as with LoRA
@@ -258,7 +258,7 @@ def test_a_frozen_heads_weight_is_cast_once_per_call_under_autocast(monkeypatch)
                 casts.append(kwargs.get("dtype"))
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(models, "HEAD_CHUNK", 3)
+    monkeypatch.setattr(forward, "HEAD_CHUNK", 3)
     with torch.autocast("cpu", dtype=torch.bfloat16), CountCasts():
         head_logps(model, hidden, targets)
     assert casts == [torch.bfloat16]
@@ -285,7 +285,7 @@ def test_dpo_step0_is_log2_from_an_sft_adapter_with_default_dropout(tmp_path):
 
 
 def test_eval_mode_restores_each_modules_previous_mode():
-    from rlhf_cli.models import eval_mode
+    from rlhf_cli.model.load import eval_mode
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     model.train()
@@ -303,10 +303,10 @@ def test_eval_mode_restores_each_modules_previous_mode():
 def test_two_dpo_evals_with_dropout_give_the_same_numbers(tmp_path):
     """The eval runs its policy and its reference in eval mode for every batch (the nested
     reference context used to switch training mode back on after the first batch)."""
-    from rlhf_cli.data import load_datasets
-    from rlhf_cli.loop import evaluate
-    from rlhf_cli.models import load_model, load_tokenizer, resolve_device
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
     from rlhf_cli.stages.dpo import DPOStage
+    from rlhf_cli.trainer.loop import evaluate
 
     cfg = compose("stage=dpo", "quant=none", "stage.dropout=true", "peft.dropout=0.5")
     tok = load_tokenizer(cfg.model)
@@ -330,10 +330,11 @@ def test_online_updates_run_in_train_mode_and_checkpoint(tmp_path, monkeypatch):
     micro-batch); without it the layer runs once."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from rlhf_cli.data import load_datasets
-    from rlhf_cli.loop import Position, Updater, make_optimizer
-    from rlhf_cli.models import load_model, load_tokenizer, resolve_device, trainable_parameters
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device, trainable_parameters
     from rlhf_cli.stages import stage_class
+    from rlhf_cli.trainer.loop import Updater
+    from rlhf_cli.trainer.state import Position, make_optimizer
 
     def layer_calls_with_grad(checkpointing: bool) -> int:
         cfg = compose(
@@ -384,8 +385,8 @@ def test_empty_prompt_rows_take_the_plain_layout():
     """A row without a prompt has no position that predicts its first response token from a
     prompt: a shared-prompt batch with such a row is collated in the plain layout, and gives the
     plain forward's log-probs."""
-    from rlhf_cli.data import collate_preference
-    from rlhf_cli.models import labelled_logps
+    from rlhf_cli.data.batches import collate_preference
+    from rlhf_cli.model.forward import labelled_logps
 
     model = tiny_family("llama")
     examples = [

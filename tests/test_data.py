@@ -14,17 +14,19 @@ import pytest
 import torch
 from conftest import compose
 
-from rlhf_cli import data as D
 from rlhf_cli.config import ColumnsConfig, DataConfig, ModelConfig
-from rlhf_cli.data import IGNORE_INDEX
-from rlhf_cli.errors import DataError
+from rlhf_cli.core.errors import DataError
+from rlhf_cli.data.batches import collate_preference, collate_sft
+from rlhf_cli.data.examples import Renderer, build_examples, load_datasets
+from rlhf_cli.data.rows import builtin_path, load_rows, split_hh
+from rlhf_cli.losses import IGNORE_INDEX
 
 FILE_FORMATS = ["jsonl", "json", "csv", "parquet"]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.model.load import load_tokenizer
 
     return load_tokenizer(ModelConfig())
 
@@ -55,7 +57,7 @@ def load(path, tok, kind="sft", seed=0, **cfg):
     """(train, eval, report) through the public entry point."""
     only_last = cfg.pop("only_last_turn", False)
     completion_only = cfg.pop("completion_only", True)
-    train, evals, reports = D.load_datasets(
+    train, evals, reports = load_datasets(
         DataConfig(path=str(path), **cfg),
         tok,
         kind,
@@ -69,11 +71,11 @@ def load(path, tok, kind="sft", seed=0, **cfg):
 def build(rows, tok, kind="sft", **cfg):
     """build_examples on in-memory rows: (examples, report)."""
     only_last = cfg.pop("only_last_turn", False)
-    return D.build_examples(
+    return build_examples(
         rows,
         "rows",
         DataConfig(**cfg),
-        D.Renderer(tok),
+        Renderer(tok),
         kind,
         Counter(),
         only_last_turn=only_last,
@@ -181,8 +183,8 @@ def test_messages_without_assistant_turn_is_dropped(tok):
 
 
 def test_completion_only_false_trains_on_everything(tok):
-    (ex,), _ = D.build_examples(
-        PC_ROWS[:1], "rows", DataConfig(), D.Renderer(tok), "sft", Counter(), completion_only=False
+    (ex,), _ = build_examples(
+        PC_ROWS[:1], "rows", DataConfig(), Renderer(tok), "sft", Counter(), completion_only=False
     )
     assert ex["labels"] == ex["input_ids"]
 
@@ -280,11 +282,11 @@ HH_PREFIX = "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.\n\nHuman: And 3+3?\n
 
 
 def test_split_hh_at_the_last_assistant_turn():
-    prompt, answer = D.split_hh(HH_PREFIX + " It is 6.")
+    prompt, answer = split_hh(HH_PREFIX + " It is 6.")
     assert prompt == HH_PREFIX
     assert answer == " It is 6."
     with pytest.raises(ValueError):
-        D.split_hh("\n\nHuman: no answer here")
+        split_hh("\n\nHuman: no answer here")
 
 
 @pytest.mark.parametrize("fmt", FILE_FORMATS)
@@ -366,8 +368,8 @@ def test_raw_prompt_completion_without_chat_template(tok):
     base = copy.deepcopy(tok)
     base.chat_template = None
     row = PC_ROWS[0]
-    renderer = D.Renderer(base)
-    (ex,), _ = D.build_examples([row], "rows", DataConfig(), renderer, "sft", Counter())
+    renderer = Renderer(base)
+    (ex,), _ = build_examples([row], "rows", DataConfig(), renderer, "sft", Counter())
     prompt_ids = base(row["prompt"])["input_ids"]
     n = len(prompt_ids)
     assert ex["input_ids"][0] == base.bos_token_id
@@ -424,7 +426,7 @@ def test_column_mapping(tmp_path, tok):
         "data.columns.completion=answer",
         "data.eval_size=0",
     ).data
-    train, _, reports = D.load_datasets(cfg, tok, "sft", 0)
+    train, _, reports = load_datasets(cfg, tok, "sft", 0)
     assert reports[0].kept == 3
     for ex, row in zip(train, rows):
         assert labelled(tok, ex).startswith(row["answer"])
@@ -619,7 +621,7 @@ def test_unknown_builtin_lists_builtin_names():
     )
     assert {"sft", "chat", "preference", "hh"} <= set(shipped)
     with pytest.raises(DataError) as exc:
-        D.load_rows("builtin:nope", name=None, split="train", on_bad_row="drop", stats=Counter())
+        load_rows("builtin:nope", name=None, split="train", on_bad_row="drop", stats=Counter())
     msg = str(exc.value)
     assert "builtin:nope" in msg
     for name in shipped:
@@ -653,8 +655,8 @@ SHIPPED = [
 def test_shipped_datasets_load_without_drops(tok, name, kind, fmt):
     cfg = compose(f"data={name}", "data.eval_size=0").data
     assert cfg.path == f"builtin:{name}"
-    n_lines = sum(1 for ln in D.builtin_path(name).read_text().splitlines() if ln.strip())
-    train, evals, reports = D.load_datasets(cfg, tok, kind, 0)
+    n_lines = sum(1 for ln in builtin_path(name).read_text().splitlines() if ln.strip())
+    train, evals, reports = load_datasets(cfg, tok, kind, 0)
     (report,) = reports
     assert report.fmt == fmt
     assert report.dropped == {}
@@ -665,9 +667,9 @@ def test_shipped_datasets_load_without_drops(tok, name, kind, fmt):
 
 def test_sft_on_shipped_preference_data_trains_on_chosen(tok):
     cfg = compose("data=preference", "data.eval_size=0").data
-    train, _, (report,) = D.load_datasets(cfg, tok, "sft", 0)
+    train, _, (report,) = load_datasets(cfg, tok, "sft", 0)
     assert report.kept == report.rows
-    first = json.loads(D.builtin_path("preference").read_text().splitlines()[0])
+    first = json.loads(builtin_path("preference").read_text().splitlines()[0])
     assert labelled(tok, train[0]).startswith(first["chosen"])
 
 
@@ -679,7 +681,7 @@ def test_collate_pads_to_longest_in_batch(tok):
     lengths = [len(ex["input_ids"]) for ex in examples]
     assert len(set(lengths)) > 1
     pad_id = tok.pad_token_id
-    batch = D.collate_sft(examples, pad_id)
+    batch = collate_sft(examples, pad_id)
     width = max(lengths)
     assert width < 512
     for name in ("input_ids", "attention_mask", "labels"):
@@ -700,8 +702,8 @@ def test_collate_pads_to_a_multiple(tok):
     without it, followed (or, for prompts, preceded) by more padding."""
     examples, _ = build(PC_ROWS, tok, max_length=512)
     plain, padded = (
-        D.collate_sft(examples, tok.pad_token_id),
-        D.collate_sft(examples, tok.pad_token_id, 16),
+        collate_sft(examples, tok.pad_token_id),
+        collate_sft(examples, tok.pad_token_id, 16),
     )
     width = plain["input_ids"].shape[1]
     assert padded["input_ids"].shape[1] == -(-width // 16) * 16 > width
@@ -717,8 +719,8 @@ def test_collate_pads_to_a_multiple(tok):
         {"prompt_ids": [5] * p, "responses_ids": [[6] * r, [7] * (r + 3)], "margin": None}
         for p, r in ((3, 6), (9, 2))
     ]
-    plain = D.collate_preference(pairs, 0, shared_prompt=True)
-    padded = D.collate_preference(pairs, 0, shared_prompt=True, multiple=8)
+    plain = collate_preference(pairs, 0, shared_prompt=True)
+    padded = collate_preference(pairs, 0, shared_prompt=True, multiple=8)
     for name in ("input_ids", "attention_mask", "labels", "response_ids", "response_mask"):
         n = plain[name].shape[1]
         assert padded[name].shape[1] == -(-n // 8) * 8 > n, name

@@ -8,7 +8,7 @@ import random
 
 from conftest import train_in_process
 
-from rlhf_cli.diagnostics import notes
+from rlhf_cli.trainer.diagnostics import notes
 
 
 def rows(**series) -> list[dict]:

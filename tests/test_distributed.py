@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, adapter, max_diff, read_metrics, stopped_copy, train_in_process
 
-from rlhf_cli import checkpoint as ckpt_lib
 from rlhf_cli.cli import torchrun_command
+from rlhf_cli.trainer import checkpoint as ckpt_lib
 
 # A rank left waiting in a collective (a hang) fails within this many seconds, not 30 minutes.
 TIMEOUT = "dist.timeout_s=180"
@@ -242,7 +242,7 @@ def test_fsdp_shards_a_4bit_base_matches_one_rank_and_resumes(tmp_path):
     # `rlhf plan ranks=2`: its per-rank rows against what rank 0 held at its first update.
     from conftest import compose
 
-    from rlhf_cli.plan import plan
+    from rlhf_cli.tools.plan import plan
 
     cfg = compose(*args, "dist.strategy=fsdp", "train.micro_batch_size=4")
     rows = {r.name: r.bytes / 2**20 for r in plan(cfg, "cpu", ranks=2).rows}
@@ -479,7 +479,7 @@ def tied_tiny_model(out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.tiny import tiny_model_dir
 
     src = tiny_model_dir()
     config = LlamaConfig.from_pretrained(src)

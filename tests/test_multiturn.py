@@ -11,9 +11,9 @@ import torch
 from conftest import compose, read_metrics, train_in_process
 
 from rlhf_cli import multiturn
-from rlhf_cli.errors import UserError
+from rlhf_cli.core.errors import UserError
 from rlhf_cli.multiturn import CalculatorEnv, ToolEnv, calculator, parse_tool_calls
-from rlhf_cli.rollout import Reply
+from rlhf_cli.rollout.batch import Reply
 
 ENVS = '''
 class Echo:
@@ -134,8 +134,8 @@ def fixed_replies(stage, words=("yes", "no", "maybe")):
 
 
 def grpo_stage(*overrides):
-    from rlhf_cli.data import load_datasets
-    from rlhf_cli.models import load_model, load_tokenizer
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.load import load_model, load_tokenizer
     from rlhf_cli.stages import stage_class
 
     cfg = compose(
@@ -234,7 +234,7 @@ def test_a_multi_turn_grpo_run_updates_on_the_generated_ids(env_dir, monkeypatch
     as generated, the policy's log-probs of the first minibatch equal the rollout's (ratio 1),
     the environment's reward and a function of the turns are logged and summed into the score,
     and the run resumes exactly."""
-    from rlhf_cli.online import OnlineStage
+    from rlhf_cli.trainer.online import OnlineStage
 
     real_generate = OnlineStage._generate
     generated: list = []
@@ -343,7 +343,7 @@ def test_environment_settings_are_checked(env_dir):
 def test_every_online_stage_runs_conversations(env_dir, monkeypatch, stage):
     """ppo (the value head and GAE over the replies' tokens only), rloo, reinforce and grpo with
     dynamic sampling (groups of several rollout batches joined) on two-reply conversations."""
-    from rlhf_cli.online import OnlineStage
+    from rlhf_cli.trainer.online import OnlineStage
 
     real_generate = OnlineStage._generate
 
@@ -394,8 +394,8 @@ TOOLS_TEMPLATE = (
 def test_a_template_that_describes_tools_gets_them_in_the_prompt(env_dir):
     """stage.tools with a template that has a place for tools: the prompts describe them (from
     the functions' docstrings); a function without one is refused in one line."""
-    from rlhf_cli.data import load_datasets
-    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.load import load_tokenizer
     from rlhf_cli.multiturn import tool_functions
 
     (env_dir / "tools.jinja").write_text(TOOLS_TEMPLATE)
@@ -444,7 +444,7 @@ def test_length_rewards_see_the_final_reply_not_the_environment(env_dir):
 def test_an_environment_that_raises_or_answers_garbage_is_one_line(env_dir):
     """An exception in step(), or a return value that is not (observation, reward, done) with a
     str/dict/None observation and a numeric reward: a RewardError naming the environment."""
-    from rlhf_cli.errors import RewardError
+    from rlhf_cli.core.errors import RewardError
 
     stage, examples = grpo_stage("stage.env=my_envs:Boom")
     fixed_replies(stage)

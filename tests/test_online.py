@@ -7,7 +7,7 @@ import pytest
 from conftest import adapter, assert_resume_equals, max_diff, read_metrics, rlhf, train_in_process
 
 from rlhf_cli import rewards
-from rlhf_cli.errors import UserError
+from rlhf_cli.core.errors import UserError
 
 CHAR = "reward.fn=rlhf_cli.rewards:char_fraction"
 SHORT = ("data.eval_size=0", "stage.max_new_tokens=16", "stage.rollout_batch_size=8")
@@ -171,7 +171,7 @@ def test_ppo_with_a_reward_model_on_the_shared_base(tmp_path):
 def test_rollout_masks_stop_at_eos():
     import torch
 
-    from rlhf_cli.online import position_ids
+    from rlhf_cli.model.forward import position_ids
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
@@ -270,7 +270,7 @@ def test_reinforce_baselines_by_hand():
 def test_zero_std_group_share_by_hand():
     import torch
 
-    from rlhf_cli.online import zero_std
+    from rlhf_cli.rollout.sampler import zero_std
 
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
     assert zero_std(scores, 2).tolist() == [True, False, True]  # [1,1], [0,1], [0.5,0.5]
@@ -410,7 +410,7 @@ def test_join_groups_repads_prompts_and_responses():
     picked (2) and right-pads responses to 3 (pad 0)."""
     import torch
 
-    from rlhf_cli.online import Rollout, join_groups
+    from rlhf_cli.rollout.batch import Rollout, join_groups
 
     def rollout(prompts, responses, width):
         ids, attn, mask = [], [], []

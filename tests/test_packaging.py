@@ -86,7 +86,7 @@ def test_wheel_installs_and_composes_outside_the_checkout(tmp_path):
         [
             py,
             "-c",
-            "from rlhf_cli.data import builtin_path; print(builtin_path('sft').stat().st_size)",
+            "from rlhf_cli.data.rows import builtin_path; print(builtin_path('sft').stat().st_size)",
         ],
         cwd=tmp_path,
         capture_output=True,

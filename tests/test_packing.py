@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import adapter, assert_resume_equals, read_metrics, train_in_process
 
-from rlhf_cli.data import IGNORE_INDEX, best_fit_decreasing, pack_bins, pack_rows
+from rlhf_cli.data.batches import best_fit_decreasing, pack_bins, pack_rows
+from rlhf_cli.losses import IGNORE_INDEX
 
 
 def test_best_fit_decreasing_by_hand():
@@ -53,7 +54,7 @@ def test_pack_rows_by_hand():
 
 
 def test_varlen_bounds_by_hand():
-    from rlhf_cli.models import varlen_bounds
+    from rlhf_cli.model.kernels import varlen_bounds
 
     # pack_rows' position ids (test above): sequences start where the position is 0, in the
     # rows' flattened positions; padding runs count as sequences of their own.
@@ -89,7 +90,7 @@ def test_varlen_attention_equals_the_block_diagonal_mask(kv_heads):
     """train.packing_attention=varlen: SDPA on each sequence alone gives the outputs and
     gradients of one SDPA over the rows with the block-diagonal causal mask; a sequence that
     attended to the one before it (a mutant) would move every position after the first."""
-    from rlhf_cli.models import varlen_attention
+    from rlhf_cli.model.kernels import varlen_attention
 
     g = torch.Generator().manual_seed(0)
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3, 4, 0]])
@@ -111,8 +112,8 @@ def test_varlen_attention_equals_the_block_diagonal_mask(kv_heads):
 
 
 def test_varlen_attention_refuses_what_it_cannot_keep():
-    from rlhf_cli.errors import UserError
-    from rlhf_cli.models import varlen_attention
+    from rlhf_cli.core.errors import UserError
+    from rlhf_cli.model.kernels import varlen_attention
 
     q = torch.randn(1, 2, 6, 8)
     positions = torch.tensor([[0, 1, 2, 3, 0, 1]])
@@ -127,7 +128,7 @@ def test_varlen_attention_refuses_what_it_cannot_keep():
 @contextlib.contextmanager
 def attention(model, mode: str):
     """The model on train.packing_attention=mode's attention for the block (then SDPA)."""
-    from rlhf_cli.models import register_varlen
+    from rlhf_cli.model.kernels import register_varlen
 
     name = register_varlen() if mode == "varlen" else "sdpa"
     model.set_attn_implementation(name)
@@ -147,8 +148,9 @@ def tiny():
     head, and preference examples of different lengths, a ranked one and one without prompt."""
     from conftest import compose
 
-    from rlhf_cli.data import load_datasets
-    from rlhf_cli.models import ScalarHead, load_model, load_tokenizer, resolve_device
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.heads import ScalarHead
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
 
     cfg = compose("stage=dpo", "quant=none", "peft.dropout=0", "data.max_samples=8")
     tok = load_tokenizer(cfg.model)
@@ -177,9 +179,9 @@ def test_packed_preference_rows_equal_padded_rows(tiny, mode):
     """DPO's summed log-probs and counts, and the reward model's last-token scores, with their
     gradients: packed rows (two rows of 3 and 2 examples here, so sequences share a row and
     would see each other without the block-diagonal mask) equal the padded batch."""
-    from rlhf_cli.data import collate_preference
-    from rlhf_cli.stages.dpo import response_logps
-    from rlhf_cli.stages.rm import sequence_scores
+    from rlhf_cli.data.batches import collate_preference
+    from rlhf_cli.model.forward import response_logps
+    from rlhf_cli.model.heads import sequence_scores
 
     model, head, tok, examples = tiny
     longest = max(
@@ -219,8 +221,8 @@ def test_packed_preference_rows_equal_padded_rows(tiny, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_packed_sft_rows_equal_padded_rows(tiny, mode):
-    from rlhf_cli.data import collate_sft
-    from rlhf_cli.models import labelled_logps
+    from rlhf_cli.data.batches import collate_sft
+    from rlhf_cli.model.forward import labelled_logps
 
     model, head, tok, examples = tiny
     sft = [
@@ -313,7 +315,7 @@ def test_packed_training_equals_padded(tmp_path, stage, mode):
 
 
 def test_grouped_by_length_by_hand():
-    from rlhf_cli.loop import grouped_by_length
+    from rlhf_cli.trainer.state import grouped_by_length
 
     lengths = [5, 80, 7, 60, 90, 6, 70, 8, 3]
     order = [8, 0, 1, 2, 3, 4, 5, 6, 7]  # an epoch's shuffled order; 9 = 4 steps of 2 + 1
@@ -352,8 +354,7 @@ def test_packed_hidden_equals_the_padded_forward(tiny, mode):
     """The online stages' padded rows (left-padded prompts, right-padded responses, a hole
     between turns): the hidden states at every real position equal the padded forward's with
     position ids that skip padding; zeros at padding."""
-    from rlhf_cli.models import decoder, packed_hidden
-    from rlhf_cli.online import position_ids
+    from rlhf_cli.model.forward import decoder, packed_hidden, position_ids
 
     model, _, _, _ = tiny
     g = torch.Generator().manual_seed(0)
@@ -397,7 +398,7 @@ def test_data_inspect_batch_layout_by_hand():
     16 tokens (60% padding); packed into one row of 16 (0%). Grouped by length: the same batch."""
     from conftest import compose
 
-    from rlhf_cli.inspect_data import batch_layout
+    from rlhf_cli.tools.inspect import batch_layout
 
     cfg = compose(
         "train.micro_batch_size=4",
@@ -420,8 +421,8 @@ def test_the_uneven_pairs_hold_rows_cut_at_max_length(tmp_path):
     row ends with an example cut on loading; lengths from a few tokens to 160."""
     from conftest import compose
 
-    from rlhf_cli.data import load_datasets
-    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.load import load_tokenizer
 
     data = uneven_pairs(tmp_path / "pairs.jsonl")
     cfg = compose("stage=dpo", f"data.path={data}", "data.eval_size=0", "data.max_length=160")

@@ -9,7 +9,8 @@ import os
 import pytest
 from conftest import REPO, compose, rlhf
 
-from rlhf_cli.plan import GIB, Arch, bundled_configs, lora_params, measure, plan, settings
+from rlhf_cli.tools.plan import GIB, Arch, bundled_configs, lora_params, plan, settings
+from rlhf_cli.tools.plan_measure import measure
 
 
 def arch(hub_id: str) -> Arch:
@@ -57,7 +58,7 @@ def test_activation_rows_by_hand_for_one_layer():
     layers: per token, the norms' fp32 inputs and 1/rms, SDPA's log-sum-exp (fp32); q, k, v,
     the attention output and 3 MLP intermediates (bf16); each adapted layer's dropped input
     (bf16) and mask (1 byte), and its r-wide A output."""
-    from rlhf_cli.plan import layer_activation_bytes
+    from rlhf_cli.tools.plan import layer_activation_bytes
 
     cfg = compose("model=smollm2-135m", "stage=sft", "train.shared_prompt=false")
     s = settings(cfg, "cuda")

@@ -34,7 +34,7 @@ ONLINE = (
 def tokenizer():
     from conftest import compose
 
-    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.model.load import load_tokenizer
 
     return load_tokenizer(compose(REAL).model)
 
@@ -42,7 +42,7 @@ def tokenizer():
 def test_the_preset_names_the_hub_id_and_loads_the_offline_copy(tokenizer):
     from conftest import compose
 
-    from rlhf_cli.models import model_path
+    from rlhf_cli.model.load import model_path
 
     cfg = compose(REAL)
     assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -55,7 +55,7 @@ def test_prompts_go_through_the_chat_template(tokenizer):
 
     from conftest import compose
 
-    from rlhf_cli.data import Renderer, build_examples
+    from rlhf_cli.data.examples import Renderer, build_examples
 
     cfg = compose(REAL, "stage=grpo", "reward.fn=rlhf_cli.rewards:char_fraction").data
     rows = [{"prompt": "What is 2 + 2?"}]
@@ -192,7 +192,7 @@ def test_reference_free_dpo_losses_train_on_the_real_model(tmp_path, loss_type):
 
 def online_rm_score(model, head, reward_tok, policy_tok, prompt, response) -> float:
     """The score the online stages give one rollout (a separately loaded reward model)."""
-    from rlhf_cli.online import OnlineStage
+    from rlhf_cli.trainer.online import OnlineStage
 
     stage = SimpleNamespace(
         tokenizer=policy_tok,
@@ -210,7 +210,7 @@ def online_rm_score(model, head, reward_tok, policy_tok, prompt, response) -> fl
 
 def eval_rm_score(model, head, reward_tok, policy_tok, prompt, response) -> float:
     """The score `rlhf eval`'s reward-model scorer gives one sample."""
-    from rlhf_cli.evaluate import RewardModelScorer
+    from rlhf_cli.tools.evaluate import RewardModelScorer
 
     scorer = RewardModelScorer.__new__(RewardModelScorer)  # the loaded model, not a path
     scorer.model, scorer.head, scorer.tokenizer, scorer.amp = model, head, reward_tok, None
@@ -236,10 +236,10 @@ def sft_run(tmp_path_factory):
 
 
 def test_greedy_answers_stop_at_im_end_and_equal_the_merged_models(sft_run, tmp_path):
-    from rlhf_cli.merge import merge
-    from rlhf_cli.models import generation_config
-    from rlhf_cli.policy import generate, load_policy, prompt_examples
-    from rlhf_cli.sample import sample
+    from rlhf_cli.rollout.engine import generation_config
+    from rlhf_cli.tools.merge import merge
+    from rlhf_cli.tools.policy import generate, load_policy, prompt_examples
+    from rlhf_cli.tools.sample import sample
 
     question = "What is the capital of France?"
     policy = load_policy(sft_run, "cpu")
@@ -261,9 +261,10 @@ def test_a_response_gets_one_score_through_training_score_online_and_eval(tmp_pa
     """ChatML ends each turn with <|im_end|> then a newline. The reward model reads the
     <|im_end|> position in training (the collate), in `rlhf score`, in online scoring (ppo/
     grpo/rloo with reward.model) and in `rlhf eval`: one prompt + response, four equal scores."""
-    from rlhf_cli.data import load_datasets
-    from rlhf_cli.score import score_file
-    from rlhf_cli.stages.rm import RMStage, load_reward_model, sequence_scores
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.heads import load_reward_model, sequence_scores
+    from rlhf_cli.stages.rm import RMStage
+    from rlhf_cli.tools.score import score_file
 
     pairs = tmp_path / "pairs.jsonl"
     rows = [
@@ -337,7 +338,7 @@ def test_a_reward_model_with_another_vocabulary_reads_the_same_text_online_and_i
 ):
     """A tiny reward model (its own BPE vocabulary) scoring SmolLM2's samples: online scoring
     and `rlhf eval` re-encode the same text, the policy's chat markup dropped."""
-    from rlhf_cli.stages.rm import load_reward_model, scoring_examples
+    from rlhf_cli.model.heads import load_reward_model, scoring_examples
 
     train_in_process(
         tmp_path / "rm", "stage=rm", "data.eval_size=0", "train.max_steps=2", "optim.lr=1e-2"
@@ -360,8 +361,8 @@ def test_a_reward_model_with_another_vocabulary_reads_the_same_text_online_and_i
 
 
 def test_the_benchmark_rows_are_what_both_tools_feed_the_model(tokenizer):
-    """scripts/bench.py on the real model: its parameter count (the FLOP estimate) is the
-    published 134,515,008, and each conversational pair becomes, in our pipeline, exactly the
+    """scripts/bench.py (its settings, models and data: bench_common.py) on the real model: its
+    parameter count (the FLOP estimate) is the published 134,515,008, and each conversational pair becomes, in our pipeline, exactly the
     tokens of the chat template rendered over prompt + response (what TRL tokenizes), EOS
     (<|im_end|>) included."""
     import importlib.util
@@ -369,10 +370,10 @@ def test_the_benchmark_rows_are_what_both_tools_feed_the_model(tokenizer):
 
     from conftest import compose
 
-    from rlhf_cli.data import Renderer, build_examples
+    from rlhf_cli.data.examples import Renderer, build_examples
 
     spec = importlib.util.spec_from_file_location(
-        "bench", Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+        "bench_common", Path(__file__).resolve().parent.parent / "scripts" / "bench_common.py"
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -395,7 +396,7 @@ def test_the_benchmark_rows_are_what_both_tools_feed_the_model(tokenizer):
 def test_a_conversation_between_replies_is_what_chatml_writes(tokenizer):
     """After a reply's <|im_end|> the template writes a newline, the message's turn and the
     next assistant header: those are the tokens a multi-turn rollout puts between replies."""
-    from rlhf_cli.data import Renderer
+    from rlhf_cli.data.examples import Renderer
     from rlhf_cli.multiturn import observation_ids
 
     renderer = Renderer(tokenizer)

@@ -130,7 +130,7 @@ def test_resuming_on_other_data_or_another_model_is_refused(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.tiny import tiny_model_dir
 
     model = shutil.copytree(tiny_model_dir(), tmp_path / "model")
     rows = [{"prompt": f"Say {i}.", "completion": f"{i} {i}."} for i in range(16)]
@@ -200,7 +200,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(run_a, tmp_p
 
 
 def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path):
-    from rlhf_cli.checkpoint import RunLock
+    from rlhf_cli.trainer.checkpoint import RunLock
 
     run = tmp_path / "run"
     with RunLock(run):
@@ -232,7 +232,7 @@ def test_an_exception_during_a_checkpoint_write_leaves_the_previous_ones_whole(
     temporary directory is left, and resume=auto continues from step 1."""
     import torch
 
-    from rlhf_cli import checkpoint
+    from rlhf_cli.trainer import checkpoint
 
     real_save, calls = torch.save, []
 
@@ -358,8 +358,8 @@ def test_a_signal_during_the_rollouts_saves_the_step_start(tmp_path, stopper, mo
     import os
     import signal
 
-    from rlhf_cli import checkpoint
-    from rlhf_cli.errors import Interrupted
+    from rlhf_cli.core.errors import Interrupted
+    from rlhf_cli.trainer import checkpoint
 
     train_in_process(tmp_path / "full", *stopper("full.log", 0), "data.eval_size=0")
     real_save = checkpoint.save_checkpoint
@@ -387,8 +387,8 @@ def test_a_signal_during_the_rollouts_saves_the_step_start(tmp_path, stopper, mo
 def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, stopper):
     """4 held-out prompts, 2 a batch: SIGINT during the step-1 evaluation's first batch; the
     second batch is not sampled, no eval row is written, the checkpoint is at step 1."""
-    from rlhf_cli import checkpoint
-    from rlhf_cli.errors import Interrupted
+    from rlhf_cli.core.errors import Interrupted
+    from rlhf_cli.trainer import checkpoint
 
     args = (*stopper("run.log", 2), "data.eval_size=4", "train.eval_every=1")
     with pytest.raises(Interrupted, match="SIGINT: stopped at step 1/3"):
@@ -402,7 +402,7 @@ def test_a_signal_during_the_reference_precompute_stops_before_training(tmp_path
     import os
     import signal
 
-    from rlhf_cli.errors import Interrupted
+    from rlhf_cli.core.errors import Interrupted
     from rlhf_cli.stages.dpo import DPOStage
 
     real = DPOStage.reference_logps
@@ -433,8 +433,9 @@ def test_max_nonfinite_counts_steps_not_updates():
     import torch
     from conftest import compose
 
-    from rlhf_cli.errors import TrainingError
-    from rlhf_cli.loop import Position, Updater
+    from rlhf_cli.core.errors import TrainingError
+    from rlhf_cli.trainer.loop import Updater
+    from rlhf_cli.trainer.state import Position
 
     p = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=0.1)

@@ -202,7 +202,7 @@ def the_answer(prompts, responses, answer, level=None):
 def answer_dir(tmp_path, monkeypatch):
     """A working directory with answer_rewards.py and the shipped prompts, each row with an
     answer column: the letter its response should be full of (the prompt does not name it)."""
-    from rlhf_cli.data import builtin_path
+    from rlhf_cli.data.rows import builtin_path
 
     (tmp_path / "answer_rewards.py").write_text(ANSWER_REWARDS)
     lines = builtin_path("prompts").read_text().splitlines()[:48]

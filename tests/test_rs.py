@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import adapter, max_diff, read_metrics, rlhf, stopped_copy, train_in_process
 
-from rlhf_cli.errors import Interrupted, UserError
+from rlhf_cli.core.errors import Interrupted, UserError
 from rlhf_cli.stages.rs import kept_count, read_rows, select_kept
 
 CHAR = "reward.fn=rlhf_cli.rewards:char_fraction"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import adapter, assert_resume_equals, max_diff, read_metrics, rlhf, train_in_process
 
-from rlhf_cli.data import builtin_path
-from rlhf_cli.errors import DataError
+from rlhf_cli.core.errors import DataError
+from rlhf_cli.data.rows import builtin_path
 
 PAIRS = ("data.eval_size=0", "train.micro_batch_size=4", "data.max_samples=64")
 
@@ -143,7 +143,7 @@ def test_dpo_from_sft_adapter_uses_it_as_reference(tmp_path):
 
 
 def test_separate_reference_model(tmp_path):
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.tiny import tiny_model_dir
 
     train_in_process(
         tmp_path / "r", "stage=dpo", *PAIRS, "train.max_steps=2", f"ref.model={tiny_model_dir()}"
@@ -239,16 +239,11 @@ def test_shared_prompt_forward_equals_one_forward_per_response():
     import torch
     from conftest import compose
 
-    from rlhf_cli.data import collate_preference, load_datasets
-    from rlhf_cli.models import (
-        ScalarHead,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        shares_prompt,
-    )
-    from rlhf_cli.stages.dpo import response_logps
-    from rlhf_cli.stages.rm import sequence_scores
+    from rlhf_cli.data.batches import collate_preference
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.forward import response_logps, shares_prompt
+    from rlhf_cli.model.heads import ScalarHead, sequence_scores
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
 
     cfg = compose("stage=dpo", "quant=none", "peft.dropout=0", "data.max_samples=8")
     tok = load_tokenizer(cfg.model)
@@ -288,7 +283,7 @@ def test_shared_prompt_forward_equals_one_forward_per_response():
     # Gradient checkpointing drops the KV cache: such a model takes the one-forward path.
     batch = collate_preference(examples, tok.pad_token_id, tok.eos_token_id, shared_prompt=True)
     assert shares_prompt(model, batch)
-    from rlhf_cli.models import enable_checkpointing
+    from rlhf_cli.model.load import enable_checkpointing
 
     enable_checkpointing(model, {"use_reentrant": False})
     assert not shares_prompt(model, batch)
@@ -412,8 +407,8 @@ def test_kto_reads_unpaired_rows_and_resumes_exactly(tmp_path):
 
     from conftest import compose
 
-    from rlhf_cli.data import Renderer, build_examples
-    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.data.examples import Renderer, build_examples
+    from rlhf_cli.model.load import load_tokenizer
 
     rows = [
         {"prompt": p["prompt"], "completion": p[key], "label": label}

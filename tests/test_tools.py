@@ -13,11 +13,11 @@ from test_cli_errors import assert_one_line_error
 
 from rlhf_cli import sentiment
 from rlhf_cli.cli import main
-from rlhf_cli.errors import EXIT_USER_ERROR, UserError
-from rlhf_cli.evaluate import evaluate
-from rlhf_cli.merge import merge
-from rlhf_cli.plot import plot_frontier, plot_metrics
-from rlhf_cli.sample import sample
+from rlhf_cli.core.errors import EXIT_USER_ERROR, UserError
+from rlhf_cli.tools.evaluate import evaluate
+from rlhf_cli.tools.merge import merge
+from rlhf_cli.tools.plot import plot_frontier, plot_metrics
+from rlhf_cli.tools.sample import sample
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REWARD = "rlhf_cli.sentiment:score"
@@ -84,7 +84,7 @@ def test_merged_model_loads_in_plain_transformers_and_samples_like_the_run(work)
     run is compared with its base unquantized too (quant=none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.tiny import tiny_model_dir
 
     out = merge(str(work / "run"), str(work / "merged"))
     model = AutoModelForCausalLM.from_pretrained(out)  # no peft, no bitsandbytes

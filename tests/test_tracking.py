@@ -212,8 +212,8 @@ def test_a_missing_tracking_package_is_one_line_before_anything_is_written(tmp_p
     import importlib.util
 
     from rlhf_cli.config import LogConfig
-    from rlhf_cli.errors import UserError
-    from rlhf_cli.tracking import check_available
+    from rlhf_cli.core.errors import UserError
+    from rlhf_cli.trainer.tracking import check_available
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

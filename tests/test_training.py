@@ -22,8 +22,8 @@ from conftest import (
     train_in_process,
 )
 
-from rlhf_cli import checkpoint as ckpt_lib
-from rlhf_cli.errors import CheckpointError, TrainingError
+from rlhf_cli.core.errors import CheckpointError, TrainingError
+from rlhf_cli.trainer import checkpoint as ckpt_lib
 
 
 def test_sft_learns_and_lora_weights_move(tmp_path):
@@ -52,7 +52,7 @@ def test_default_loads_4bit_nf4_base_with_lora(tmp_path):
     from conftest import compose
 
     from rlhf_cli.config import Config
-    from rlhf_cli.models import load_model, load_tokenizer, resolve_device
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
 
     cfg: Config = compose()
     assert (cfg.quant.mode, cfg.peft.method) == ("nf4", "lora")
@@ -140,7 +140,7 @@ def test_final_adapter_loads_in_plain_peft(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.tiny import tiny_model_dir
 
     train_in_process(tmp_path / "run", *FAST, "optim.lr=3e-3")
     final = tmp_path / "run" / "final"
@@ -303,7 +303,8 @@ def test_lora_dropout_is_fast_inverted_dropout():
     import torch
     from conftest import compose
 
-    from rlhf_cli.models import FastDropout, load_model, load_tokenizer, resolve_device
+    from rlhf_cli.model.kernels import FastDropout
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
 
     torch.manual_seed(0)
     x = torch.randn(1000, 1000, requires_grad=True)
@@ -338,7 +339,7 @@ def test_lora_input_keeps_its_dtype_under_autocast_only():
     import torch
     from conftest import compose
 
-    from rlhf_cli.models import load_model, load_tokenizer, resolve_device
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
 
     cfg = compose("quant=none", "train.precision=bf16", "peft.dropout=0.1")
     model = load_model(cfg, resolve_device("cpu"), load_tokenizer(cfg.model))
@@ -376,7 +377,7 @@ def test_qlora_unquantized_weights_follow_the_run_dtype(precision, dtype):
     import torch
     from conftest import compose
 
-    from rlhf_cli.models import load_model, load_tokenizer, resolve_device
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
 
     cfg = compose("quant=nf4", f"train.precision={precision}")
     model = load_model(cfg, resolve_device("cpu"), load_tokenizer(cfg.model))
@@ -413,6 +414,6 @@ def test_a_full_fine_tune_saves_a_model_directory_transformers_loads(tmp_path):
 def model_path_of_tiny() -> str:
     from conftest import compose
 
-    from rlhf_cli.models import model_path
+    from rlhf_cli.model.load import model_path
 
     return model_path(compose().model)

@@ -1,7 +1,7 @@
 """rollout.engine=vllm: a vLLM engine in the training process, holding the merged policy.
 
 Every test here runs in one pytest-xdist worker (the group "vllm"), which starts one engine for
-the tiny model and reuses it (rlhf_cli.rollout keeps one per process and model shape); CI
+the tiny model and reuses it (rlhf_cli.rollout.vllm keeps one per process and model shape); CI
 installs vLLM (make install VLLM=1) and fails, not skips, without it."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ VLLM = "rollout.engine=vllm"
 
 
 def test_a_missing_vllm_is_one_line_naming_the_install(monkeypatch):
-    from rlhf_cli.errors import UserError
-    from rlhf_cli.rollout import require_vllm
+    from rlhf_cli.core.errors import UserError
+    from rlhf_cli.rollout.vllm import require_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails as if not installed
     with pytest.raises(UserError, match=r"needs vLLM: make install VLLM=1") as err:
@@ -38,7 +38,7 @@ def test_a_missing_vllm_is_one_line_naming_the_install(monkeypatch):
 
 def trained_policy(*overrides: str):
     """The tiny model as a stage trains it (4-bit base + a fresh LoRA), and its tokenizer."""
-    from rlhf_cli.models import load_model, load_tokenizer
+    from rlhf_cli.model.load import load_model, load_tokenizer
 
     cfg = compose("stage=grpo", CHAR, VLLM, *overrides)
     tokenizer = load_tokenizer(cfg.model)
@@ -51,8 +51,7 @@ def test_the_engine_follows_the_policy_after_updates():
     """Greedy answers of the engine equal transformers' generate on the policy: for the fresh
     adapter, and after two updates with a large learning rate (which change the answer); its
     sampled tokens' log-probs equal the trainer's; the same global seed gives the same samples."""
-    from rlhf_cli.models import generation_config
-    from rlhf_cli.rollout import HFEngine, make_engine
+    from rlhf_cli.rollout.engine import HFEngine, generation_config, make_engine
 
     cfg, model, tokenizer = trained_policy()
     cpu = torch.device("cpu")
@@ -174,8 +173,8 @@ def test_rs_and_dynamic_sampling_with_vllm(tmp_path):
 def test_sample_and_eval_with_vllm_equal_hf_greedy(tmp_path):
     """`rlhf sample` / `rlhf eval` with rollout.engine=vllm: greedy answers and their scores
     equal the hf engine's for a trained run."""
-    from rlhf_cli.evaluate import evaluate
-    from rlhf_cli.sample import sample
+    from rlhf_cli.tools.evaluate import evaluate
+    from rlhf_cli.tools.sample import sample
 
     run = tmp_path / "run"
     train_in_process(run, "stage=grpo", CHAR, *SHORT, "train.max_steps=2", "optim.lr=5e-3")
@@ -223,7 +222,7 @@ def test_the_real_model_trains_and_answers_alike_with_vllm(tmp_path, quant):
     answer through the engine equals transformers' (stopped at <|im_end|>, the template's EOS)."""
     from test_real_model import ONLINE, SMALL
 
-    from rlhf_cli.sample import sample
+    from rlhf_cli.tools.sample import sample
 
     run = tmp_path / "r"
     args = ("stage=grpo", *SMALL, f"quant={quant}", "train.max_steps=2", *ONLINE, VLLM)
@@ -270,9 +269,9 @@ def test_a_partly_adapted_quantized_base_reaches_the_engine_dequantized(quant):
     or vLLM failed on the packed 4-bit shapes)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.models import generation_config
-    from rlhf_cli.rollout import HFEngine, make_engine, merged_weights, plain_weight
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.tiny import tiny_model_dir
+    from rlhf_cli.rollout.engine import HFEngine, generation_config, make_engine
+    from rlhf_cli.rollout.vllm import merged_weights, plain_weight
 
     targets = "peft.target_modules=[q_proj,v_proj]"
     cfg, model, tokenizer = trained_policy(f"quant={quant}", targets)
@@ -307,7 +306,7 @@ def test_a_partly_adapted_quantized_base_reaches_the_engine_dequantized(quant):
 
 def assert_engine_logps_match(engine, model, tokenizer, prompts, tol=1e-4) -> float:
     """The engine's log-probs of its sampled tokens equal the policy's, recomputed."""
-    from rlhf_cli.models import generation_config
+    from rlhf_cli.rollout.engine import generation_config
 
     torch.manual_seed(0)
     replies = engine.generate(prompts, generation_config(tokenizer, 12, temperature=1.0))
@@ -330,9 +329,9 @@ def test_tied_embeddings_with_a_trained_lm_head_stay_untied_in_the_engine(tmp_pa
     loaded the trained head into the tied input embeddings too, 16.7 nats per token off)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cli.models import generation_config, load_model, load_tokenizer
-    from rlhf_cli.rollout import HFEngine, make_engine
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.model.load import load_model, load_tokenizer
+    from rlhf_cli.model.tiny import tiny_model_dir
+    from rlhf_cli.rollout.engine import HFEngine, generation_config, make_engine
 
     source = tiny_model_dir()
     tied = AutoModelForCausalLM.from_pretrained(source, tie_word_embeddings=True)
@@ -382,9 +381,9 @@ def test_dora_and_lora_bias_adapters_are_refused_with_vllm():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.errors import UserError
-    from rlhf_cli.rollout import VLLMEngine, unmergeable
-    from rlhf_cli.tiny import tiny_model_dir
+    from rlhf_cli.core.errors import UserError
+    from rlhf_cli.model.tiny import tiny_model_dir
+    from rlhf_cli.rollout.vllm import VLLMEngine, unmergeable
 
     cfg = compose("stage=grpo", CHAR, VLLM, "quant=none")
     for kwargs, what in (
@@ -409,8 +408,7 @@ def test_a_batch_advances_the_global_generator_by_one_draw():
     """vLLM's CPU sampler draws from torch's global generator at every decode step; the engine
     runs it on a fork seeded from its one draw per batch, so the run's stream (which a
     checkpoint saves) moves by exactly that draw, whatever the response lengths."""
-    from rlhf_cli.models import generation_config
-    from rlhf_cli.rollout import make_engine
+    from rlhf_cli.rollout.engine import generation_config, make_engine
 
     cfg, model, tokenizer = trained_policy()
     engine = make_engine(cfg, model, tokenizer, torch.device("cpu"), None)

@@ -26,31 +26,22 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import distributed as dist
 from rlhf_cli.config import REFERENCE_FREE
-from rlhf_cli.data import PreferenceBatch, collate_preference, row_count
-from rlhf_cli.errors import UserError
-from rlhf_cli.loop import Stage, StopRequested, move
+from rlhf_cli.core import distributed as dist
+from rlhf_cli.core.errors import UserError
+from rlhf_cli.core.progress import console
+from rlhf_cli.data.batches import PreferenceBatch, collate_preference, move, row_count
 from rlhf_cli.losses import dpo_loss, orpo_loss, plackett_luce_loss, simpo_loss
-from rlhf_cli.models import (
+from rlhf_cli.model.forward import response_logps
+from rlhf_cli.model.load import (
     adapter_switched,
     autocast,
     disable_dropout,
     eval_mode,
-    labelled_logps,
     setup_reference,
 )
-from rlhf_cli.progress import console
-
-
-def response_logps(model, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probs, response token counts) of every row: shapes (N,), (N,). The same as
-    losses.sequence_logps on the full logits, with the LM head on response positions only."""
-    logps, rows = labelled_logps(model, batch)
-    n = row_count(batch)
-    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    counts = torch.bincount(rows, minlength=n).clamp(min=1)
-    return sums, counts
+from rlhf_cli.trainer.loop import Stage
+from rlhf_cli.trainer.state import StopRequested
 
 
 def by_rank(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ DAPO; seq_mean_token_mean as published; seq_sum_norm with scale_rewards=false is
 from __future__ import annotations
 
 from rlhf_cli.losses import group_advantages, kl_penalty, masked_mean
-from rlhf_cli.online import OnlineStage, Rollout
+from rlhf_cli.rollout.batch import Rollout
+from rlhf_cli.trainer.online import OnlineStage
 
 
 class GRPOStage(OnlineStage):

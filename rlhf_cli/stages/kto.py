@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import distributed as dist
-from rlhf_cli.data import collate_preference
-from rlhf_cli.loop import move
+from rlhf_cli.core import distributed as dist
+from rlhf_cli.core.progress import console
+from rlhf_cli.data.batches import collate_preference, move
 from rlhf_cli.losses import kto_loss
-from rlhf_cli.models import autocast
-from rlhf_cli.progress import console
-from rlhf_cli.stages.dpo import DPOStage, response_logps
+from rlhf_cli.model.forward import response_logps
+from rlhf_cli.model.load import autocast
+from rlhf_cli.stages.dpo import DPOStage
 
 
 def mismatched(examples: list[dict]) -> list[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cli import distributed as dist
+from rlhf_cli.core import distributed as dist
 from rlhf_cli.losses import (
     clipped_value_loss,
     gae_advantages,
@@ -18,7 +18,8 @@ from rlhf_cli.losses import (
     masked_mean,
     masked_whiten,
 )
-from rlhf_cli.online import OnlineStage, Rollout
+from rlhf_cli.rollout.batch import Rollout
+from rlhf_cli.trainer.online import OnlineStage
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

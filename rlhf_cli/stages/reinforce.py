@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cli import distributed as dist
+from rlhf_cli.core import distributed as dist
 from rlhf_cli.losses import kl_penalty
-from rlhf_cli.online import OnlineStage, Rollout
+from rlhf_cli.rollout.batch import Rollout
+from rlhf_cli.trainer.online import OnlineStage
 
 
 def reinforce_advantages(

@@ -8,7 +8,8 @@ responses of its prompt. The whole response is one action (the same advantage fo
 from __future__ import annotations
 
 from rlhf_cli.losses import group_advantages, kl_penalty
-from rlhf_cli.online import OnlineStage, Rollout
+from rlhf_cli.rollout.batch import Rollout
+from rlhf_cli.trainer.online import OnlineStage
 
 
 class RLOOStage(OnlineStage):

@@ -28,14 +28,18 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli import distributed as dist
-from rlhf_cli.data import IGNORE_INDEX, SFTExample
-from rlhf_cli.errors import RewardError, UserError
-from rlhf_cli.loop import Position, StopRequested, epoch_order, stop_point
-from rlhf_cli.models import eval_mode, generation_config, is_fsdp
-from rlhf_cli.online import Sampler, pooled_means
-from rlhf_cli.progress import console
+from rlhf_cli.core import distributed as dist
+from rlhf_cli.core.errors import RewardError, UserError
+from rlhf_cli.core.progress import console
+from rlhf_cli.data.examples import SFTExample
+from rlhf_cli.losses import IGNORE_INDEX
+from rlhf_cli.model.forward import is_fsdp
+from rlhf_cli.model.load import eval_mode
+from rlhf_cli.rollout.engine import generation_config
+from rlhf_cli.rollout.sampler import Sampler, pooled_means
 from rlhf_cli.stages.sft import SFTStage
+from rlhf_cli.trainer.loop import stop_point
+from rlhf_cli.trainer.state import Position, StopRequested, epoch_order
 
 ROUNDS_DIR = "rounds"
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cli.data import IGNORE_INDEX, SFTBatch, collate_sft
-from rlhf_cli.loop import Stage
-from rlhf_cli.models import labelled_logps
+from rlhf_cli.data.batches import SFTBatch, collate_sft
+from rlhf_cli.losses import IGNORE_INDEX
+from rlhf_cli.model.forward import labelled_logps
+from rlhf_cli.trainer.loop import Stage
 
 
 class SFTStage(Stage):

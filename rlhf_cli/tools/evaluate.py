@@ -22,13 +22,17 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.data import build_examples, collate_preference, load_rows
-from rlhf_cli.errors import UserError
-from rlhf_cli.models import autocast_dtype, generation_config
-from rlhf_cli.policy import Policy, generate, load_policy, prompt_examples
-from rlhf_cli.progress import console, summary_table
+from rlhf_cli.core.errors import UserError
+from rlhf_cli.core.progress import console, summary_table
+from rlhf_cli.data.batches import collate_preference
+from rlhf_cli.data.examples import build_examples
+from rlhf_cli.data.rows import load_rows
+from rlhf_cli.model.heads import load_reward_model, score_examples, scoring_examples
+from rlhf_cli.model.load import autocast_dtype
 from rlhf_cli.rewards import RewardTerm, call_reward_fn, check_inputs, function_term, row_inputs
-from rlhf_cli.sample import default_max_new_tokens
+from rlhf_cli.rollout.engine import generation_config
+from rlhf_cli.tools.policy import Policy, generate, load_policy, prompt_examples
+from rlhf_cli.tools.sample import default_max_new_tokens
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -47,14 +51,12 @@ class RewardModelScorer:
     by stage=rm; text is re-encoded when the reward model has another vocabulary."""
 
     def __init__(self, path: str, policy: Policy, batch_size: int):
-        from rlhf_cli.stages.rm import load_reward_model
 
         self.model, self.head, self.tokenizer, cfg = load_reward_model(path, policy.device)
         self.amp = autocast_dtype(cfg.train.precision, policy.device)
         self.policy, self.batch_size = policy, batch_size
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
-        from rlhf_cli.stages.rm import score_examples, scoring_examples
 
         p = self.policy
         examples = scoring_examples(prompts, responses, p.tokenizer, self.tokenizer)

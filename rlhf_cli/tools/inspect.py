@@ -11,19 +11,24 @@ from typing import Any
 
 from rich.console import Console
 
-from rlhf_cli.data import IGNORE_INDEX, Renderer, load_datasets
+from rlhf_cli.compose import compose_checked
+from rlhf_cli.core.quiet import quiet_libraries
+from rlhf_cli.data.batches import pack_bins
+from rlhf_cli.data.examples import Renderer, load_datasets
+from rlhf_cli.losses import IGNORE_INDEX
+from rlhf_cli.model.load import load_tokenizer
+from rlhf_cli.multiturn import tool_functions
+from rlhf_cli.stages import stage_class
+from rlhf_cli.trainer.state import epoch_order, grouped_by_length
 
 console = Console(soft_wrap=True)  # stdout: the report is the command's output
+
 
 TRAINED, MASKED = "green", "dim"
 
 
 def inspect_data(overrides: list[str], n: int = 3) -> list[str]:
     """Print the report; returns the warnings (also printed)."""
-    from rlhf_cli.cli import compose_checked
-    from rlhf_cli.models import load_tokenizer, quiet_libraries
-    from rlhf_cli.multiturn import tool_functions
-    from rlhf_cli.stages import stage_class
 
     quiet_libraries()
     cfg = compose_checked(overrides)
@@ -74,8 +79,6 @@ def batch_layout(train: list[dict], cfg) -> str:
     out: the share of forward positions that are padding when each row is padded to the
     batch's longest (train.pad_to_multiple_of), and packed (train.packing: rows, examples
     and tokens a row), in the order data.group_by_length sets (and in the other one)."""
-    from rlhf_cli.data import pack_bins
-    from rlhf_cli.loop import epoch_order, grouped_by_length
 
     t = cfg.train
     size = t.micro_batch_size * t.grad_accum

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from rlhf_cli.core.files import temp_dir
+
 TINY_RECIPE = {
     "version": 2,
     "vocab_size": 1024,
@@ -28,7 +30,11 @@ TINY_RECIPE = {
     "max_position_embeddings": 1024,
     "seed": 0,
 }
+
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
 # Each turn ends with the EOS token so a model learns to stop after its answer; a prefix of a
 # conversation renders to a prefix of the text, which the data pipeline relies on for masking.
 TINY_CHAT_TEMPLATE = (
@@ -101,7 +107,6 @@ def build_once(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if complete(target):
             return target
-        from rlhf_cli.checkpoint import temp_dir
 
         tmp = temp_dir(target.parent, target.name)
         try:

@@ -15,11 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
-from rlhf_cli.checkpoint import temp_dir
-from rlhf_cli.errors import UserError
-from rlhf_cli.models import DTYPES
-from rlhf_cli.policy import load_policy, locate
-from rlhf_cli.progress import summary_table
+from rlhf_cli.core.errors import UserError
+from rlhf_cli.core.files import temp_dir
+from rlhf_cli.core.progress import summary_table
+from rlhf_cli.model.load import DTYPES
+from rlhf_cli.tools.policy import load_policy, locate
+from rlhf_cli.trainer.card import model_card
 
 
 def check_target(target: Path, run: Path, force: bool) -> None:
@@ -49,7 +50,6 @@ def check_target(target: Path, run: Path, force: bool) -> None:
 
 def merged_card(found) -> str:
     """The run's model card for its merged model: the config and the run's last metrics."""
-    from rlhf_cli.card import model_card
 
     config = (found.weights / "config.yaml").read_text(encoding="utf-8")
     metrics: dict[str, dict] = {"train": {}, "eval": {}}

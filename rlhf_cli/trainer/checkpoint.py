@@ -10,16 +10,21 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_cli.errors import CheckpointError
+from rlhf_cli.core.errors import CheckpointError
+from rlhf_cli.core.files import temp_dir
+from rlhf_cli.core.progress import console
 
 STATE_FILE = "trainer_state.pt"
+
+
 FULL_WEIGHTS = "model.safetensors"
+
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -224,17 +229,6 @@ def write_failure(target: Path, run_dir: Path, err: BaseException) -> str:
     )
 
 
-def temp_dir(parent: Path, name: str) -> Path:
-    """A fresh `.tmp-<name>-*` directory in `parent` with the permissions the user's umask
-    gives a new directory (mkdtemp makes it 0700: a checkpoint renamed from it would be
-    unreadable to the user's group)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    return tmp
-
-
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Delete the temporary directories a killed save left in `run_dir` (`.tmp-*`, `.old-*`,
     in run_dir and run_dir/checkpoints); returns them. Call it holding the run's lock."""
@@ -351,7 +345,6 @@ def load_state(ckpt: Path) -> dict[str, Any]:
 
 def whole_or_fail(checkpoints: list[Path], run_dir: Path) -> Path:
     """The newest whole checkpoint of a run, saying which newer ones were damaged."""
-    from rlhf_cli.progress import console
 
     found, notes = newest_whole(checkpoints)
     for note in notes:

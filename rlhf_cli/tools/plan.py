@@ -14,24 +14,28 @@ log-probs, one layer's recomputation under gradient checkpointing).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import random
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from rlhf_cli.config import Config, DpoConfig, KtoConfig, OnlineConfig, PpoConfig, RsConfig
-from rlhf_cli.errors import UserError
+from rlhf_cli.core.errors import UserError
 
 GIB = 2**30
+
+
 # A CUDA context plus cuBLAS workspaces: memory the process holds that torch's allocator does not
 # count (typically 0.4-0.9 GiB); not part of the checked rows.
 CUDA_CONTEXT_GIB = 0.6
+
+
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 NF4_BLOCK, DQ_BLOCK = 64, 256  # bitsandbytes' 4-bit block and its double-quant block
+
+
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # bitsandbytes: smaller tensors keep 32-bit states
 
 
@@ -116,7 +120,7 @@ def model_arch(cfg: Config) -> tuple[Arch, str]:
     """(the model's shape, where it came from), without loading any weights."""
     name = cfg.model.name_or_path
     if name == "tiny":
-        from rlhf_cli.tiny import TINY_RECIPE
+        from rlhf_cli.model.tiny import TINY_RECIPE
 
         return Arch.from_config(TINY_RECIPE), "the built-in tiny recipe"
     local = Path(name).expanduser()
@@ -167,14 +171,14 @@ class Settings:
 
 
 def settings(cfg: Config, device: str) -> Settings:
-    from rlhf_cli.models import DTYPES
+    from rlhf_cli.model.load import DTYPES
 
     amp = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "cuda")
     full = cfg.peft.method == "full"
     if cfg.model.dtype != "auto":
         base = DTYPES[cfg.model.dtype].itemsize
     else:
-        base = 2 if (not full and amp) else 4  # models.base_dtype
+        base = 2 if (not full and amp) else 4  # model.load.base_dtype
     targets = tuple(cfg.peft.target_modules)
     if targets == ("all-linear",):
         targets = LINEAR_NAMES
@@ -315,7 +319,7 @@ def logits_bytes(
 
     Whole rows at once (chunk None, the online update): the float32 logits the log-softmax
     keeps; while its backward runs, the gradient coming in and the one going out (float32
-    each), plus the compute-dtype logits under autocast. In chunks (models.head_logps, the
+    each), plus the compute-dtype logits under autocast. In chunks (model.forward.head_logps, the
     offline stages): a frozen head keeps only d logp / d hidden (positions x hidden, the hidden
     states' dtype) and one chunk's float32 logits (softmaxed in place) exist at a time, with
     under autocast its compute-dtype logits or gradient beside them; a trained head recomputes
@@ -359,17 +363,40 @@ def plan(
         arch, source = model_arch(cfg)
     s = settings(cfg, device)
     st = cfg.stage
-    rows: list[Row] = []
+    online = isinstance(st, OnlineConfig)
+    rows = weight_rows(arch, s)
+    shape, heads, transient = micro_batch(cfg, arch, s)
+    rows += heads
+    held, held_transient = activation_rows(arch, s, *shape, online=online)
+    rows += held
+    transient += held_transient
+    held, extra_rows = other_models(cfg, arch, s)
+    rows += held
+    if isinstance(st, (OnlineConfig, RsConfig)) and cfg.rollout.engine == "vllm":
+        # Generation runs in the engine: no KV cache on the trained model.
+        transient = [t for t in transient if not t[0].startswith("KV cache")]
+        sequences = st.rollout_batch_size * (st.group_size if online else st.n)
+        tokens = sequences * (cfg.data.max_prompt_length + st.max_new_tokens)
+        engine = engine_rows(cfg, arch, device, tokens)
+        if device == "cuda" and cfg.rollout.sleep:  # asleep while training: not at the peak
+            engine = [
+                Row(r.name, r.bytes, r.note + "; freed while training", peak=False) for r in engine
+            ]
+        (rows if device != "cuda" or not cfg.rollout.sleep else extra_rows).extend(engine)
+    name, peak = max(transient, key=lambda t: t[1]) if transient else ("", 0.0)
+    if peak:
+        rows.append(Row("largest transient", peak, name))
+    if ranks > 1 and cfg.dist.strategy == "fsdp":
+        rows = fsdp_rows(rows, arch, s, ranks)
+    if device == "cuda":
+        rows.append(Row("CUDA context", CUDA_CONTEXT_GIB * GIB, "held outside torch's allocator"))
+    return Plan(rows + extra_rows, arch, source, s)
+
+
+def weight_rows(arch: Arch, s: Settings) -> list[Row]:
+    """The base's weights, the trainable parameters, their gradients and optimizer states."""
     quant = {"none": f"{'bf16' if s.base_bytes == 2 else 'fp32'}"}.get(s.quant, s.quant)
     dq = " + double quant" if s.quant in ("nf4", "fp4") and s.double_quant else ""
-    rows.append(
-        Row(
-            "base weights",
-            base_weight_bytes(arch, s),
-            f"{arch.params / 1e9:.2f}B parameters, linear layers {quant}{dq}, the rest "
-            f"{'bf16' if s.base_bytes == 2 else 'fp32'}",
-        )
-    )
     counts = trainable_counts(arch, s)
     n_train = sum(counts)
     what = (
@@ -377,30 +404,41 @@ def plan(
         if s.full
         else f"LoRA r={s.lora_r} on {len(s.targets)} layers/block, fp32"
     )
-    rows.append(
+    return [
+        Row(
+            "base weights",
+            base_weight_bytes(arch, s),
+            f"{arch.params / 1e9:.2f}B parameters, linear layers {quant}{dq}, the rest "
+            f"{'bf16' if s.base_bytes == 2 else 'fp32'}",
+        ),
         Row(
             "trainable parameters",
             4.0 * n_train if not s.full else 0.0,
             f"{n_train / 1e6:.1f}M: {what}",
-        )
-    )
-    rows.append(Row("gradients", 4.0 * n_train, "fp32, one per trainable parameter"))
-    rows.append(
+        ),
+        Row("gradients", 4.0 * n_train, "fp32, one per trainable parameter"),
         Row(
             "optimizer states",
             optimizer_bytes(counts, s.optim8bit),
             "8-bit AdamW (bitsandbytes)" if s.optim8bit else "AdamW: two fp32 moments",
-        )
-    )
+        ),
+    ]
 
-    # The sequences of one micro-batch through the trained model.
+
+def micro_batch(
+    cfg: Config, arch: Arch, s: Settings
+) -> tuple[tuple[int, int, int], list[Row], list[tuple[str, float]]]:
+    """The sequences of one micro-batch through the trained model, by stage: (sequences,
+    their length, positions through the LM head), the stage's heads (rows), and what exists
+    only for a while (the KV cache of sampling, the rollout's log-probs)."""
+    st = cfg.stage
     seqs, length, positions = s.micro, s.length, s.micro * s.length
-    extra_rows: list[Row] = []
+    heads: list[Row] = []
     transient: list[tuple[str, float]] = []
     if st.name in ("rm",):
         seqs = 2 * s.micro
         positions = 0
-        rows.append(
+        heads.append(
             Row("reward head", 4.0 * 3 * (arch.hidden + 1), "fp32 + its gradient and moments")
         )
     elif isinstance(st, (DpoConfig, KtoConfig)):
@@ -417,48 +455,47 @@ def plan(
         transient.append(("KV cache of the rollout", kv))
         # Old and reference log-probs (no gradient): float32 logits and logsumexp's exp, for
         # whole rows of up to LOGIT_TOKENS positions at a time.
-        from rlhf_cli.online import LOGIT_TOKENS
+        from rlhf_cli.trainer.online import LOGIT_TOKENS
 
         chunk = min(rollout, max(1, LOGIT_TOKENS // max(1, new)))
         transient.append(("rollout log-probs", 8.0 * chunk * new * arch.vocab))
         if isinstance(st, PpoConfig):
-            rows.append(Row("value head", 4.0 * 4 * (arch.hidden + 1), "fp32 + gradient + moments"))
+            heads.append(
+                Row("value head", 4.0 * 4 * (arch.hidden + 1), "fp32 + gradient + moments")
+            )
     elif isinstance(st, RsConfig):
         prompt, new = cfg.data.max_prompt_length, st.max_new_tokens
         batch = st.rollout_batch_size * st.n  # prompts x completions per generation batch
-        kv = (
-            2
-            * arch.layers
-            * arch.kv_heads
-            * arch.head_dim
-            * s.compute_bytes
-            * batch
-            * (prompt + new)
-        )
-        transient.append(("KV cache of the sampling", kv))
-    tokens = seqs * length
-    act = activation_bytes(arch, s, tokens, length)
-    from rlhf_cli.models import HEAD_CHUNK
+        kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * s.compute_bytes * batch
+        transient.append(("KV cache of the sampling", kv * (prompt + new)))
+    return (seqs, length, positions), heads, transient
 
-    online = isinstance(st, OnlineConfig)
+
+def activation_rows(
+    arch: Arch, s: Settings, seqs: int, length: int, positions: int, online: bool
+) -> tuple[list[Row], list[tuple[str, float]]]:
+    """The activations kept for the backward and the logits (rows), and the backward's own
+    transients: a layer's gradients (or its recomputed activations), the logits' gradient."""
+    from rlhf_cli.model.forward import HEAD_CHUNK
+
+    tokens = seqs * length
     kept_logits, logits_tmp = logits_bytes(arch, s, positions, None if online else HEAD_CHUNK)
     gc = "with gradient checkpointing" if s.checkpointing else "no gradient checkpointing"
-    rows.append(
+    rows = [
         Row(
             "activations",
-            act,
+            activation_bytes(arch, s, tokens, length),
             f"{seqs} {'packed rows' if s.packed else 'sequences'} x {length} tokens, {gc}, "
             f"{'bf16' if s.compute_bytes == 2 else 'fp32'}",
         )
-    )
+    ]
     # A layer's backward holds the gradients of its MLP's intermediates (about four of them);
     # under gradient checkpointing, the layer's recomputed activations (its gradients take
     # their place as the backward goes).
     if s.checkpointing:
-        layer = layer_activation_bytes(arch, s, length) * tokens
-        transient.append(("one layer recomputed", layer))
+        transient = [("one layer recomputed", layer_activation_bytes(arch, s, length) * tokens)]
     else:
-        transient.append(("one layer's backward", 4 * arch.intermediate * s.compute_bytes * tokens))
+        transient = [("one layer's backward", 4 * arch.intermediate * s.compute_bytes * tokens)]
     if positions:
         what = (
             f"{positions} positions x {arch.vocab} vocabulary, fp32"
@@ -467,7 +504,14 @@ def plan(
         )
         rows.append(Row("logits", kept_logits, what))
         transient.append(("logits in the backward", logits_tmp))
-    # The reference policy.
+    return rows, transient
+
+
+def other_models(cfg: Config, arch: Arch, s: Settings) -> tuple[list[Row], list[Row]]:
+    """The reference (a second base with ref.model) and the reward model beside the policy;
+    and, not at the peak, a reference precomputed to disk."""
+    st = cfg.stage
+    rows, extra_rows = [], []
     ref_name = getattr(cfg.ref, "model", None)
     if isinstance(st, (DpoConfig, KtoConfig, OnlineConfig)) and ref_name:
         rows.append(
@@ -494,25 +538,7 @@ def plan(
                 "a second adapter + head on the same base (another base: add its weights)",
             )
         )
-    if isinstance(st, (OnlineConfig, RsConfig)) and cfg.rollout.engine == "vllm":
-        # Generation runs in the engine: no KV cache on the trained model.
-        transient = [t for t in transient if not t[0].startswith("KV cache")]
-        sequences = st.rollout_batch_size * (st.group_size if online else st.n)
-        tokens = sequences * (cfg.data.max_prompt_length + st.max_new_tokens)
-        engine = engine_rows(cfg, arch, device, tokens)
-        if device == "cuda" and cfg.rollout.sleep:  # asleep while training: not at the peak
-            engine = [
-                Row(r.name, r.bytes, r.note + "; freed while training", peak=False) for r in engine
-            ]
-        (rows if device != "cuda" or not cfg.rollout.sleep else extra_rows).extend(engine)
-    name, peak = max(transient, key=lambda t: t[1]) if transient else ("", 0.0)
-    if peak:
-        rows.append(Row("largest transient", peak, name))
-    if ranks > 1 and cfg.dist.strategy == "fsdp":
-        rows = fsdp_rows(rows, arch, s, ranks)
-    if device == "cuda":
-        rows.append(Row("CUDA context", CUDA_CONTEXT_GIB * GIB, "held outside torch's allocator"))
-    return Plan(rows + extra_rows, arch, source, s)
+    return rows, extra_rows
 
 
 def engine_rows(cfg: Config, arch: Arch, device: str, tokens: int) -> list[Row]:
@@ -668,251 +694,3 @@ def show(cfg: Config, device: str, gpu_gib: float | None, ranks: int = 1) -> Pla
                 mark = "fits" if total <= budget * GIB else "still over"
                 console.print(f"  {label}: {gib(total)} GiB ({mark})")
     return p
-
-
-# ---------------------------------------------------------------------------------------------
-# measure=true: the plan's rows against what this device holds
-
-
-MEASURED_STAGES = ("sft", "rm", "dpo")
-
-
-def check_measurable(cfg: Config) -> None:
-    """One line when measure=true cannot run this config."""
-    if cfg.stage.name not in MEASURED_STAGES:
-        raise UserError(
-            f"measure=true covers stage={', '.join(MEASURED_STAGES)}; stage={cfg.stage.name} "
-            "is planned only"
-        )
-    if cfg.ref.precompute or cfg.ref.model:
-        raise UserError(
-            "measure=true runs the reference as the base with the adapter off: drop ref.model "
-            "and ref.precompute"
-        )
-
-
-def synthetic_examples(
-    kind: str, n: int, length: int, prompt_len: int, vocab: int, eos: int
-) -> list:
-    """n examples at the plan's worst case: every row data.max_length tokens long, ending with
-    EOS (pairs: a `prompt_len`-token prompt, both responses filling the rest)."""
-    g = random.Random(0)
-    special = {eos}
-
-    def ids(k: int) -> list[int]:
-        out = []
-        while len(out) < k - 1:
-            t = g.randrange(3, vocab)
-            if t not in special:
-                out.append(t)
-        return out + [eos]
-
-    if kind == "sft":
-        rows = [ids(length) for _ in range(n)]
-        return [{"input_ids": r, "labels": [-100] + r[1:]} for r in rows]
-    return [
-        {
-            "prompt_ids": ids(prompt_len),
-            "responses_ids": [ids(length - prompt_len), ids(length - prompt_len)],
-            "margin": None,
-        }
-        for _ in range(n)
-    ]
-
-
-def stored_bytes(tensors) -> int:
-    """Bytes of the distinct storages among `tensors`."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if t is not None and hasattr(t, "untyped_storage"):
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
-def base_tensors(model):
-    """The frozen weights, buffers and bitsandbytes quantization states of a model."""
-    for param in model.parameters():
-        if not param.requires_grad:
-            yield param
-            state = getattr(param, "quant_state", None)
-            if state is not None:
-                yield state.absmax
-                yield state.code
-                if getattr(state, "state2", None) is not None:
-                    yield state.state2.absmax
-                    yield state.state2.code
-            yield getattr(param, "SCB", None)  # int8 row scales
-    yield from model.buffers()
-
-
-def saved_activation_bytes(fn, exclude: set[int]):
-    """(what `fn` left for the backward, in bytes; its result): autograd's saved tensors,
-    counted once per storage, weights excluded."""
-    import torch
-
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
-def measure(cfg: Config) -> tuple[Plan, dict[str, tuple[float, float]]]:
-    """Load the model on this run's device, put one worst-case micro-batch through the stage's
-    loss and one optimizer update, and return the plan with {row: (planned, measured)} bytes:
-    base weights, trainable parameters, optimizer states, activations + logits (autograd's saved
-    tensors), and on CUDA the peak of torch's allocator over two steps."""
-    import tempfile
-
-    import torch
-
-    from rlhf_cli.loop import make_optimizer, move
-    from rlhf_cli.models import (
-        autocast,
-        autocast_dtype,
-        load_model,
-        load_tokenizer,
-        quiet_libraries,
-        resolve_device,
-    )
-    from rlhf_cli.stages import stage_class
-    from rlhf_cli.train import seed_everything
-
-    check_measurable(cfg)
-    quiet_libraries()
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.device)
-    p = plan(cfg, "cuda" if device.type == "cuda" else "cpu")
-    amp = autocast_dtype(cfg.train.precision, device)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg, device, tokenizer)
-    cls = stage_class(cfg.stage.name)
-    stage = cls(cfg, model, tokenizer, device, amp)
-    micro = cfg.train.micro_batch_size
-    examples = synthetic_examples(
-        cls.data_kind,
-        micro,
-        cfg.data.max_length,
-        1,
-        min(len(tokenizer), p.arch.vocab),
-        tokenizer.eos_token_id,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        stage.prepare(examples, [], Path(tmp))
-    extras = stage.extra_modules()
-    params = [q for m in (model, *extras.values()) for q in m.parameters() if q.requires_grad]
-    weights = {t.untyped_storage().data_ptr() for t in base_tensors(model) if t is not None}
-    weights |= {q.untyped_storage().data_ptr() for q in params}
-    optimizer = make_optimizer(params, cfg.optim)
-    model.train()
-    batch = move(stage.collate(examples), device)
-    stage.begin_step(examples)  # KTO's reference point (no gradient: nothing kept)
-    saved = 0.0
-    with allocation_peak(device) as peak:
-        for step in range(2):
-            with autocast(amp, device):
-                if step == 0:
-                    saved, (loss, _) = saved_activation_bytes(lambda: stage.loss(batch), weights)
-                else:
-                    loss, _ = stage.loss(batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
-    rows = {r.name: r.bytes for r in p.rows}
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    base = list(base_tensors(model))
-    if cfg.peft.method == "full":  # the trained weights are the base
-        base += list(model.parameters())
-    trainable = 4.0 * sum(trainable_counts(p.arch, p.settings))
-    # What the two steps allocated at their peak beyond what was there before (the model),
-    # against the rows that come with a step.
-    step_rows = ("gradients", "optimizer states", "activations", "logits", "largest transient")
-    out = {
-        "base weights": (rows["base weights"], float(stored_bytes(base))),
-        "trainable parameters": (trainable, float(stored_bytes(params))),
-        "optimizer states": (rows["optimizer states"], float(stored_bytes(state))),
-        "activations + logits": (rows["activations"] + rows.get("logits", 0.0), float(saved)),
-        "step peak (allocated)": (
-            sum(r.bytes for r in p.rows if r.name in step_rows),
-            float(peak.bytes),
-        ),
-    }
-    return p, out
-
-
-class allocation_peak:
-    """The peak of torch's allocated bytes inside the block, above the level at its start: the
-    CUDA allocator's statistics, or on a CPU the profiler's allocation events (exact, unlike the
-    resident memory, which keeps what the C allocator has not returned)."""
-
-    def __init__(self, device):
-        self.device, self.bytes = device, 0
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with native_stderr_silenced():  # the profiler's start/stop lines
-                self.prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
-            return
-        with native_stderr_silenced():
-            self.prof.__exit__(*exc)
-        cpu = torch.autograd.DeviceType.CPU
-        events = sorted(
-            (e.start_ns(), e.nbytes())
-            for e in self.prof.profiler.kineto_results.events()
-            if e.name() == "[memory]" and e.device_type() == cpu
-        )
-        live = 0
-        for _, n in events:
-            live += n
-            self.bytes = max(self.bytes, live)
-
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-    """File descriptor 2 to /dev/null for the block (what C++ libraries print there)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def show_measured(measured: dict[str, tuple[float, float]]) -> None:
-    from rich.table import Table
-
-    console = stdout()
-    table = Table(show_header=True, title="planned vs measured", title_justify="left")
-    for col in ("memory", "planned GiB", "measured GiB", "measured / planned"):
-        table.add_column(col, justify="left" if col == "memory" else "right")
-    for name, (planned, got) in measured.items():
-        ratio = f"{got / planned:.3f}" if planned else "-"
-        table.add_row(name, f"{planned / GIB:.4f}", f"{got / GIB:.4f}", ratio)
-    console.print(table, soft_wrap=False)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.errors import UserError
-from rlhf_cli.models import generation_config
-from rlhf_cli.policy import generate, load_policy, prompt_examples
-from rlhf_cli.progress import console, summary_table
+from rlhf_cli.core.errors import UserError
+from rlhf_cli.core.progress import console, summary_table
+from rlhf_cli.rollout.engine import generation_config
+from rlhf_cli.tools.policy import generate, load_policy, prompt_examples
 
 
 def default_max_new_tokens(cfg) -> int:

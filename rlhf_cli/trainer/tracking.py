@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from rlhf_cli.config import LogConfig
-from rlhf_cli.errors import UserError, first_line
+from rlhf_cli.core.errors import UserError, first_line
 
 WANDB_ID_FILE = "wandb-run-id"
 

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from rlhf_cli.checkpoint import FULL_WEIGHTS, STATE_FILE
 from rlhf_cli.config import (
     Config,
     DataConfig,
@@ -27,21 +26,26 @@ from rlhf_cli.config import (
     load_saved_config,
     remote_code_allowed,
 )
-from rlhf_cli.data import PreferenceBatch, Renderer, build_examples, load_rows
-from rlhf_cli.errors import UserError
-from rlhf_cli.models import (
+from rlhf_cli.core.errors import UserError
+from rlhf_cli.core.progress import console
+from rlhf_cli.core.quiet import quiet_libraries
+from rlhf_cli.data.batches import PreferenceBatch
+from rlhf_cli.data.examples import Renderer, build_examples
+from rlhf_cli.data.rows import load_rows
+from rlhf_cli.model.forward import response_logps
+from rlhf_cli.model.load import (
     adapter_switched,
     autocast,
     autocast_dtype,
     load_base_model,
     load_tokenizer,
-    quiet_libraries,
     resolve_device,
     set_eval,
     setup_reference,
 )
-from rlhf_cli.progress import console
-from rlhf_cli.stages.dpo import response_logps
+from rlhf_cli.rollout.batch import generate_batches
+from rlhf_cli.rollout.engine import make_engine
+from rlhf_cli.trainer.checkpoint import FULL_WEIGHTS, STATE_FILE
 
 QUANT_MODES = ("none", "nf4", "fp4", "int8")
 
@@ -117,8 +121,6 @@ class Policy:
     def engine(self):
         """The generation engine (rlhf_cli.rollout), made on first use."""
         if self._engine is None:
-            from rlhf_cli.rollout import make_engine
-
             cfg = replace(self.cfg, rollout=replace(self.cfg.rollout, engine=self.engine_name))
             self._engine = make_engine(cfg, self.model, self.tokenizer, self.device, self.amp)
         return self._engine
@@ -149,7 +151,7 @@ def load_policy(
     """The policy of a run (base + quantization + adapter, as trained; `quant` overrides the
     base's quantization) or of a plain model directory (unquantized unless `quant` says so).
 
-    The reference is the run's own (see models.setup_reference): the base with the adapter
+    The reference is the run's own (see model.load.setup_reference): the base with the adapter
     disabled, the frozen starting adapter (model.adapter), ref.model, or for a full fine-tune
     the base it started from. A plain model has none. `dtype` overrides model.dtype.
     """
@@ -225,6 +227,5 @@ def generate(
     """Responses to token-id prompts by the policy's engine (hf: batches of `batch_size`,
     left-padded, with the KV cache; vllm: its own scheduling). Each response keeps its tokens
     up to and including the first EOS."""
-    from rlhf_cli.rollout import generate_batches
 
     return [r.ids for r in generate_batches(policy.engine, prompts, generation, batch_size)]

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.data import Renderer, build_examples, collate_preference, detect_format, load_rows
-from rlhf_cli.loop import move
-from rlhf_cli.models import autocast, autocast_dtype, quiet_libraries, resolve_device
-from rlhf_cli.progress import console, summary_table
-from rlhf_cli.stages.rm import load_reward_model, sequence_scores
+from rlhf_cli.core.errors import DataError
+from rlhf_cli.core.progress import console, summary_table
+from rlhf_cli.core.quiet import quiet_libraries
+from rlhf_cli.data.batches import collate_preference, move
+from rlhf_cli.data.examples import Renderer, build_examples
+from rlhf_cli.data.rows import detect_format, load_rows
+from rlhf_cli.model.heads import load_reward_model, sequence_scores
+from rlhf_cli.model.load import autocast, autocast_dtype, resolve_device
 
 
 @torch.no_grad()
@@ -31,8 +34,6 @@ def score_file(
     stats: Counter = Counter()
     rows = load_rows(data, name=None, split="train", on_bad_row="drop", stats=stats)
     if not rows:
-        from rlhf_cli.errors import DataError
-
         raise DataError(f"{data}: no rows to score")
     fmt = detect_format(set().union(*(r.keys() for r in rows)), data_cfg, rows[0])
     pairs = fmt in ("preference", "ranked", "hh")

@@ -11,8 +11,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from rlhf_cli.errors import UserError
-from rlhf_cli.progress import console
+from rlhf_cli.core.errors import UserError
+from rlhf_cli.core.progress import console
 
 # Shown when present, in this order, unless metrics=... names others.
 DEFAULT_METRICS = (

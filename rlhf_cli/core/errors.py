@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 EXIT_USER_ERROR = 2
+
+
 LIBRARY_LOG_ENV = "RLHF_LIBRARY_LOG"  # the level of library log records shown: error (default)
 
 
@@ -58,7 +60,7 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     """Print `message` as one error line and exit with `code`."""
     from rich.markup import escape
 
-    from rlhf_cli.progress import console
+    from rlhf_cli.core.progress import console
 
     # The message is plain text: brackets in it are not markup, `:name:` is not an emoji.
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, emoji=False)
@@ -73,7 +75,7 @@ def guarded(call: Callable[[], Any]) -> Any:
     except UserError as err:
         fail(str(err))
     except Interrupted as stop:
-        from rlhf_cli.progress import console
+        from rlhf_cli.core.progress import console
 
         console.print(f"[yellow]{stop}[/]")
         sys.exit(stop.code)

@@ -14,6 +14,8 @@ from statistics import fmean
 from typing import Any
 
 WINDOW = 3  # the recent steps a rule looks at
+
+
 MIN_STEPS = 2 * WINDOW  # no note before there is a start and a recent window to compare
 
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from rlhf_cli.errors import UserError
-from rlhf_cli.tiny import build_once, model_files_complete
+from rlhf_cli.core.errors import UserError
+from rlhf_cli.core.quiet import quiet_libraries
+from rlhf_cli.model.tiny import build_once, cache_root, model_files_complete
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,12 @@ OFFLINE = {
         name="smollm2-135m-instruct-q4_1",
     )
 }
+
+
 BY_HUB_ID = {copy.hub_id: key for key, copy in OFFLINE.items()}
 
 
 def copy_dir(key: str) -> Path:
-    from rlhf_cli.tiny import cache_root
 
     return cache_root() / OFFLINE[key].name
 
@@ -142,8 +144,6 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhf_cli.models import quiet_libraries
 
     quiet_libraries()
     folder, name = str(gguf_path.parent), gguf_path.name

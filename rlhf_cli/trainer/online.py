@@ -14,14 +14,13 @@ trained from the same base is loaded as a second, frozen adapter with its own he
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-from typing import Any
 
 import torch
 
-from rlhf_cli import distributed as dist
-from rlhf_cli.errors import RewardError, UserError
-from rlhf_cli.loop import Stage, Updater, stop_point
+from rlhf_cli.core import distributed as dist
+from rlhf_cli.core.errors import RewardError, UserError
+from rlhf_cli.core.progress import console
+from rlhf_cli.data.examples import Renderer
 from rlhf_cli.losses import (
     adaptive_kl_coef,
     aggregate_loss,
@@ -32,36 +31,32 @@ from rlhf_cli.losses import (
     tis_weights,
     truncated_logps,
 )
-from rlhf_cli.models import (
-    ScalarHead,
-    adapter_switched,
-    add_frozen_adapter,
-    autocast,
+from rlhf_cli.model.forward import (
     decoder,
-    disable_dropout,
-    eval_mode,
-    generation_config,
     is_fsdp,
     lm_logits,
     own_logits,
     packed_hidden,
+    position_ids,
+)
+from rlhf_cli.model.heads import ScalarHead
+from rlhf_cli.model.load import (
+    adapter_switched,
+    autocast,
+    disable_dropout,
+    eval_mode,
     set_eval,
     setup_reference,
 )
-from rlhf_cli.multiturn import env_factory, sample_episodes
-from rlhf_cli.progress import console
-from rlhf_cli.rewards import ENV_TERM, call_reward_fn, reward_terms, row_inputs
-from rlhf_cli.rollout import Rollout, join_groups, make_rollout  # noqa: F401 (re-exported)
+from rlhf_cli.multiturn import env_factory
+from rlhf_cli.rollout.batch import Rollout, join_groups
+from rlhf_cli.rollout.engine import generation_config
+from rlhf_cli.rollout.sampler import Sampler, pooled_means, zero_std
+from rlhf_cli.trainer.loop import Stage, Updater, stop_point
 
-REWARD_ADAPTER = "reward"
 # Response positions whose float32 logits exist at once in OnlineStage.forward (whole rows of
 # them): 1024 x vocabulary x 4 bytes, 200 MB for a 49k vocabulary, instead of the whole batch.
 LOGIT_TOKENS = 1024
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as generate() used them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class RunningMoments:
@@ -95,192 +90,6 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
-
-
-class Sampler:
-    """Sampling responses with the rollout engine and scoring them with `reward.model` or
-    `reward.fn`: what the online stages and rejection sampling (rs) share. Needs `cfg`,
-    `model`, `tokenizer`, `device`, `amp_dtype` (a Stage's) and `self.generation`; for
-    conversations of several turns, `make_env` (an environment per response) and `renderer`."""
-
-    make_env: Any = None
-    renderer: Any = None
-    engine: Any = None  # rlhf_cli.rollout: HFEngine or VLLMEngine
-    gen_seconds = 0.0  # the last rollout's generation time
-    sync_seconds = 0.0  # ... and the engine's weight reload before it
-
-    name: str
-    cfg: Any
-    model: Any
-    tokenizer: Any
-    device: torch.device
-    amp_dtype: Any
-    generation: Any
-
-    # -- rewards -----------------------------------------------------------------------------
-
-    def _setup_reward(self) -> None:
-        from rlhf_cli.stages.rm import HEAD, load_reward_model
-
-        r = self.cfg.reward
-        self.reward_terms = reward_terms(r)
-        if len(self.reward_terms) > 1:
-            console.print(
-                f"{self.name}: reward = "
-                + " + ".join(f"{t.weight:g} x {t.name}" for t in self.reward_terms)
-            )
-        self.reward_model = self.reward_head = self.reward_tokenizer = None
-        self.reward_adapter: str | None = None
-        if r.model is None:
-            return
-        from rlhf_cli.config import load_saved_config
-
-        found = next(
-            (p for p in resolve_dirs(r.model) if (p / f"{HEAD}.safetensors").is_file()), None
-        )
-        if found is None:
-            raise UserError(f"reward.model={r.model}: not a reward model (no {HEAD}.safetensors)")
-        rm_cfg = load_saved_config(found / "config.yaml")
-        same_base = (
-            hasattr(self.model, "peft_config")
-            and rm_cfg.model.name_or_path == self.cfg.model.name_or_path
-            and rm_cfg.quant.mode == self.cfg.quant.mode
-            and (found / "adapter_config.json").is_file()
-        )
-        if same_base:
-            self.reward_adapter = add_frozen_adapter(self.model, found, REWARD_ADAPTER)
-            from safetensors.torch import load_model
-
-            self.reward_head = ScalarHead(self.model.config.hidden_size)
-            load_model(self.reward_head, str(found / f"{HEAD}.safetensors"))
-            self.reward_head.to(self.device).requires_grad_(False)
-            console.print(
-                f"{self.name}: reward model {found} as a second adapter on the shared base"
-            )
-        else:
-            self.reward_model, self.reward_head, self.reward_tokenizer, _ = load_reward_model(
-                found, self.device
-            )
-            console.print(f"{self.name}: reward model {found} loaded separately (another base)")
-
-    @torch.no_grad()
-    def score_terms(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Each reward term's (B,) scores, unweighted, by name (the environment's as `env`)."""
-        texts = None
-        out = {} if rollout.env_rewards is None else {ENV_TERM: rollout.env_rewards}
-        for term in self.reward_terms:
-            if term.fn is None:
-                out[term.name] = self._model_scores(rollout).float()
-                continue
-            if texts is None:
-                texts = rollout.final_texts or [
-                    self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses
-                ]
-                # (multi-turn: the final reply's tokens, as `responses` holds its text)
-                inputs = row_inputs(
-                    rollout.columns,
-                    rollout.final_ids or rollout.responses,
-                    self.generation.max_new_tokens,
-                )
-                if rollout.turns is not None:
-                    inputs["turns"] = rollout.turns
-            values = call_reward_fn(term, rollout.prompt_texts, texts, inputs)
-            out[term.name] = torch.tensor(values, device=self.device)
-        return out
-
-    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B,) the weighted sum of the terms (an environment's term counts once)."""
-        total = sum(t.weight * terms[t.name] for t in self.reward_terms)
-        return total + terms[ENV_TERM] if ENV_TERM in terms else total
-
-    def scores(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) one score per response: the weighted sum of the reward terms."""
-        return self.combine(self.score_terms(rollout))
-
-    def _model_scores(self, rollout: Rollout) -> torch.Tensor:
-        from rlhf_cli.stages.rm import score_examples, scoring_examples
-
-        rtok = self.reward_tokenizer or self.tokenizer
-        examples = scoring_examples(rollout.prompts, rollout.responses, self.tokenizer, rtok)
-        shared = self.reward_adapter is not None  # a second adapter on the policy's base
-        with adapter_switched(self.model, self.reward_adapter) if shared else nullcontext():
-            return score_examples(
-                self.model if shared else self.reward_model,
-                self.reward_head,
-                examples,
-                rtok,
-                self.cfg.reward.batch_size,
-                self.device,
-                self.amp_dtype,
-            )
-
-    # -- rollouts ----------------------------------------------------------------------------
-
-    def setup_engine(self) -> None:
-        from rlhf_cli.rollout import make_engine
-
-        self.engine = make_engine(self.cfg, self.model, self.tokenizer, self.device, self.amp_dtype)
-
-    def policy_changed(self) -> None:
-        """After an optimizer update (or a restore): the engine's copy of the policy is stale."""
-        if self.engine is not None:
-            self.engine.policy_changed()
-
-    def _generate(self, prompts: list[list[int]], generation):
-        """One reply (rlhf_cli.rollout.Reply) to each token-id prompt, timed."""
-        t0 = time.perf_counter()
-        try:
-            return self.engine.generate(prompts, generation)
-        finally:
-            self.gen_seconds += time.perf_counter() - t0
-
-    @torch.no_grad()
-    def rollout(self, examples: list[dict], k: int | None = None, generation=None) -> Rollout:
-        """`k` responses per prompt (stage.group_size by default) with `generation` (the
-        stage's sampling settings by default); conversations of several turns with an
-        environment or tools when the stage names one (rlhf_cli.multiturn)."""
-        k = self.cfg.stage.group_size if k is None else k
-        rows = [ex for ex in examples for _ in range(k)]  # group-contiguous
-        generation = generation or self.generation
-        self.sync_seconds = self.engine.sync()  # (vllm) the policy's weights, if they changed
-        self.gen_seconds = 0.0
-        if self.make_env is None:
-            replies = self._generate([ex["prompt_ids"] for ex in rows], generation)
-            responses = [r.ids for r in replies]
-            return make_rollout(
-                rows,
-                responses,
-                [[True] * len(ids) for ids in responses],
-                [r.ended for r in replies],
-                self.tokenizer.pad_token_id,
-                self.device,
-                logps=[r.logps for r in replies] if replies[0].logps is not None else None,
-            )
-        episodes = sample_episodes(
-            lambda contexts: self._generate(contexts, generation),
-            rows,
-            self.make_env,
-            self.renderer,
-            self.tokenizer,
-            self.cfg.stage.max_turns,
-            max_new_tokens=int(generation.max_new_tokens),
-            max_context=self.engine.max_context,
-        )
-        logps = [e.logps for e in episodes]
-        return make_rollout(
-            rows,
-            [e.ids for e in episodes],
-            [e.policy for e in episodes],
-            [e.ended for e in episodes],
-            self.tokenizer.pad_token_id,
-            self.device,
-            logps=None if any(lp is None for lp in logps) else logps,
-            turns=[e.messages for e in episodes],
-            final_texts=[e.messages[-1]["content"] if e.messages else "" for e in episodes],
-            final_ids=[e.last_reply for e in episodes],
-            env_rewards=torch.tensor([e.reward for e in episodes], device=self.device),
-            context_full=torch.tensor([e.context_full for e in episodes], device=self.device),
-        )
 
 
 class OnlineStage(Sampler, Stage):
@@ -323,8 +132,6 @@ class OnlineStage(Sampler, Stage):
         )
         self.make_env = env_factory(s)
         if self.make_env is not None:
-            from rlhf_cli.data import Renderer
-
             self.renderer = Renderer(tokenizer)
         self.setup_engine()
 
@@ -341,9 +148,9 @@ class OnlineStage(Sampler, Stage):
         sampling temperature; with `truncated`, a fourth: the log-probs under the truncated
         distribution the vLLM engine sampled from (stage.top_k/top_p/min_p in vLLM's order,
         losses.truncated_logps), what its reported log-probs are compared with for TIS. Only
-        the response positions go through the LM head (and the family's logit transform, models.lm_logits), whole rows of up to LOGIT_TOKENS positions
-        at a time, so the float32 logits of the whole batch never exist at once; a family whose
-        transform is unknown runs its own forward (and its logits are whole). The entropy (no
+        the response positions go through the LM head (and the family's logit transform,
+        model.forward.lm_logits), whole rows of up to LOGIT_TOKENS positions at a time, so the
+        float32 logits of the whole batch never exist at once; a family whose transform is unknown runs its own forward (and its logits are whole). The entropy (no
         gradient) is H = logsumexp(z) - sum softmax(z) z."""
         inputs = dict(
             input_ids=batch["input_ids"],
@@ -534,7 +341,6 @@ class OnlineStage(Sampler, Stage):
         return torch.where(ok, groups, mean).view(-1), valid
 
     def train_step(self, examples: list, updater: Updater) -> tuple[dict[str, float], int]:
-        s = self.cfg.stage
         t0 = time.perf_counter()
         set_eval(self.model)  # generation with the KV cache, never checkpointed
         rollout, terms, sampling = self.sample(examples)
@@ -543,127 +349,15 @@ class OnlineStage(Sampler, Stage):
         reward, valid = self.reward(rollout, terms)
         # A response whose reward is not finite leaves the loss (and the reward statistics).
         mask = rollout.mask & valid.unsqueeze(-1)
-        # With the vLLM engine and truncated sampling, its log-probs are those of the truncated
-        # distribution: the trainer's are computed under the same truncation to compare.
-        truncated = rollout.engine_logps is not None and self.truncates()
-        with torch.no_grad(), autocast(self.amp_dtype, self.device):
-            old_logps, old_values, _, *behaviour = self.forward(
-                self.model,
-                rollout.select(slice(None)),
-                rollout.prompt_len,
-                with_values=True,
-                truncated=truncated,
-            )
-            ref_logps = self.reference_logps(rollout)
-        behaviour_logps = behaviour[0] if behaviour else old_logps
-        if s.normalize_rewards:
-            self.moments.update(reward[valid])
-            reward = (reward - self.moments.mean) / (self.moments.std + 1e-8)
-        kl_tokens = kl_penalty(old_logps, ref_logps, "k1") * mask
-        old = {
-            "logps": old_logps,
-            "values": old_values,
-            "ref_logps": ref_logps,
-            "kl_tokens": kl_tokens,
-        }
-        self.advantages(rollout, reward, old)
-        seq_kl = kl_tokens.sum(-1)
-        # The engine's log-probs against the trainer's (rollout.engine=vllm): the mismatch,
-        # and with rollout.tis_cap the weights that correct the policy loss for it.
-        tis, mismatch = None, {}
-        if rollout.engine_logps is not None:
-            weights, tstats = tis_weights(
-                behaviour_logps,
-                rollout.engine_logps,
-                mask,
-                self.cfg.rollout.tis_cap or float("inf"),
-            )
-            tis = weights if self.cfg.rollout.tis_cap is not None else None
-            mismatch = {f"rollout/{k}": float(v) for k, v in tstats.items()}
-            if tis is None:
-                mismatch.pop("rollout/tis_clipped")
-                mismatch.pop("rollout/tis_weight_mean")
-
+        old, reward, tis, mismatch = self.old_policy(rollout, reward, valid, mask)
         self.model.train()  # dropout is off (__init__); gradient checkpointing applies
-        # The tokens the policy loss sees: all response tokens, or (mask_truncated) those of
-        # responses that ended with EOS.
-        loss_mask = mask & rollout.ended.unsqueeze(-1) if s.mask_truncated else mask
-        stats: dict[str, float] = {}
-        # Token-weighted update metrics: each rank adds its share of the global minibatch's
-        # tokens, so they are summed over ranks (not averaged) below.
-        weighted: dict[str, float] = {}
-        n = rollout.input_ids.shape[0]
-        first = True
-        losses, norms = [], []
-        for _ in range(s.epochs):
-            order = torch.randperm(n)
-            for start in range(0, n, self.local_minibatch):
-                mb_idx = order[start : start + self.local_minibatch]
-                # The minibatch's divisors over every rank: the policy loss's weight (tokens,
-                # responses, or responses x max_new_tokens: stage.loss_agg) and its tokens.
-                local = [
-                    aggregate_weight(loss_mask[mb_idx], s.loss_agg, self.token_budget),
-                    mask[mb_idx].sum(),
-                ]
-                mb_weight, mb_tokens = dist.all_reduce_sum(torch.stack(local).float()).clamp(min=1)
-                total = torch.zeros((), device=self.device)
-                for m0 in range(0, len(mb_idx), self.cfg.train.micro_batch_size):
-                    idx = mb_idx[m0 : m0 + self.cfg.train.micro_batch_size].to(self.device)
-                    m, lm = mask[idx], loss_mask[idx]
-                    with autocast(self.amp_dtype, self.device):
-                        logps, values, entropy = self.forward(
-                            self.model,
-                            rollout.select(idx),
-                            rollout.prompt_len,
-                            with_values=True,
-                            with_entropy=first,
-                        )
-                    adv = old["advantages"][idx]
-                    token_losses, pstats = policy_token_losses(
-                        logps,
-                        old_logps[idx],
-                        adv,
-                        lm,
-                        s.clip_eps,
-                        s.clip_eps_high,
-                        s.importance_level,
-                    )
-                    if tis is not None:
-                        token_losses = token_losses * tis[idx]
-                    mb = {k: v[idx] for k, v in old.items() if torch.is_tensor(v)}
-                    extra, estats = self.extra_loss(logps, values, mb, m)
-                    share = m.sum() / mb_tokens
-                    if extra is not None and extra.dim() == 2:  # per token: aggregated alike
-                        token_losses, extra = token_losses + extra, None
-                    policy_total, _ = aggregate_loss(
-                        token_losses, lm, s.loss_agg, self.token_budget
-                    )
-                    loss = policy_total / mb_weight
-                    if extra is not None:  # a token mean: weighted by the micro-batch's tokens
-                        loss = loss + extra * share
-                    loss.backward()
-                    total += loss.detach()
-                    if first:  # KL 0 / ratio 1 before any update: a check that is cheap here
-                        with torch.no_grad():
-                            ratio = masked_mean(torch.exp(logps - old_logps[idx]), m)
-                        stats["policy/ratio_first"] = float(ratio)
-                        stats["policy/approx_kl_first"] = float(pstats["approx_kl"])
-                        stats["entropy"] = float(masked_mean(entropy, m))
-                        first = False
-                    for key, value in {**pstats, **estats}.items():
-                        name = key if "/" in key else f"policy/{key}"
-                        weighted[name] = (
-                            weighted.get(name, 0.0)
-                            + float(value) * float(share) / self.updates_per_step()
-                        )
-                loss_value, norm = updater.apply(dist.all_reduce_sum(total))
-                losses.append(loss_value)
-                norms.append(norm)
-        if getattr(s, "adaptive_kl", False):
-            world = dist.world_size()
+        losses, norms, stats, weighted = self.update(rollout, old, mask, tis, updater)
+        seq_kl = old["kl_tokens"].sum(-1)
+        if getattr(self.cfg.stage, "adaptive_kl", False):
+            s, world = self.cfg.stage, dist.world_size()
             mean_kl = float(dist.all_reduce_sum(seq_kl.mean().double())) / world
             self.kl_coef = adaptive_kl_coef(
-                self.kl_coef, mean_kl, s.kl_target, s.kl_horizon, n * world
+                self.kl_coef, mean_kl, s.kl_target, s.kl_horizon, rollout.input_ids.shape[0] * world
             )
         lengths = rollout.mask.sum(-1).float()
         record = {
@@ -696,6 +390,163 @@ class OnlineStage(Sampler, Stage):
         weighted["nonfinite_rewards"] = float((~valid).sum())
         record = over_ranks(record, weighted)
         return record, int(dist.all_reduce_sum(rollout.attention_mask.sum()))
+
+    def old_policy(
+        self, rollout: Rollout, reward: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[dict, torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """The rollout under the policy that sampled it, before any update: `old` holds its
+        log-probs and values, the reference's log-probs, the per-token KL and the advantages;
+        the rewards (normalised with stage.normalize_rewards); with the vLLM engine the TIS
+        weights (rollout.tis_cap, else None) and the engine/trainer mismatch metrics."""
+        s = self.cfg.stage
+        # With the vLLM engine and truncated sampling, its log-probs are those of the truncated
+        # distribution: the trainer's are computed under the same truncation to compare.
+        truncated = rollout.engine_logps is not None and self.truncates()
+        with torch.no_grad(), autocast(self.amp_dtype, self.device):
+            old_logps, old_values, _, *behaviour = self.forward(
+                self.model,
+                rollout.select(slice(None)),
+                rollout.prompt_len,
+                with_values=True,
+                truncated=truncated,
+            )
+            ref_logps = self.reference_logps(rollout)
+        behaviour_logps = behaviour[0] if behaviour else old_logps
+        if s.normalize_rewards:
+            self.moments.update(reward[valid])
+            reward = (reward - self.moments.mean) / (self.moments.std + 1e-8)
+        kl_tokens = kl_penalty(old_logps, ref_logps, "k1") * mask
+        old = {
+            "logps": old_logps,
+            "values": old_values,
+            "ref_logps": ref_logps,
+            "kl_tokens": kl_tokens,
+        }
+        self.advantages(rollout, reward, old)
+        # The engine's log-probs against the trainer's (rollout.engine=vllm): the mismatch,
+        # and with rollout.tis_cap the weights that correct the policy loss for it.
+        tis, mismatch = None, {}
+        if rollout.engine_logps is not None:
+            weights, tstats = tis_weights(
+                behaviour_logps,
+                rollout.engine_logps,
+                mask,
+                self.cfg.rollout.tis_cap or float("inf"),
+            )
+            tis = weights if self.cfg.rollout.tis_cap is not None else None
+            mismatch = {f"rollout/{k}": float(v) for k, v in tstats.items()}
+            if tis is None:
+                mismatch.pop("rollout/tis_clipped")
+                mismatch.pop("rollout/tis_weight_mean")
+        return old, reward, tis, mismatch
+
+    def update(
+        self,
+        rollout: Rollout,
+        old: dict,
+        mask: torch.Tensor,
+        tis: torch.Tensor | None,
+        updater: Updater,
+    ) -> tuple[list[float], list[float], dict[str, float], dict[str, float]]:
+        """stage.epochs passes over the rollout in minibatches, an optimizer update each: their
+        losses and gradient norms, the checks of the first micro-batch (before any update), and
+        the token-weighted update metrics (this rank's share: summed over ranks later)."""
+        s = self.cfg.stage
+        # The tokens the policy loss sees: all response tokens, or (mask_truncated) those of
+        # responses that ended with EOS.
+        loss_mask = mask & rollout.ended.unsqueeze(-1) if s.mask_truncated else mask
+        stats: dict[str, float] = {}
+        weighted: dict[str, float] = {}
+        n = rollout.input_ids.shape[0]
+        losses, norms = [], []
+        for _ in range(s.epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, self.local_minibatch):
+                mb_idx = order[start : start + self.local_minibatch]
+                # The minibatch's divisors over every rank: the policy loss's weight (tokens,
+                # responses, or responses x max_new_tokens: stage.loss_agg) and its tokens.
+                local = [
+                    aggregate_weight(loss_mask[mb_idx], s.loss_agg, self.token_budget),
+                    mask[mb_idx].sum(),
+                ]
+                divisors = dist.all_reduce_sum(torch.stack(local).float()).clamp(min=1)
+                total = torch.zeros((), device=self.device)
+                for m0 in range(0, len(mb_idx), self.cfg.train.micro_batch_size):
+                    idx = mb_idx[m0 : m0 + self.cfg.train.micro_batch_size].to(self.device)
+                    loss, checks, metrics = self.micro_loss(
+                        rollout, old, idx, (mask, loss_mask), tis, divisors, first=not stats
+                    )
+                    loss.backward()
+                    total += loss.detach()
+                    stats = stats or checks
+                    for name, value in metrics.items():
+                        weighted[name] = weighted.get(name, 0.0) + value
+                loss_value, norm = updater.apply(dist.all_reduce_sum(total))
+                losses.append(loss_value)
+                norms.append(norm)
+        return losses, norms, stats, weighted
+
+    def micro_loss(
+        self,
+        rollout: Rollout,
+        old: dict,
+        idx: torch.Tensor,
+        masks: tuple[torch.Tensor, torch.Tensor],
+        tis: torch.Tensor | None,
+        divisors: torch.Tensor,
+        first: bool,
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+        """One micro-batch's part of its minibatch's loss (to backward), its update metrics
+        weighted by its share of the minibatch's tokens, and on the step's first micro-batch
+        the checks that are cheap here: ratio 1 and KL 0 before any update, the entropy."""
+        s = self.cfg.stage
+        mb_weight, mb_tokens = divisors
+        m, lm = masks[0][idx], masks[1][idx]
+        with autocast(self.amp_dtype, self.device):
+            logps, values, entropy = self.forward(
+                self.model,
+                rollout.select(idx),
+                rollout.prompt_len,
+                with_values=True,
+                with_entropy=first,
+            )
+        old_logps = old["logps"][idx]
+        token_losses, pstats = policy_token_losses(
+            logps,
+            old_logps,
+            old["advantages"][idx],
+            lm,
+            s.clip_eps,
+            s.clip_eps_high,
+            s.importance_level,
+        )
+        if tis is not None:
+            token_losses = token_losses * tis[idx]
+        mb = {k: v[idx] for k, v in old.items() if torch.is_tensor(v)}
+        extra, estats = self.extra_loss(logps, values, mb, m)
+        share = m.sum() / mb_tokens
+        if extra is not None and extra.dim() == 2:  # per token: aggregated alike
+            token_losses, extra = token_losses + extra, None
+        policy_total, _ = aggregate_loss(token_losses, lm, s.loss_agg, self.token_budget)
+        loss = policy_total / mb_weight
+        if extra is not None:  # a token mean: weighted by the micro-batch's tokens
+            loss = loss + extra * share
+        checks = {}
+        if first:
+            with torch.no_grad():
+                ratio = masked_mean(torch.exp(logps - old_logps), m)
+            checks = {
+                "policy/ratio_first": float(ratio),
+                "policy/approx_kl_first": float(pstats["approx_kl"]),
+                "entropy": float(masked_mean(entropy, m)),
+            }
+        metrics = {
+            (key if "/" in key else f"policy/{key}"): float(value)
+            * float(share)
+            / self.updates_per_step()
+            for key, value in {**pstats, **estats}.items()
+        }
+        return loss, checks, metrics
 
     def sample_rows(self, rollout: Rollout, score: torch.Tensor) -> list[dict]:
         """The first log.samples prompt/response/score rows of this rank's rollout, when a
@@ -753,21 +604,6 @@ class OnlineStage(Sampler, Stage):
         return pooled_means({k: torch.cat(x).tolist() if x else [] for k, x in columns.items()})
 
 
-def pooled_means(columns: dict[str, list[float]]) -> dict[str, float]:
-    """The mean of each column over the values of every rank (each rank holds a share of an
-    evaluation's samples; every rank gets the means)."""
-    parts = dist.gather_objects(columns)
-    pooled = {k: [float(v) for part in parts for v in part[k]] for k in columns}
-    return {k: sum(v) / max(len(v), 1) for k, v in pooled.items()}
-
-
-def zero_std(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B / group_size,) bool: the groups (group_size consecutive responses of one prompt)
-    whose rewards are all equal."""
-    groups = rewards.reshape(-1, group_size)
-    return groups.amax(-1) == groups.amin(-1)
-
-
 def finite_stats(name: str, values: torch.Tensor) -> dict[str, float]:
     """{name: mean, name_std: std} over the finite values (0 when there are none)."""
     values = values[torch.isfinite(values)].double()
@@ -788,9 +624,3 @@ def over_ranks(averaged: dict[str, float], summed: dict[str, float]) -> dict[str
     totals = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
     n = len(averaged)
     return dict(zip(keys, [t / dist.world_size() for t in totals[:n]] + totals[n:]))
-
-
-def resolve_dirs(path: str):
-    from pathlib import Path
-
-    return [Path(path), Path(path) / "final"]

@@ -1,0 +1,1 @@
+"""Layer 4: rollout batches, engines (hf, vllm) and the sampler."""

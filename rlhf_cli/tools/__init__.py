@@ -1,0 +1,1 @@
+"""Layer 7: one module per command other than train (sample, eval, merge, plan, ...)."""
