@@ -44,13 +44,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
-from bench import matmul_peak_gflops  # noqa: E402
+from bench_common import matmul_peak_gflops  # noqa: E402
 
 MICRO = 8
 
 
 def words_from_shipped() -> list[str]:
-    from rlhf_cli.data import builtin_path
+    from rlhf_cli.data.rows import builtin_path
 
     text = " ".join(
         json.loads(line).get("completion", "")
@@ -90,16 +90,12 @@ def main() -> None:
 
     import torch
 
-    from rlhf_cli.cli import compose_checked
-    from rlhf_cli.data import load_datasets, real_tokens
-    from rlhf_cli.loop import move
-    from rlhf_cli.models import (
-        load_model,
-        load_tokenizer,
-        quiet_libraries,
-        register_varlen,
-        resolve_device,
-    )
+    from rlhf_cli.compose import compose_checked
+    from rlhf_cli.core.quiet import quiet_libraries
+    from rlhf_cli.data.batches import move, real_tokens
+    from rlhf_cli.data.examples import load_datasets
+    from rlhf_cli.model.kernels import register_varlen
+    from rlhf_cli.model.load import load_model, load_tokenizer, resolve_device
     from rlhf_cli.stages import stage_class
 
     quiet_libraries()
@@ -147,8 +143,8 @@ def main() -> None:
         return stage_class(stage)(cfg, model, tokenizer, device, None)
 
     def grouped(examples: list) -> list:
-        from rlhf_cli.data import example_length
-        from rlhf_cli.loop import grouped_by_length
+        from rlhf_cli.data.batches import example_length
+        from rlhf_cli.trainer.state import grouped_by_length
 
         order = list(range(len(examples)))
         lengths = [example_length(ex) for ex in examples]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
+import bench_common  # noqa: E402
 
 CONFIGS = (("ours", "hf"), ("ours", "vllm"), ("trl", "hf"), ("trl", "vllm"))
 
@@ -52,14 +53,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.data = "short"
     modes = [m for m in args.modes.split(",") if m]
-    model = bench.model_dir("smollm2")
-    n_rows = bench.BATCH * (args.steps + args.warmup)
-    data = bench.real_data_files(n_rows, "short")
+    model = bench_common.model_dir("smollm2")
+    n_rows = bench_common.BATCH * (args.steps + args.warmup)
+    data = bench_common.real_data_files(n_rows, "short")
     results: dict[tuple, list[dict]] = {}
     peaks: list[tuple[float, float]] = []
     fallback: set[str] = set()
     for r in range(args.repeats):
-        before = bench.matmul_peak_gflops("fp32", args.device)
+        before = bench_common.matmul_peak_gflops("fp32", args.device)
         for mode in modes:
             for tool, engine in CONFIGS:
                 job = dict(
@@ -77,27 +78,27 @@ def main(argv=None) -> int:
                 if tool == "trl" and engine == "vllm" and (tool, mode) in fallback:
                     continue  # failed in an earlier round
                 name = f"{tool} {job['engine']} {mode} (round {r + 1})"
-                bench.log(f"{name} ...")
+                bench_common.log(f"{name} ...")
                 res = bench.run_child(job, args, {"smollm2": model}, data)
                 if not res.get("ok") and tool == "trl" and engine == "vllm":
                     fallback.add((tool, mode))
                     results.setdefault(("trl-error", mode, "vllm"), []).append(res)
                 if res.get("ok"):
-                    bench.log(
+                    bench_common.log(
                         f"{name}: {res['steps_per_s']:.3f} steps/s, "
                         f"{res.get('gen_tokens_per_s', 0):,.0f} generated tok/s ({res['wall_s']:.0f}s)"
                     )
                 else:
-                    bench.log(f"{name}: FAILED {res.get('error')}")
+                    bench_common.log(f"{name}: FAILED {res.get('error')}")
                 results.setdefault((tool, mode, job["engine"]), []).append(res)
-        after = bench.matmul_peak_gflops("fp32", args.device)
+        after = bench_common.matmul_peak_gflops("fp32", args.device)
         peaks.append((before, after))
-        bench.log(f"round {r + 1}: matmul peak {before:,.0f} -> {after:,.0f} GFLOP/s")
+        bench_common.log(f"round {r + 1}: matmul peak {before:,.0f} -> {after:,.0f} GFLOP/s")
 
     lines = [
         f"# GRPO rollouts on SmolLM2-135M-Instruct, {args.device}",
         "",
-        f"{bench.BATCH} prompts x {bench.GROUP} samples of <= {bench.ROLLOUT_TOKENS} new tokens, "
+        f"{bench_common.BATCH} prompts x {bench_common.GROUP} samples of <= {bench_common.ROLLOUT_TOKENS} new tokens, "
         f"fp32, {args.steps} timed steps after {args.warmup}, medians of {args.repeats} "
         "interleaved rounds. matmul peak (fp32 GFLOP/s) before/after each round: "
         + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in peaks),
@@ -162,5 +163,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     t0 = time.perf_counter()
     code = main()
-    bench.log(f"done in {time.perf_counter() - t0:.0f}s")
+    bench_common.log(f"done in {time.perf_counter() - t0:.0f}s")
     sys.exit(code)

@@ -56,13 +56,13 @@ COMMON = (MODEL, "quant=none", "train.save_every=0", "data.eval_size=0")
 
 def base_model_dir() -> str:
     from rlhf_cli.config import ModelConfig
-    from rlhf_cli.models import model_path
+    from rlhf_cli.model.load import model_path
 
     return model_path(ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct"))
 
 
 def write_prompts(out: Path) -> tuple[Path, Path]:
-    from rlhf_cli.data import builtin_path
+    from rlhf_cli.data.rows import builtin_path
 
     lines = builtin_path("prompts").read_text().splitlines()
     train, held = out / "prompts_train.jsonl", out / "prompts_heldout.jsonl"
