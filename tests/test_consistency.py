@@ -268,6 +268,7 @@ def test_a_frozen_heads_weight_is_cast_once_per_call_under_autocast(monkeypatch)
 # dropout and modes
 
 
+@pytest.mark.slow
 def test_dpo_step0_is_log2_from_an_sft_adapter_with_default_dropout(tmp_path):
     """peft.dropout keeps its default (0.05): DPO turns dropout off, so the policy (the SFT
     adapter, training) and its reference (a frozen copy) compute the same log-probs at step 0.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from conftest import train_in_process
 
 from rlhf_cli.trainer.diagnostics import notes
@@ -101,6 +102,7 @@ ONLINE_RUN = (
 )
 
 
+@pytest.mark.slow
 def test_an_online_run_that_collapses_onto_its_reward_is_told_so(tmp_path):
     """A share of the letter e as the reward, no KL penalty, a learning rate far too high: the
     policy leaves the reference (KL 5 -> 28 nats in 12 steps) and its sampling turns nearly
@@ -118,6 +120,7 @@ def test_an_online_run_that_collapses_onto_its_reward_is_told_so(tmp_path):
     assert history[0]["entropy"] > 6 and history[-1]["entropy"] < 0.3
 
 
+@pytest.mark.slow
 def test_an_online_run_whose_answers_stop_ending_is_told_so(tmp_path):
     """A policy that ends its answers (the tiny model fine-tuned on the shipped answers: 18
     tokens, all with EOS) rewarded for length: the answers grow to stage.max_new_tokens."""

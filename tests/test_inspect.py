@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import rlhf
 from test_bad_inputs import snapshot
 
@@ -17,6 +18,7 @@ def inspect(tmp_path, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_preference_pairs_show_prompt_and_both_answers(tmp_path):
     out = inspect(tmp_path, "stage=dpo", "n=1")
     assert "builtin:preference: 400 rows (preference), 400 kept" in out
@@ -27,12 +29,14 @@ def test_preference_pairs_show_prompt_and_both_answers(tmp_path):
     assert "--- example 2" not in out and "no warnings" in out
 
 
+@pytest.mark.slow
 def test_sft_rows_mark_the_trained_tokens_and_the_real_model_has_no_warning(tmp_path):
     out = inspect(tmp_path, "model=smollm2-135m", "stage=sft", "n=1")
     assert "<|im_start|>assistant\n[[" in out  # the answer is trained, the prompt is not
     assert "<|im_end|>\n]]" in out and "no warnings" in out
 
 
+@pytest.mark.slow
 def test_the_silent_mistakes_are_warned_about(tmp_path):
     rows = [{"text": "<s> a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3}] * 4
     (tmp_path / "bos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -43,6 +47,7 @@ def test_the_silent_mistakes_are_warned_about(tmp_path):
     assert "rows are truncated: raise data.max_length" in out
 
 
+@pytest.mark.slow
 def test_a_bad_data_command_is_one_line(tmp_path):
     from test_cli_errors import assert_one_line_error
 

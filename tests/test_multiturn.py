@@ -228,6 +228,7 @@ def test_turn_limits_and_cut_replies(env_dir):
     assert rollout.ended.tolist() == [True, False]
 
 
+@pytest.mark.slow
 def test_a_multi_turn_grpo_run_updates_on_the_generated_ids(env_dir, monkeypatch):
     """GRPO with the environment on the tiny model, real sampling (each reply given an EOS, so
     that the episodes go on): the ids of the first update are the prompt and the conversation
@@ -470,6 +471,7 @@ def test_an_environment_that_raises_or_answers_garbage_is_one_line(env_dir):
         assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_an_environment_that_raises_saves_and_resumes(env_dir):
     """The environment raises at its second step (step 2 of the run): exit 2, one line naming
     it, no traceback, a checkpoint at step 1; the resume runs steps 2 and 3 only."""

@@ -331,6 +331,7 @@ def test_grouped_by_length_by_hand():
     assert len(others | {tuple(out)}) > 1  # ... and the steps' order moves with the epoch
 
 
+@pytest.mark.slow
 def test_group_by_length_pads_less_and_resumes_exactly(tmp_path):
     """On rows of very different lengths, a step's examples have similar lengths: less padding
     than the plain order over the same epoch; a resumed run (across the epoch's end) equals the

@@ -71,6 +71,7 @@ def test_activation_rows_by_hand_for_one_layer():
     )
 
 
+@pytest.mark.slow
 def test_knobs_bring_an_over_budget_plan_under_and_the_cli_says_so(tmp_path):
     out = rlhf("plan", "stage=dpo", "model=llama2-7b", "gpu_gib=24", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -85,6 +86,7 @@ def test_knobs_bring_an_over_budget_plan_under_and_the_cli_says_so(tmp_path):
     assert "fits in 80 GiB" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -142,6 +144,7 @@ MEASURED_REAL = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", MEASURED + MEASURED_REAL, ids=" ".join)
 def test_the_plan_is_within_15_percent_of_what_the_device_holds(overrides):
     _, rows = measure(compose("device=cpu", *overrides))
@@ -165,6 +168,7 @@ def test_the_plan_is_within_15_percent_of_what_the_device_holds(overrides):
         assert measured == pytest.approx(planned, rel=0.003), name
 
 
+@pytest.mark.slow
 def test_measure_true_prints_planned_against_measured():
     out = rlhf("plan", "stage=sft", "device=cpu", "measure=true", "train.max_steps=1", cwd=REPO)
     assert out.returncode == 0, out.stderr

@@ -212,6 +212,7 @@ def answer_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_a_reward_on_the_rows_answer_alone_is_learned(answer_dir):
     """The reward is the share of the response's characters that are its row's answer letter:
     without the column there is no reward at all. GRPO on the tiny model raises it (+0.5 in 20
@@ -233,6 +234,7 @@ def test_a_reward_on_the_rows_answer_alone_is_learned(answer_dir):
     assert end > start + 0.2, scores
 
 
+@pytest.mark.slow
 def test_each_response_is_scored_with_its_own_rows_columns(answer_dir):
     """A function that returns its row's answer: every step's mean score is the mean answer of
     the step's prompts, group copies included (4 prompts a step, answers 1-8, in seeded order),
@@ -283,6 +285,7 @@ def test_each_response_is_scored_with_its_own_rows_columns(answer_dir):
         assert [x["score"] for x in row["samples"]] == [row["prompt_index"] + 1] * 2
 
 
+@pytest.mark.slow
 def test_a_reward_without_its_column_is_one_line_before_sampling(answer_dir):
     res = rlhf(
         "train",

@@ -213,6 +213,7 @@ def cli_error(capsys, *args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_tool_errors_are_one_line(work, tmp_path, capsys):
     run = str(work / "run")
     cases = [
@@ -240,6 +241,7 @@ def test_tool_errors_are_one_line(work, tmp_path, capsys):
     assert_one_line_error(rlhf("sample", str(tmp_path / "nope"), "prompt=hi"), "neither")
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_jsonl(work, tmp_path):
     out = tmp_path / "s.jsonl"
     proc = rlhf(

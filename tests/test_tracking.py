@@ -104,6 +104,7 @@ def wandb_run(run_file: Path) -> tuple[dict, list[dict]]:
     return run, history
 
 
+@pytest.mark.slow
 def test_tensorboard_and_wandb_read_back_equal_metrics_and_resume_once_per_step(tmp_path):
     full = tmp_path / "full"
     train_in_process(full, *GRPO)
@@ -233,6 +234,7 @@ def test_a_bad_wandb_mode_is_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_wandb_without_a_login_is_one_line_and_leaves_no_run(tmp_path):
     """Online mode with no API key (an empty W&B config directory): W&B refuses at once; the
     run stops with one line and the fresh run directory is removed again."""
