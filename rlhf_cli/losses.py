@@ -576,3 +576,20 @@ def adaptive_kl_coef(
     """
     error = min(max(float(current_kl) / target - 1, -0.2), 0.2)
     return coef * (1 + error * n_steps / horizon)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The probability that at least one of k responses drawn without replacement from n
+    samples, c of which pass, passes: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021's unbiased
+    pass@k; 1 when fewer than k fail)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k of pass@k an evaluation of n samples per prompt reports: 1, 2, 4, ... and n."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else [*ks, n]

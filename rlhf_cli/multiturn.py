@@ -2,8 +2,11 @@
 and is rewarded for the whole episode.
 
 An environment is any object with
-    reset(row) -> None                 # row: the prompt's data row ("prompt" and every column)
+    reset(row) -> None or a message    # row: the prompt's data row ("prompt" and every column)
     step(text) -> (observation, reward, done)
+A reset() that returns a message (a string is a `user` message) starts the conversation from it:
+it is the prompt, in place of the row's (a game, a seeded puzzle; data.path=episodes:N gives
+rows that are only seeds). A group's members share their row, so their seed and first message.
 `text` is the policy's reply (its special tokens dropped); the observation is a message for the
 next turn (a string is a `user` message; a dict is a message as it is, e.g. {"role": "tool", ...})
 or None, `reward` a float added to the episode's reward, `done` ends the episode.
@@ -49,6 +52,9 @@ class Episode:
     turns: int = 0  # replies the policy made
     last_reply: list[int] = field(default_factory=list)  # the final reply's tokens
     context_full: bool = False  # ended because the next turn would not fit the context
+    # The prompt the environment wrote (its reset() returned the first message), or None.
+    prompt_ids: list[int] | None = None
+    prompt_text: str | None = None
 
 
 def load_object(spec: str, key: str) -> Any:
@@ -271,18 +277,20 @@ def _render(renderer, messages: list[dict]) -> str:
 # sampling
 
 
-def as_message(observation: Any, name: str = "the environment") -> dict[str, Any]:
+def as_message(
+    observation: Any, name: str = "the environment", where: str = "step()"
+) -> dict[str, Any]:
     if isinstance(observation, dict):
         if not isinstance(observation.get("content"), str):
             raise RewardError(
-                f"environment {name}: step() returned the observation {short(observation)}: a "
+                f"environment {name}: {where} returned the observation {short(observation)}: a "
                 "message dict needs a string 'content'"
             )
         return {"role": "user", **observation}
     if isinstance(observation, str):
         return {"role": "user", "content": observation}
     raise RewardError(
-        f"environment {name}: step() returned the observation {short(observation)} "
+        f"environment {name}: {where} returned the observation {short(observation)} "
         f"({type(observation).__name__}): return a str, a message dict or None"
     )
 
@@ -324,6 +332,7 @@ def sample_episodes(
     max_turns: int,
     max_new_tokens: int = 0,
     max_context: int | None = None,
+    max_prompt_length: int | None = None,
 ) -> list[Episode]:
     """One episode per example (already repeated group_size times): the policy replies (one
     batched generation per turn, `generate` returning each reply as a rollout.Reply: its tokens
@@ -334,23 +343,34 @@ def sample_episodes(
     An environment's exception or malformed answer is a RewardError naming it (the run stops
     with a checkpoint at the step's start). A conversation whose next turn (the context, the
     environment's message and max_new_tokens) would not fit `max_context` tokens ends before
-    that message, cleanly (`context_full`; the final reply is the last one made)."""
+    that message, cleanly (`context_full`; the final reply is the last one made). A reset()
+    that returns a message makes the prompt (its last max_prompt_length tokens)."""
     name = getattr(make_env, "name", "the environment")
     episodes = []
     for ex in examples:
         env = make_env()
         try:
-            env.reset({"prompt": ex["prompt_text"], **ex.get("columns", {})})
+            first = env.reset({"prompt": ex["prompt_text"], **ex.get("columns", {})})
         except Exception as err:  # noqa: BLE001 - the user's code: reported, with a checkpoint
             raise env_error(name, "reset()", err) from err
-        episodes.append(Episode(env))
+        episode = Episode(env)
+        if first is not None:
+            message = as_message(first, name, "reset()")
+            episode.prompt_ids = opening_ids(renderer, message)[-(max_prompt_length or 0) :]
+            episode.prompt_text = str(message.get("content", ""))
+        elif not ex["prompt_ids"]:
+            raise RewardError(
+                f"environment {name}: reset() returned no first message for a row without a "
+                "prompt (a seed row): return the message the conversation starts from"
+            )
+        episodes.append(episode)
     eos = tokenizer.eos_token
     limit = max_context if max_context is not None else float("inf")
     for turn in range(max_turns):
         active = [(ex, e) for ex, e in zip(examples, episodes) if not e.done]
         if not active:
             break
-        contexts = [ex["prompt_ids"] + e.ids for ex, e in active]
+        contexts = [prompt_of(ex, e) + e.ids for ex, e in active]
         for (ex, e), reply in zip(active, generate(contexts)):
             e.ids += reply.ids
             e.policy += [True] * len(reply.ids)
@@ -374,7 +394,7 @@ def sample_episodes(
             obs = ([] if reply.ended else [tokenizer.eos_token_id]) + observation_ids(
                 renderer, message, eos
             )
-            if len(ex["prompt_ids"]) + len(e.ids) + len(obs) + max_new_tokens > limit:
+            if len(prompt_of(ex, e)) + len(e.ids) + len(obs) + max_new_tokens > limit:
                 e.done = e.context_full = True
                 continue
             e.ids += obs
@@ -383,6 +403,19 @@ def sample_episodes(
                 e.logps += [0.0] * len(obs)
             e.messages.append(message)
     return episodes
+
+
+def prompt_of(example: dict, episode: Episode) -> list[int]:
+    """The episode's prompt: the one its environment wrote, else its row's."""
+    return example["prompt_ids"] if episode.prompt_ids is None else episode.prompt_ids
+
+
+def opening_ids(renderer, message: dict[str, Any]) -> list[int]:
+    """A conversation's first message as a prompt: rendered by the chat template with the
+    assistant's header after it (the content alone for a model without a template)."""
+    if renderer.has_own_template:
+        return renderer.encode(renderer.chat([message], add_generation_prompt=True), first=False)
+    return renderer.encode(str(message.get("content", "")), first=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -241,16 +241,24 @@ def final_answer(response: str) -> str | None:
     braces allowed), else its last number (with a sign, decimals, a fraction a/b, thousands
     commas); None when it gives neither. (math_answer compares with Math-Verify; it uses this
     only for a reference that is text.)"""
-    starts = [m.end() for m in _BOXED.finditer(response)]
-    if starts:
-        depth, i = 1, starts[-1]
-        for j in range(i, len(response)):
-            depth += {"{": 1, "}": -1}.get(response[j], 0)
-            if depth == 0:
-                return response[i:j]
-        return None  # an unclosed \boxed{
+    if _BOXED.search(response):
+        return last_boxed(response)
     numbers = _FINAL_NUMBER.findall(response)
     return numbers[-1] if numbers else None
+
+
+def last_boxed(response: str) -> str | None:
+    """The content of the last \\boxed{...} (nested braces allowed); None when there is none or
+    it is not closed."""
+    starts = [m.end() for m in _BOXED.finditer(response)]
+    if not starts:
+        return None
+    depth, i = 1, starts[-1]
+    for j in range(i, len(response)):
+        depth += {"{": 1, "}": -1}.get(response[j], 0)
+        if depth == 0:
+            return response[i:j]
+    return None  # an unclosed \\boxed{
 
 
 @functools.cache

@@ -261,6 +261,14 @@ def _run_stopping(
     if terms is not None:  # each reward function's arguments: from the config or the data
         columns = {k for ex in train_examples + eval_examples for k in ex.get("columns", {})}
         check_inputs(terms, columns, getattr(cfg.stage, "multi_turn", False))
+        if not getattr(cfg.stage, "env", None) and not all(
+            ex["prompt_ids"] for ex in train_examples + eval_examples
+        ):
+            raise UserError(
+                f"data.path={cfg.data.path}: rows without a prompt (seed rows) need an "
+                "environment that writes the first message: set stage.env=module:Class (its "
+                "reset(row) returns it)"
+            )
     for report in reports:
         console.print("data: " + report.line())
     if eval_examples:

@@ -49,6 +49,17 @@ def test_online_runaways_collapse_and_flat_groups():
     assert "length_runaway" not in notes("ppo", wild, max_new_tokens=64)  # far from the cap
 
 
+def test_most_groups_without_signal_for_three_steps_is_told_so():
+    """reasoning-gym arithmetic on SmolLM2 with the defaults: 75-100% of the groups had zero
+    reward spread at every step; three such steps are a note, one step under 3/4 is not."""
+    sparse = rows(zero_std_groups=[0.5, 0.75, 1.0, 0.75])
+    found = notes("grpo", sparse, max_new_tokens=32)
+    assert set(found) == {"equal_rewards"} and "83%" in found["equal_rewards"]
+    assert "group_size" in found["equal_rewards"]
+    assert notes("grpo", rows(zero_std_groups=[0.75, 1.0, 0.74]), max_new_tokens=32) == {}
+    assert notes("grpo", rows(zero_std_groups=[1.0, 1.0]), max_new_tokens=32) == {}  # too soon
+
+
 def test_a_dpo_run_that_only_pushes_rejected_down_is_told_so(tmp_path):
     """Rejected answers all the same repeated text, chosen ones varied: DPO drives the rejected
     log-probability down by ~16 nats while the chosen ones hardly move."""

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("L0 core", ["", "assets", "core", "core.quiet", "core.files", "core.progress", "core.errors"]),
     ("L0 core", ["core.distributed"]),
     ("L1 config, losses, rewards", ["config", "compose", "losses", "rewards", "multiturn"]),
-    ("L1 config, losses, rewards", ["sentiment"]),
+    ("L1 config, losses, rewards", ["sentiment", "envs", "envs.reasoning_gym"]),
     ("L2 data", ["data", "data.rows", "data.examples", "data.batches"]),
     ("L3 model", ["model", "model.tiny", "model.real", "model.kernels", "model.load"]),
     ("L3 model", ["model.forward", "model.heads"]),

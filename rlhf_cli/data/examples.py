@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NotRequired, TypedDict
 
 from rlhf_cli.config import DataConfig
@@ -278,6 +278,11 @@ def build_examples(
             f"prompt column; columns: {', '.join(sorted(columns))}. Map one with "
             "data.columns.prompt=<column>"
         )
+    if kind != "prompt" and fmt == "seed":
+        raise DataError(
+            f"{source}: seed rows only start an environment's conversations (an online stage "
+            "with stage.env); this stage trains on text"
+        )
     if kind == "unpaired" and fmt not in ("unpaired", "preference", "hh"):
         raise DataError(
             f"{source}: this stage needs unpaired feedback (prompt/completion/label) or "
@@ -357,7 +362,12 @@ def load_datasets(
     kw = dict(completion_only=completion_only, only_last_turn=only_last_turn)
     stats: Counter = Counter()
     rows = load_rows(
-        cfg.path, name=cfg.name, split=cfg.split, on_bad_row=cfg.on_bad_row, stats=stats
+        cfg.path,
+        name=cfg.name,
+        split=cfg.split,
+        on_bad_row=cfg.on_bad_row,
+        stats=stats,
+        generated=cfg.reasoning_gym,
     )
     if cfg.max_samples:
         rows = rows[: cfg.max_samples]
@@ -373,6 +383,8 @@ def load_datasets(
             split=cfg.eval_split or "train",
             on_bad_row=cfg.on_bad_row,
             stats=eval_stats,
+            # generated eval rows: the next seed's, not the training rows again
+            generated=replace(cfg.reasoning_gym, seed=cfg.reasoning_gym.seed + 1),
         )
         evals, eval_report = build_examples(
             eval_rows, source, cfg, renderer, kind, eval_stats, **kw

@@ -25,9 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.config import DataConfig
+from rlhf_cli.config import DataConfig, ReasoningGymConfig
 from rlhf_cli.core.errors import DataError, first_line
+from rlhf_cli.envs import reasoning_gym
 
+EPISODES = "episodes:"  # data.path=episodes:N: N seed rows for an environment's own prompts
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -95,8 +97,24 @@ def read_jsonl(path: Path, stats: Counter, on_bad_row: str) -> list[dict]:
     return rows
 
 
-def load_rows(path: str, *, name: str | None, split: str, on_bad_row: str, stats: Counter):
-    """All rows of a local file, a shipped dataset or a hub dataset, as a list of dicts."""
+def load_rows(
+    path: str,
+    *,
+    name: str | None,
+    split: str,
+    on_bad_row: str,
+    stats: Counter,
+    generated: ReasoningGymConfig | None = None,
+):
+    """All rows of a local file, a shipped dataset, a hub dataset or a generator
+    (reasoning_gym:TASK, with `generated` its settings), as a list of dicts."""
+    if path.startswith(reasoning_gym.PREFIX):
+        return reasoning_gym.rows(path, generated or ReasoningGymConfig())
+    if path.startswith(EPISODES):
+        count = path[len(EPISODES) :]
+        if not count.isdigit() or int(count) < 1:
+            raise DataError(f"data.path={path}: write episodes:N with N a whole number >= 1")
+        return [{"seed": i} for i in range(int(count))]
     if path.startswith("builtin:"):
         return read_jsonl(builtin_path(path[len("builtin:") :]), stats, on_bad_row)
     local = Path(path).expanduser()
@@ -232,12 +250,14 @@ def detect_format(columns: set[str], cfg: DataConfig, sample: dict) -> str:
         return "text"
     if c.prompt in columns:
         return "prompt"
+    if c.seed in columns:
+        return "seed"
     raise DataError(
         "could not tell the data format from its columns "
         f"({', '.join(sorted(columns)) or 'none'}): expected {c.prompt}+{c.completion}, "
         f"{c.messages}, {c.prompt}+{c.chosen}+{c.rejected}, {c.prompt}+{c.responses}, "
-        f"{c.chosen}+{c.rejected} (HH) or "
-        f"{c.text}; map yours with data.columns.prompt=<column> etc."
+        f"{c.chosen}+{c.rejected} (HH), {c.text} or {c.seed} (an environment's own prompts); "
+        "map yours with data.columns.prompt=<column> etc."
     )
 
 
@@ -250,6 +270,7 @@ REQUIRED = {
     "hh": ("chosen", "rejected"),
     "text": ("text",),
     "unpaired": ("prompt", "completion", "label"),
+    "seed": ("seed",),
 }
 
 
@@ -294,6 +315,10 @@ def normalise(row: dict, fmt: str, cfg: DataConfig, prompt_only: bool = False) -
     margin = float(margin) if isinstance(margin, int | float) else None
     if margin is not None and not math.isfinite(margin):
         raise ValueError(f"margin {margin} is not a finite number")
+    if fmt == "seed":
+        if not prompt_only:
+            raise ValueError("a seed row has no text to train on (online stages with stage.env)")
+        return Conversation(prompt="")
     if fmt == "text":
         text = row.get(c.text)
         if not _nonempty(text):

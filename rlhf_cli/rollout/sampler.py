@@ -196,7 +196,15 @@ class Sampler:
             self.cfg.stage.max_turns,
             max_new_tokens=int(generation.max_new_tokens),
             max_context=self.engine.max_context,
+            max_prompt_length=self.cfg.data.max_prompt_length,
         )
+        # An environment that wrote the first message: that is the episode's prompt.
+        rows = [
+            ex
+            if e.prompt_ids is None
+            else {**ex, "prompt_ids": e.prompt_ids, "prompt_text": e.prompt_text}
+            for ex, e in zip(rows, episodes)
+        ]
         logps = [e.logps for e in episodes]
         return make_rollout(
             rows,

@@ -27,6 +27,7 @@ from rlhf_cli.core.progress import console, summary_table
 from rlhf_cli.data.batches import collate_preference
 from rlhf_cli.data.examples import build_examples
 from rlhf_cli.data.rows import load_rows
+from rlhf_cli.losses import pass_at_k, pass_ks
 from rlhf_cli.model.heads import load_reward_model, score_examples, scoring_examples
 from rlhf_cli.model.load import autocast_dtype
 from rlhf_cli.rewards import RewardTerm, call_reward_fn, check_inputs, function_term, row_inputs
@@ -198,6 +199,9 @@ def evaluate(
             table["reward source"] = result["reward_source"]
         if result["kl"] is not None:
             table["KL to reference"] = f"{result['kl']:.4f} ± {result['kl_std']:.4f} nats/sequence"
+        for key, value in result.items():
+            if key.startswith("pass@"):
+                table[key] = value
         table["response tokens"] = result["response_length"]
         table["ended with EOS"] = result["eos_fraction"]
     if pairs is not None:
@@ -215,6 +219,21 @@ def evaluate(
         table["written to"] = out
     summary_table(f"rlhf eval {run}", table)
     return result
+
+
+def pass_rates(examples: list[dict], scores: list[float], n: int) -> dict[str, float]:
+    """pass@k (k = 1, 2, 4, ... n) over the prompts, each sampled n times (a score >= 1 passes),
+    and per task where the rows name one (a `task` column)."""
+    by_key: dict[str, list[float]] = {}
+    for i in range(0, len(scores), n):
+        passed = sum(s >= 1.0 for s in scores[i : i + n])
+        task = examples[i].get("columns", {}).get("task")
+        for k in pass_ks(n):
+            value = pass_at_k(n, passed, k)
+            by_key.setdefault(f"pass@{k}", []).append(value)
+            if task is not None:
+                by_key.setdefault(f"pass@{k}/{task}", []).append(value)
+    return {key: statistics.fmean(values) for key, values in by_key.items()}
 
 
 def _sample_and_score(
@@ -258,6 +277,7 @@ def _sample_and_score(
         "samples": len(responses),
         "reward": reward,
         "reward_std": reward_std,
+        **(pass_rates(examples, scores, n) if scores is not None and n > 1 else {}),
         "kl": kl,
         "kl_std": kl_std,
         "logp": statistics.fmean(pi),

@@ -17,6 +17,7 @@ WINDOW = 3  # the recent steps a rule looks at
 
 
 MIN_STEPS = 2 * WINDOW  # no note before there is a start and a recent window to compare
+MOSTLY_FLAT = 0.75  # the share of groups with all-equal rewards that leaves most of a step idle
 
 
 def _series(history: list[dict[str, Any]], key: str) -> list[float]:
@@ -72,11 +73,13 @@ def online_notes(history: list[dict[str, Any]], max_new_tokens: int) -> dict[str
                 "stage.temperature or stage.clip_eps_high"
             )
     flat = _series(history, "zero_std_groups")
-    if len(flat) >= WINDOW and min(flat[-WINDOW:]) >= 0.9:
+    if len(flat) >= WINDOW and min(flat[-WINDOW:]) >= MOSTLY_FLAT:
         notes["equal_rewards"] = (
             f"in the last {WINDOW} steps {fmean(flat[-WINDOW:]):.0%} of the groups had all-equal "
-            "rewards: no advantage, nothing to learn; a denser reward, a larger "
-            "stage.group_size, a higher stage.temperature, or stage.dynamic_sampling=true"
+            "rewards (each step at least three in four): no advantage, little to learn; a "
+            "larger stage.group_size, stage.dynamic_sampling=true, an easier task (a lower "
+            "difficulty in the generator's settings), a denser reward, or a higher "
+            "stage.temperature"
         )
     return notes
 

@@ -27,6 +27,8 @@ from rlhf_cli.losses import (
     aggregate_weight,
     kl_penalty,
     masked_mean,
+    pass_at_k,
+    pass_ks,
     policy_token_losses,
     tis_weights,
     truncated_logps,
@@ -576,9 +578,19 @@ class OnlineStage(Sampler, Stage):
                 self.engine.release()
 
     def _evaluate(self, examples: list) -> dict[str, float]:
-        columns: dict[str, list[torch.Tensor]] = {"score": [], "kl": [], "response_length": []}
+        columns: dict[str, list] = {"score": [], "kl": [], "response_length": []}
         size = self.cfg.stage.rollout_batch_size
+        n = self.cfg.train.eval_n or self.cfg.stage.group_size
         pool, lockstep = examples, is_fsdp(self.model)
+        # With train.eval_n: pass@k per prompt, and per task where the rows name one (every
+        # rank the same keys).
+        tasks = sorted({t for ex in pool if (t := ex.get("columns", {}).get("task")) is not None})
+        ks = pass_ks(n) if self.cfg.train.eval_n else []
+        tasks = tasks if ks else []
+        for k in ks:
+            columns[f"pass@{k}"] = []
+            columns.update({f"pass@{k}/{t}": [] for t in tasks})
+        columns.update({f"score/{t}": [] for t in tasks})
         examples = examples[dist.rank() :: dist.world_size()]
         batches = int(dist.all_reduce_max(float(-(-len(examples) // size))))
         for i in range(0, batches * size, size):
@@ -588,20 +600,32 @@ class OnlineStage(Sampler, Stage):
                 continue
             # Under FSDP every forward is a collective: a rank out of examples runs a stand-in
             # batch in step with the others and drops its results.
-            rollout = self.rollout(part or pool[:1])
+            rollout = self.rollout(part or pool[:1], k=n)
             with autocast(self.amp_dtype, self.device):
                 logps = self.forward(self.model, rollout.select(slice(None)), rollout.prompt_len)[0]
                 ref = self.reference_logps(rollout)
             terms = self.score_terms(rollout)
             if not part:
                 continue
-            columns["score"].append(self.combine(terms))
+            score = self.combine(terms)
+            columns["score"] += score.tolist()
             if len(terms) > 1:
                 for name, values in terms.items():
-                    columns.setdefault(f"rewards/{name}", []).append(values)
-            columns["kl"].append((kl_penalty(logps, ref, "k1") * rollout.mask).sum(-1))
-            columns["response_length"].append(rollout.mask.sum(-1).float())
-        return pooled_means({k: torch.cat(x).tolist() if x else [] for k, x in columns.items()})
+                    columns.setdefault(f"rewards/{name}", []).extend(values.tolist())
+            columns["kl"] += (kl_penalty(logps, ref, "k1") * rollout.mask).sum(-1).tolist()
+            columns["response_length"] += rollout.mask.sum(-1).float().tolist()
+            by_prompt = score.view(len(part), n)
+            passed = (by_prompt >= self.cfg.train.eval_pass_score).sum(-1).tolist()
+            for ex, c, scores in zip(part, passed, by_prompt.tolist()):
+                task = ex.get("columns", {}).get("task")
+                for k in ks:
+                    value = pass_at_k(n, c, k)
+                    columns[f"pass@{k}"].append(value)
+                    if task is not None:
+                        columns[f"pass@{k}/{task}"].append(value)
+                if task is not None and ks:
+                    columns[f"score/{task}"] += scores
+        return pooled_means(columns)
 
 
 def finite_stats(name: str, values: torch.Tensor) -> dict[str, float]:
