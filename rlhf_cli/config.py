@@ -228,7 +228,9 @@ class OnlineConfig(SamplingConfig):
     env: str | None = None
     """Multi-turn rollouts with an environment: `package.module:Name`, built once per sampled
     response (with env_kwargs), with reset(row) and step(text) -> (observation, reward, done);
-    its rewards, summed over the episode, are a reward term (`env`). See rlhf_cli.multiturn."""
+    its rewards, summed over the episode, are a reward term (`env`). See rlhf_cli.multiturn.
+    `trl:package.module:Name`: a class written for TRL's environment_factory (reset(**row), its
+    public methods the tools, get_reward())."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the environment: +stage.env_kwargs.uses=2."""
     tools: list[str] = field(default_factory=list)
@@ -789,6 +791,27 @@ class OptimConfig:
         )
 
 
+def stop_rule(train: TrainConfig) -> tuple[bool, str, str, float] | None:
+    """train.stop_metric with stop_above / stop_below -> (an eval figure?, metric, ">=" or
+    "<=", target), or None."""
+    if not train.stop_metric:
+        return None
+    metric = train.stop_metric
+    on_eval = metric.startswith("eval/")
+    if train.stop_above is not None:
+        return on_eval, metric.removeprefix("eval/"), ">=", float(train.stop_above)
+    return on_eval, metric.removeprefix("eval/"), "<=", float(train.stop_below)
+
+
+def rule_met(rule: tuple[bool, str, str, float], figures: dict) -> float | None:
+    """The metric's value when the rule holds for these figures, else None."""
+    _, metric, op, target = rule
+    value = figures.get(metric)
+    if not isinstance(value, int | float):
+        return None
+    return float(value) if (value >= target if op == ">=" else value <= target) else None
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 60
@@ -811,6 +834,14 @@ class TrainConfig:
     mean@n), and both per task when the rows have a `task` column (reasoning_gym mixtures)."""
     eval_pass_score: float = 1.0
     """Online stages: the score at or above which a sampled response passes (for pass@k)."""
+    stop_metric: str | None = None
+    """End the run early once this metric reaches train.stop_above (or falls to
+    train.stop_below): eval/pass@1 (an evaluation's figure) or score, loss (a training step's).
+    Checked after every step and evaluation; the run is then saved and summarised as done."""
+    stop_above: float | None = None
+    """With train.stop_metric: stop once it is >= this."""
+    stop_below: float | None = None
+    """With train.stop_metric: stop once it is <= this."""
     log_every: int = 1
     """Write metrics every N steps."""
     save_every: int = 50
@@ -862,6 +893,20 @@ class TrainConfig:
         )
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _non_negative("train.eval_every", self.eval_every)
+        _check(
+            not self.stop_metric or (self.stop_above is None) != (self.stop_below is None),
+            f"train.stop_metric={self.stop_metric} needs one target: train.stop_above=<value> "
+            "(a score, pass@k) or train.stop_below=<value> (a loss)",
+        )
+        _check(
+            bool(self.stop_metric) or (self.stop_above is None and self.stop_below is None),
+            "train.stop_above / train.stop_below need train.stop_metric=<metric> "
+            "(e.g. eval/pass@1, score, loss)",
+        )
+        _check(
+            self.stop_metric is None or self.stop_metric.removeprefix("eval/") != "",
+            "train.stop_metric=eval/ names no metric: e.g. eval/pass@1",
+        )
         _check(
             self.eval_n is None or self.eval_n >= 1,
             f"train.eval_n must be >= 1 (or null for stage.group_size), got {self.eval_n}",

@@ -99,9 +99,15 @@ def env_error(name: str, where: str, err: Exception) -> RewardError:
 
 
 def env_factory(stage) -> EnvFactory | None:
-    """What builds one environment per response: stage.env (with stage.env_kwargs), ToolEnv
-    over stage.tools, or None for single-turn sampling."""
+    """What builds one environment per response: stage.env (with stage.env_kwargs; `trl:` in
+    front for a class written for TRL's environment_factory), ToolEnv over stage.tools, or None
+    for single-turn sampling."""
     env = getattr(stage, "env", None)
+    timeout = float(getattr(stage, "tool_timeout_s", TOOL_TIMEOUT_S))
+    if env and env.startswith(TRL_PREFIX):
+        cls = trl_class(env)
+        kwargs = dict(getattr(stage, "env_kwargs", {}) or {})
+        return EnvFactory(f"stage.env={env}", lambda: TRLEnvironment(cls(**kwargs), timeout))
     if env:
         cls = load_object(env, "stage.env")
         kwargs = dict(getattr(stage, "env_kwargs", {}) or {})
@@ -113,9 +119,23 @@ def env_factory(stage) -> EnvFactory | None:
         return EnvFactory(f"stage.env={env}", lambda: cls(**kwargs))
     tools = tool_functions(getattr(stage, "tools", []) or [])
     if tools:
-        timeout = float(getattr(stage, "tool_timeout_s", TOOL_TIMEOUT_S))
         return EnvFactory("stage.tools", lambda: ToolEnv(tools, timeout))
     return None
+
+
+def stage_tools(stage) -> list[Callable]:
+    """The tools a chat template describes in the prompts: stage.tools, and the public methods
+    of a TRL-style environment class (stage.env=trl:...)."""
+    tools = list(tool_functions(getattr(stage, "tools", []) or []).values())
+    env = getattr(stage, "env", None)
+    if env and env.startswith(TRL_PREFIX):
+        kwargs = dict(getattr(stage, "env_kwargs", {}) or {})
+        try:
+            probe = trl_class(env)(**kwargs)
+        except Exception as err:  # noqa: BLE001 - the user's code
+            raise UserError(f"stage.env={env}: its constructor raised {err!r}") from err
+        tools += list(trl_tools(probe).values())
+    return tools
 
 
 def tool_functions(specs: list[str]) -> dict[str, Callable]:
@@ -239,6 +259,53 @@ class ToolEnv:
                     )
                 results.append(text)
         return {"role": "tool", "content": "\n".join(results)}, 0.0, False
+
+
+TRL_PREFIX = "trl:"  # stage.env=trl:package.module:Class
+
+
+def trl_class(spec: str) -> type:
+    """The class of stage.env=trl:package.module:Class; it needs a reset method."""
+    cls = load_object(spec[len(TRL_PREFIX) :], "stage.env")
+    if not callable(getattr(cls, "reset", None)):
+        raise UserError(f"stage.env={spec}: it has no reset() method (TRL's environment_factory)")
+    return cls
+
+
+def trl_tools(env: Any) -> dict[str, Callable]:
+    """A TRL-style environment's tools: its public methods but reset and get_reward, as TRL's
+    GRPOTrainer lists them (the class's functions)."""
+    import inspect
+
+    return {
+        name: getattr(env, name)
+        for name, _ in inspect.getmembers(type(env), predicate=inspect.isfunction)
+        if name not in ("reset", "get_reward") and not name.startswith("_")
+    }
+
+
+class TRLEnvironment(ToolEnv):
+    """A class written for TRL's `GRPOTrainer(environment_factory=...)`, unchanged:
+    `reset(**row)` returns None or a string that TRL appends to the last user message (here: to
+    the row's prompt, which then is the conversation's first message), its public methods are
+    the tools (called as stage.tools are), and `get_reward()`, when it has one, gives the
+    episode's reward once the policy answers without a tool call."""
+
+    def __init__(self, env: Any, timeout_s: float = TOOL_TIMEOUT_S):
+        super().__init__(trl_tools(env), timeout_s)
+        self.env = env
+
+    def reset(self, row: dict) -> dict[str, Any] | None:
+        observation = self.env.reset(**row)
+        if observation is None:
+            return None
+        return {"role": "user", "content": f"{row.get('prompt', '')}{observation}"}
+
+    def step(self, text: str) -> tuple[dict | None, float, bool]:
+        message, reward, done = super().step(text)
+        if done and callable(getattr(self.env, "get_reward", None)):
+            reward = self.env.get_reward()
+        return message, reward, done
 
 
 # --------------------------------------------------------------------------------------------

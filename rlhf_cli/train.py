@@ -23,7 +23,7 @@ from rlhf_cli.model.load import (
     load_tokenizer,
     resolve_device,
 )
-from rlhf_cli.multiturn import env_factory, tool_functions
+from rlhf_cli.multiturn import env_factory, stage_tools
 from rlhf_cli.rewards import check_inputs, reward_terms
 from rlhf_cli.stages import stage_class
 from rlhf_cli.trainer import checkpoint as ckpt_lib
@@ -256,7 +256,7 @@ def _run_stopping(
         cfg.train.seed,
         completion_only=getattr(cfg.stage, "completion_only", True),
         only_last_turn=getattr(cfg.stage, "train_on_turns", "all") == "last",
-        tools=list(tool_functions(getattr(cfg.stage, "tools", []) or []).values()),
+        tools=stage_tools(cfg.stage),
     )
     if terms is not None:  # each reward function's arguments: from the config or the data
         columns = {k for ex in train_examples + eval_examples for k in ex.get("columns", {})}

@@ -239,3 +239,147 @@ def test_seed_rows_without_an_environment_or_for_sft_are_one_line(tmp_path):
     out = rlhf("train", "stage=sft", "data.path=episodes:x", cwd=tmp_path)
     assert out.returncode == 2 and "episodes:N with N a whole number" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_stop_rules_read_and_refuse():
+    from conftest import compose
+
+    from rlhf_cli.config import rule_met, stop_rule
+
+    def rule(*overrides):
+        return stop_rule(compose("stage=sft", *overrides).train)
+
+    assert rule() is None
+    assert rule("train.stop_metric=eval/pass@1", "train.stop_above=0.6") == (
+        True,
+        "pass@1",
+        ">=",
+        0.6,
+    )
+    low = rule("train.stop_metric=loss", "train.stop_below=7")
+    assert low == (False, "loss", "<=", 7.0)
+    assert rule_met(low, {"loss": 6.9}) == 6.9 and rule_met(low, {"loss": 7.1}) is None
+    assert rule_met(low, {"score": 0.0}) is None  # a figure this step does not have
+    for bad, message in [
+        (("train.stop_metric=loss",), "needs one target"),
+        (("train.stop_metric=loss", "train.stop_above=1", "train.stop_below=0"), "one target"),
+        (("train.stop_above=1",), "need train.stop_metric"),
+        (("train.stop_metric=eval/", "train.stop_above=1"), "names no metric"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            from rlhf_cli.config import TrainConfig
+
+            TrainConfig(**{k.split("=")[0][6:]: _value(k.split("=")[1]) for k in bad})
+
+
+def _value(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@pytest.mark.slow
+def test_a_run_stops_when_its_metric_reaches_the_target(tmp_path):
+    """SFT on the tiny model stops at the first step whose loss is <= 7.0 (it starts at 7.23);
+    GRPO whose every eval scores >= 1 stops after its first evaluation."""
+    from conftest import read_metrics
+
+    summary = train_in_process(
+        tmp_path / "sft",
+        "stage=sft",
+        "train.stop_metric=loss",
+        "train.stop_below=7.0",
+        "data.eval_size=0",
+    )
+    losses = [r["loss"] for r in read_metrics(tmp_path / "sft")]
+    first = next(i for i, v in enumerate(losses, 1) if v <= 7.0)
+    assert 1 < first < 60 and len(losses) == first
+    assert summary["steps"] == f"{first} ({first} this run)"
+    assert (tmp_path / "sft" / "final" / "adapter_model.safetensors").exists()
+    summary = train_in_process(
+        tmp_path / "grpo",
+        *GAME,
+        "train.eval_every=1",
+        "train.stop_metric=eval/score",
+        "train.stop_above=1",
+    )
+    assert summary["steps"] == "1 (1 this run)" and summary["eval score"] >= 1
+    assert len(read_metrics(tmp_path / "grpo", split="eval")) == 1  # not evaluated again
+
+
+class CounterEnv:
+    """Written to TRL's documented environment_factory interface (GRPOTrainer, TRL 1.16): reset
+    with the row's columns as keywords, a public method as the tool, get_reward at the end."""
+
+    def reset(self, **kwargs) -> str | None:
+        self.count = 0
+        self.target = kwargs.get("seed", 0) % 3 + 1
+        return f" Reach {self.target} with the increment tool."
+
+    def increment(self, step: int) -> str:
+        """Add to the counter.
+
+        Args:
+            step: How much to add.
+        """
+        self.count += step
+        return str(self.count)
+
+    def get_reward(self) -> float:
+        return float(self.count == self.target)
+
+
+def test_a_trl_environment_class_runs_unchanged():
+    """Its reset's string follows the row's prompt in the first message, a reply that calls its
+    method gets the result as a tool message, and get_reward scores the episode."""
+    from conftest import compose
+
+    from rlhf_cli.data.examples import Renderer
+    from rlhf_cli.model.load import load_tokenizer
+    from rlhf_cli.multiturn import env_factory, sample_episodes, stage_tools
+    from rlhf_cli.rollout.batch import Reply
+
+    cfg = compose("stage=grpo", "stage.env=trl:test_envs:CounterEnv", "stage.max_turns=3")
+    assert [t.__name__ for t in stage_tools(cfg.stage)] == ["increment"]  # for the template
+    tok = load_tokenizer(cfg.model)
+    make = env_factory(cfg.stage)
+    rows = [{"prompt_ids": [1], "prompt_text": "Count.", "columns": {"seed": s}} for s in (1, 2)]
+    call = '<tool_call>{"name": "increment", "arguments": {"step": 2}}</tool_call>'
+    replies = iter([call, call, "done", "done"])  # turn 1: both call; turn 2: both answer
+
+    def generate(contexts):
+        return [
+            Reply(
+                ids=tok(next(replies), add_special_tokens=False)["input_ids"],
+                ended=True,
+                logps=None,
+            )
+            for _ in contexts
+        ]
+
+    episodes = sample_episodes(generate, rows, make, Renderer(tok), tok, 3)
+    assert [e.prompt_text for e in episodes] == [
+        "Count. Reach 2 with the increment tool.",
+        "Count. Reach 3 with the increment tool.",
+    ]
+    assert [m["role"] for m in episodes[0].messages] == ["assistant", "tool", "assistant"]
+    assert episodes[0].messages[1]["content"] == "2"
+    assert [e.reward for e in episodes] == [1.0, 0.0]  # 2 reached 2, not 3
+
+
+@pytest.mark.slow
+def test_grpo_trains_with_a_trl_environment_class(tmp_path):
+    summary = train_in_process(
+        tmp_path / "run",
+        "stage=grpo",
+        "data.path=episodes:24",
+        "data.eval_size=8",
+        "stage.env=trl:test_envs:CounterEnv",
+        "stage.max_turns=2",
+        "stage.group_size=2",
+        "stage.rollout_batch_size=4",
+        "stage.max_new_tokens=8",
+        "train.max_steps=2",
+    )
+    assert summary["steps"] == "2 (2 this run)"

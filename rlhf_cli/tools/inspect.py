@@ -17,7 +17,7 @@ from rlhf_cli.data.batches import pack_bins
 from rlhf_cli.data.examples import Renderer, load_datasets
 from rlhf_cli.losses import IGNORE_INDEX
 from rlhf_cli.model.load import load_tokenizer
-from rlhf_cli.multiturn import tool_functions
+from rlhf_cli.multiturn import stage_tools
 from rlhf_cli.stages import stage_class
 from rlhf_cli.trainer.state import epoch_order, grouped_by_length
 
@@ -41,7 +41,7 @@ def inspect_data(overrides: list[str], n: int = 3) -> list[str]:
         cfg.train.seed,
         completion_only=getattr(cfg.stage, "completion_only", True),
         only_last_turn=getattr(cfg.stage, "train_on_turns", "all") == "last",
-        tools=list(tool_functions(getattr(cfg.stage, "tools", []) or []).values()),
+        tools=stage_tools(cfg.stage),
     )
     plain = not console.is_terminal
     console.print(

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.config import Config
+from rlhf_cli.config import Config, rule_met, stop_rule
 from rlhf_cli.core import distributed as dist
 from rlhf_cli.core.errors import CheckpointError, Interrupted, RewardError, TrainingError, UserError
 from rlhf_cli.core.progress import Reporter
@@ -493,6 +493,8 @@ def train(
                 report.eval(0, evaluated())
             except StopRequested:  # nothing trained yet: stop as before the first step
                 raise stopped() from None
+        rule = stop_rule(t)
+        evaluated_at = None
         while pos.step < total:
             history.append(one_step(run, updater, train_examples, report, stopped, start_step))
             for kind, text in diagnostics.notes(stage.name, history, max_new).items():
@@ -505,13 +507,16 @@ def train(
                 except StopRequested:  # the eval is dropped; the step is saved
                     raise stopped() from None
                 report.eval(pos.step, run.evals)
+                evaluated_at = pos.step
+            if rule is not None and early_stop(rule, run, report):
+                break
             if t.save_every and pos.step % t.save_every == 0 and pos.step < total:
                 run.save()
             # Every rank stops at the same step when any of them got the signal.
             signum = int(dist.all_reduce_max(float(stop.signum or 0)))
             if signum:
                 raise run.interrupted(signum)
-        if eval_examples and start_step < total:
+        if eval_examples and start_step < total and evaluated_at != pos.step:
             try:
                 run.evals = evaluated()
             except StopRequested:
@@ -520,6 +525,20 @@ def train(
         run.save()
         final = run.save("final")
     return summary(run, time.perf_counter() - t0, start_step, noted, final)
+
+
+def early_stop(rule: tuple[bool, str, str, float], run: Run, report) -> bool:
+    """train.stop_metric's target reached by the last evaluation (eval/...) or training step:
+    say so."""
+    on_eval, metric, op, target = rule
+    value = rule_met(rule, run.evals if on_eval else run.last)
+    if value is None:
+        return False
+    name = f"eval {metric}" if on_eval else metric
+    report.note(
+        f"early stop at step {run.pos.step}: {name} {value:.4g} {op} {target:g} (train.stop_when)"
+    )
+    return True
 
 
 def one_step(
