@@ -593,3 +593,14 @@ def pass_ks(n: int) -> list[int]:
     """The k of pass@k an evaluation of n samples per prompt reports: 1, 2, 4, ... and n."""
     ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
     return ks if ks[-1] == n else [*ks, n]
+
+
+def prompt_pass_at_k(n: int, c: int, task: str | None = None) -> dict[str, float]:
+    """One prompt's pass@k for each k of pass_ks(n), keyed pass@k (and pass@k/<task> too when
+    the prompt names its task): the values an evaluation averages over its prompts."""
+    out = {}
+    for k in pass_ks(n):
+        out[f"pass@{k}"] = pass_at_k(n, c, k)
+        if task is not None:
+            out[f"pass@{k}/{task}"] = out[f"pass@{k}"]
+    return out

@@ -383,3 +383,35 @@ def test_grpo_trains_with_a_trl_environment_class(tmp_path):
         "train.max_steps=2",
     )
     assert summary["steps"] == "2 (2 this run)"
+
+
+def test_a_scorer_that_raises_on_an_odd_answer_scores_it_zero(monkeypatch):
+    (row,) = RG.rows("reasoning_gym:leg_counting", ReasoningGymConfig(size=1, seed=0))
+
+    def broken(task):
+        def score_answer(answer, entry):
+            raise ValueError(f"cannot read {answer!r}")
+
+        return score_answer
+
+    monkeypatch.setattr(RG, "_scorer", broken)
+    args = ([row["prompt"]], ["<answer>???</answer>"], [row["answer"]], [row["metadata"]])
+    assert RG.score(*args) == [0.0]
+
+
+def test_a_reset_that_returns_no_message_is_one_line():
+    from rlhf_cli.core.errors import RewardError
+    from rlhf_cli.multiturn import EnvFactory, sample_episodes
+
+    class Odd:
+        def reset(self, row):
+            return 42
+
+        def step(self, text):
+            return None, 0.0, True
+
+    rows = [{"prompt_ids": [], "prompt_text": "", "columns": {"seed": 0}}]
+    with pytest.raises(
+        RewardError, match=r"environment odd: reset\(\) returned the observation 42"
+    ):
+        sample_episodes(lambda c: [], rows, EnvFactory("odd", Odd), None, None, 1)

@@ -27,7 +27,7 @@ from rlhf_cli.core.progress import console, summary_table
 from rlhf_cli.data.batches import collate_preference
 from rlhf_cli.data.examples import build_examples
 from rlhf_cli.data.rows import load_rows
-from rlhf_cli.losses import pass_at_k, pass_ks
+from rlhf_cli.losses import prompt_pass_at_k
 from rlhf_cli.model.heads import load_reward_model, score_examples, scoring_examples
 from rlhf_cli.model.load import autocast_dtype
 from rlhf_cli.rewards import RewardTerm, call_reward_fn, check_inputs, function_term, row_inputs
@@ -228,11 +228,8 @@ def pass_rates(examples: list[dict], scores: list[float], n: int) -> dict[str, f
     for i in range(0, len(scores), n):
         passed = sum(s >= 1.0 for s in scores[i : i + n])
         task = examples[i].get("columns", {}).get("task")
-        for k in pass_ks(n):
-            value = pass_at_k(n, passed, k)
-            by_key.setdefault(f"pass@{k}", []).append(value)
-            if task is not None:
-                by_key.setdefault(f"pass@{k}/{task}", []).append(value)
+        for key, value in prompt_pass_at_k(n, passed, task).items():
+            by_key.setdefault(key, []).append(value)
     return {key: statistics.fmean(values) for key, values in by_key.items()}
 
 

@@ -27,9 +27,9 @@ from rlhf_cli.losses import (
     aggregate_weight,
     kl_penalty,
     masked_mean,
-    pass_at_k,
     pass_ks,
     policy_token_losses,
+    prompt_pass_at_k,
     tis_weights,
     truncated_logps,
 )
@@ -584,9 +584,9 @@ class OnlineStage(Sampler, Stage):
         pool, lockstep = examples, is_fsdp(self.model)
         # With train.eval_n: pass@k per prompt, and per task where the rows name one (every
         # rank the same keys).
-        tasks = sorted({t for ex in pool if (t := ex.get("columns", {}).get("task")) is not None})
         ks = pass_ks(n) if self.cfg.train.eval_n else []
-        tasks = tasks if ks else []
+        named = {ex.get("columns", {}).get("task") for ex in pool} - {None} if ks else set()
+        tasks = sorted(named)
         for k in ks:
             columns[f"pass@{k}"] = []
             columns.update({f"pass@{k}/{t}": [] for t in tasks})
@@ -617,13 +617,12 @@ class OnlineStage(Sampler, Stage):
             by_prompt = score.view(len(part), n)
             passed = (by_prompt >= self.cfg.train.eval_pass_score).sum(-1).tolist()
             for ex, c, scores in zip(part, passed, by_prompt.tolist()):
+                if not ks:
+                    continue
                 task = ex.get("columns", {}).get("task")
-                for k in ks:
-                    value = pass_at_k(n, c, k)
-                    columns[f"pass@{k}"].append(value)
-                    if task is not None:
-                        columns[f"pass@{k}/{task}"].append(value)
-                if task is not None and ks:
+                for key, value in prompt_pass_at_k(n, c, task).items():
+                    columns[key].append(value)
+                if task is not None:
                     columns[f"score/{task}"] += scores
         return pooled_means(columns)
 
